@@ -1,0 +1,1 @@
+"""Model families: `jamba` (hybrid Transformer-Mamba-MoE language model)."""

@@ -1,0 +1,16 @@
+"""Jamba, the hybrid Transformer-Mamba language model with mixture-of-experts layers."""
+
+from quintet.models.jamba.cache import HybridCache
+from quintet.models.jamba.checkpoint import CheckpointError
+from quintet.models.jamba.configuration import PRESETS, ConfigError, JambaConfig
+from quintet.models.jamba.modeling import CausalLMOutput, JambaForCausalLM
+
+__all__ = [
+    "PRESETS",
+    "CausalLMOutput",
+    "CheckpointError",
+    "ConfigError",
+    "HybridCache",
+    "JambaConfig",
+    "JambaForCausalLM",
+]

@@ -1,0 +1,186 @@
+"""Jamba checkpoints in the Hugging Face folder layout, under `transformers`' tensor names.
+
+    config.json                         JambaConfig fields (model_type "jamba")
+    generation_config.json              bos / eos / pad token ids
+    model.safetensors                   all tensors, or, above `max_shard_size`:
+    model-00001-of-0000N.safetensors    shards, with
+    model.safetensors.index.json        {"metadata": {"total_size": bytes}, "weight_map": {name: file}}
+
+Every file is written to a temporary name and renamed, so an interrupted save leaves the previous
+checkpoint readable. Nothing is unpickled: weights are safetensors only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from quintet.io import atomic_path, atomic_write_text
+from quintet.models.jamba.configuration import JambaConfig
+
+if TYPE_CHECKING:
+    from quintet.models.jamba.modeling import JambaForCausalLM
+
+WEIGHTS_NAME = "model.safetensors"
+INDEX_NAME = "model.safetensors.index.json"
+_SHARD_RE = re.compile(r"^model-\d{5}-of-\d{5}\.safetensors$")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint folder does not hold the tensors its config.json describes."""
+
+
+def parse_size(size: int | str) -> int:
+    """`5GB` -> 5e9 bytes, `2GiB` -> 2 * 2**30, `500MB`, or a plain integer number of bytes."""
+    if isinstance(size, int):
+        return size
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*", size, flags=re.IGNORECASE)
+    if not match:
+        raise ValueError(f"max_shard_size = {size!r}: expected bytes or a size such as '500MB' or '2GiB'")
+    number, unit = float(match.group(1)), (match.group(2) or "B").upper()
+    powers = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
+    powers.update({"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40})
+    return int(number * powers[unit])
+
+
+def _state_dict_to_save(model: JambaForCausalLM) -> dict[str, torch.Tensor]:
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    if model.config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    return state
+
+
+def save_pretrained(
+    model: JambaForCausalLM, directory: str | os.PathLike, max_shard_size: int | str = "5GB"
+) -> None:
+    """Write config, generation config and safetensors weights (sharded above `max_shard_size`)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    limit = parse_size(max_shard_size)
+    state = _state_dict_to_save(model)
+
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, tensor in state.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and size + nbytes > limit:
+            shards.append({})
+            size = 0
+        shards[-1][name] = tensor
+        size += nbytes
+
+    metadata = {"format": "pt"}
+    written = set()
+    if len(shards) == 1:
+        with atomic_path(directory / WEIGHTS_NAME) as tmp:
+            save_file(shards[0], str(tmp), metadata=metadata)
+        written.add(WEIGHTS_NAME)
+    else:
+        weight_map = {}
+        for i, shard in enumerate(shards, start=1):
+            fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+            with atomic_path(directory / fname) as tmp:
+                save_file(shard, str(tmp), metadata=metadata)
+            weight_map.update(dict.fromkeys(shard, fname))
+            written.add(fname)
+        total = sum(t.numel() * t.element_size() for t in state.values())
+        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+        atomic_write_text(directory / INDEX_NAME, json.dumps(index, indent=2) + "\n")
+        written.add(INDEX_NAME)
+    # Remove weights of an earlier save that this one replaces (a single file after shards, or the reverse).
+    for path in directory.iterdir():
+        if path.name not in written and (
+            path.name in (WEIGHTS_NAME, INDEX_NAME) or _SHARD_RE.match(path.name)
+        ):
+            path.unlink()
+
+    model.config.save_pretrained(directory)
+    generation = {
+        "bos_token_id": model.config.bos_token_id,
+        "eos_token_id": model.config.eos_token_id,
+        "pad_token_id": model.config.pad_token_id,
+    }
+    atomic_write_text(directory / "generation_config.json", json.dumps(generation, indent=2) + "\n")
+
+
+def _weight_files(directory: Path) -> dict[str, Path]:
+    """Map each tensor name to the file that holds it."""
+    single, index = directory / WEIGHTS_NAME, directory / INDEX_NAME
+    if single.is_file():
+        with safe_open(str(single), framework="pt") as f:
+            return dict.fromkeys(f.keys(), single)
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as err:
+            raise CheckpointError(f"{index}: not a safetensors index with a 'weight_map' ({err})") from None
+        files = {name: directory / fname for name, fname in weight_map.items()}
+        for path in sorted(set(files.values())):
+            if not path.is_file():
+                raise CheckpointError(f"{index}: names shard {path.name}, which is not in {directory}")
+        return files
+    if any(directory.glob("*.bin")) or any(directory.glob("*.pt")):
+        raise CheckpointError(
+            f"{directory}: only pickle weights (*.bin / *.pt) found; quintet reads safetensors only, as "
+            "pickles can run code. Convert them with a tool you trust."
+        )
+    raise CheckpointError(f"{directory}: no {WEIGHTS_NAME} or {INDEX_NAME}")
+
+
+def load_pretrained(
+    cls: type[JambaForCausalLM],
+    directory: str | os.PathLike,
+    dtype: torch.dtype | None = None,
+    device: str | torch.device = "cpu",
+) -> JambaForCausalLM:
+    """Build the model from `config.json` and load its safetensors weights.
+
+    Every missing, unexpected or wrongly shaped tensor is reported in one `CheckpointError`.
+    `dtype` defaults to float32.
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"{directory}: no such model folder")
+    config = JambaConfig.from_pretrained(directory)
+    dtype = dtype or torch.float32
+    with torch.device("meta"):
+        model = cls(config)
+    expected = {k: tuple(v.shape) for k, v in _state_dict_to_save(model).items()}
+
+    files = _weight_files(directory)
+    shapes: dict[str, tuple[int, ...]] = {}
+    for path in sorted(set(files.values())):
+        with safe_open(str(path), framework="pt") as f:
+            for name in f:
+                if files.get(name) == path:
+                    shapes[name] = tuple(f.get_slice(name).get_shape())
+    tied_extra = {"lm_head.weight"} if config.tie_word_embeddings else set()
+    missing = sorted(set(expected) - set(shapes))
+    unexpected = sorted(set(shapes) - set(expected) - tied_extra)
+    mismatched = sorted(k for k in set(expected) & set(shapes) if expected[k] != shapes[k])
+    if missing or unexpected or mismatched:
+        lines = [f"{directory}: the weights do not match config.json:"]
+        lines += [f"  missing tensor: {k} (expected shape {list(expected[k])})" for k in missing]
+        lines += [f"  unexpected tensor: {k} (shape {list(shapes[k])})" for k in unexpected]
+        lines += [
+            f"  wrong shape: {k}: found {list(shapes[k])}, expected {list(expected[k])}" for k in mismatched
+        ]
+        raise CheckpointError("\n".join(lines))
+
+    state = {}
+    for path in sorted(set(files.values())):
+        with safe_open(str(path), framework="pt", device=str(device)) as f:
+            for name in f:
+                if name in expected and files[name] == path:
+                    state[name] = f.get_tensor(name).to(dtype)
+    model.load_state_dict(state, strict=not config.tie_word_embeddings, assign=True)
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    return model.eval()

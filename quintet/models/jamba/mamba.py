@@ -1,0 +1,105 @@
+"""The Mamba mixer of a Jamba layer (with Jamba's RMSNorm on dt, B and C).
+
+    x, z      = in_proj(h).chunk(2)                  x: the SSM input, z: the gate
+    x         = silu(causal depthwise conv1d(x))
+    dt, B, C  = split(x_proj(x), [dt_rank, d_state, d_state]);  RMSNorm each (dt before dt_proj)
+    dt        = softplus(dt_proj(dt))                 (bias added inside the scan, in float32)
+    y         = selective_scan(x, dt, A = -exp(A_log), B, C, D, gate z)
+    out       = out_proj(y)
+
+With a cache the conv and SSM states carry over from the previous call, so a prompt can be fed in any
+number of pieces (one token at a time uses the O(1) recurrent step) and gives the same result.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from quintet.models.jamba.cache import HybridCache
+from quintet.models.jamba.configuration import JambaConfig
+from quintet.models.jamba.norm import RMSNorm
+from quintet.models.jamba.selective_scan import selective_scan, selective_state_update
+
+
+class JambaMambaMixer(nn.Module):
+    def __init__(self, config: JambaConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        d_inner = config.mamba_d_inner
+        self.d_inner = d_inner
+        self.d_state = config.mamba_d_state
+        self.d_conv = config.mamba_d_conv
+        self.dt_rank = config.mamba_dt_rank
+        self.in_proj = nn.Linear(config.hidden_size, 2 * d_inner, bias=config.mamba_proj_bias)
+        self.conv1d = nn.Conv1d(
+            d_inner,
+            d_inner,
+            kernel_size=self.d_conv,
+            groups=d_inner,
+            bias=config.mamba_conv_bias,
+            padding=self.d_conv - 1,
+        )
+        self.x_proj = nn.Linear(d_inner, self.dt_rank + 2 * self.d_state, bias=False)
+        self.dt_proj = nn.Linear(self.dt_rank, d_inner, bias=True)
+        A = torch.arange(1, self.d_state + 1, dtype=torch.float32).expand(d_inner, -1)
+        self.A_log = nn.Parameter(torch.log(A).contiguous())
+        self.D = nn.Parameter(torch.ones(d_inner))
+        self.out_proj = nn.Linear(d_inner, config.hidden_size, bias=config.mamba_proj_bias)
+        self.dt_layernorm = RMSNorm(self.dt_rank, eps=config.rms_norm_eps)
+        self.b_layernorm = RMSNorm(self.d_state, eps=config.rms_norm_eps)
+        self.c_layernorm = RMSNorm(self.d_state, eps=config.rms_norm_eps)
+
+    def forward(
+        self, h: torch.Tensor, token_mask: torch.Tensor | None = None, cache: HybridCache | None = None
+    ) -> torch.Tensor:
+        """h: (b, L, hidden). token_mask: (b, L), 1 for real tokens, 0 for (left) padding, or None.
+
+        Padding positions feed zeros into the convolution and the scan, so the state a padded row
+        reaches is exactly the state of its unpadded prompt.
+        """
+        b, L, _ = h.shape
+        x, z = self.in_proj(h).chunk(2, dim=-1)
+        if token_mask is not None:
+            x = x * token_mask.unsqueeze(-1).to(x.dtype)
+        x = x.transpose(1, 2)  # (b, d_inner, L)
+        conv_state, ssm_state = cache.mamba_state(self.layer_idx) if cache is not None else (None, None)
+        if conv_state is None:
+            conv_state = x.new_zeros(b, self.d_inner, self.d_conv - 1)
+        window = torch.cat([conv_state.to(x.dtype), x], dim=-1)  # (b, d_inner, d_conv - 1 + L)
+        x = F.silu(F.conv1d(window, self.conv1d.weight, self.conv1d.bias, groups=self.d_inner))
+        if token_mask is not None:
+            x = x * token_mask.unsqueeze(1).to(x.dtype)
+
+        dt, B, C = torch.split(self.x_proj(x.transpose(1, 2)), [self.dt_rank, self.d_state, self.d_state], -1)
+        dt = self.dt_proj.weight @ self.dt_layernorm(dt).transpose(1, 2)  # (b, d_inner, L), bias in the scan
+        B = self.b_layernorm(B)
+        C = self.c_layernorm(C)
+        A = -torch.exp(self.A_log.float())
+        bias = self.dt_proj.bias.float()
+        D = self.D.float()
+        if L == 1 and ssm_state is not None:
+            y, new_state = selective_state_update(
+                ssm_state, x[..., 0], dt[..., 0], A, B[:, 0], C[:, 0], D, z[:, 0], bias, delta_softplus=True
+            )
+            y = y.unsqueeze(1)
+        else:
+            y, new_state = selective_scan(
+                x,
+                dt,
+                A,
+                B.transpose(1, 2),
+                C.transpose(1, 2),
+                D,
+                z.transpose(1, 2),
+                bias,
+                delta_softplus=True,
+                initial_state=ssm_state,
+            )
+            y = y.transpose(1, 2)
+        if cache is not None:
+            cache.set_mamba_state(
+                self.layer_idx, window[..., window.shape[-1] - (self.d_conv - 1) :], new_state
+            )
+        return self.out_proj(y)
