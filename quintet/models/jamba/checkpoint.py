@@ -158,7 +158,7 @@ def load_pretrained(
     shapes: dict[str, tuple[int, ...]] = {}
     for path in sorted(set(files.values())):
         with safe_open(str(path), framework="pt") as f:
-            for name in f:
+            for name in f.keys():
                 if files.get(name) == path:
                     shapes[name] = tuple(f.get_slice(name).get_shape())
     tied_extra = {"lm_head.weight"} if config.tie_word_embeddings else set()
@@ -177,7 +177,7 @@ def load_pretrained(
     state = {}
     for path in sorted(set(files.values())):
         with safe_open(str(path), framework="pt", device=str(device)) as f:
-            for name in f:
+            for name in f.keys():
                 if name in expected and files[name] == path:
                     state[name] = f.get_tensor(name).to(dtype)
     model.load_state_dict(state, strict=not config.tie_word_embeddings, assign=True)

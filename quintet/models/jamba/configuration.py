@@ -316,7 +316,7 @@ def _check_token_id(name: str, value: Any, vocab_size: int) -> None:
 
 
 PRESETS: dict[str, dict[str, Any]] = {
-    # For tests: every layer kind (attention, Mamba, MoE, dense MLP) appears; ~2M parameters.
+    # For tests: every layer kind (attention, Mamba, MoE, dense MLP) appears; 1.6M parameters.
     "jamba-tiny": dict(
         vocab_size=1024,
         hidden_size=128,
@@ -334,11 +334,12 @@ PRESETS: dict[str, dict[str, Any]] = {
         mamba_d_conv=4,
         mamba_expand=2,
     ),
-    # For demos and benchmarks: the v0.1 layout (1:7 attention:Mamba, MoE every 2nd layer) scaled down.
+    # For demos and benchmarks (103M total, 65M active): the v0.1 layout (1:7 attention:Mamba,
+    # MoE every 2nd layer, 8 experts top-2) scaled down.
     "jamba-small": dict(
         vocab_size=32768,
         hidden_size=512,
-        intermediate_size=1408,
+        intermediate_size=1024,
         num_hidden_layers=8,
         num_attention_heads=8,
         num_key_value_heads=2,

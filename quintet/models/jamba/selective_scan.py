@@ -26,8 +26,10 @@ def _state_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _discretise_delta(delta: torch.Tensor, delta_bias: torch.Tensor | None, softplus: bool) -> torch.Tensor:
+    """delta: (b, d, L) or (b, d); delta_bias: (d,)."""
     if delta_bias is not None:
-        delta = delta + delta_bias.to(delta.dtype).unsqueeze(-1)
+        bias = delta_bias.to(delta.dtype)
+        delta = delta + (bias.unsqueeze(-1) if delta.dim() == 3 else bias)
     return F.softplus(delta) if softplus else delta
 
 

@@ -1,0 +1,5 @@
+import sys
+
+from quintet.cli import main
+
+sys.exit(main())

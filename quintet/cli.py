@@ -1,0 +1,112 @@
+"""The `quintet` command: one sub-command per stage. Thin: parse, call the library, print."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+from quintet import __version__
+
+
+def _cmd_model_init(args: argparse.Namespace) -> int:
+    from quintet.models.jamba.create import create_model
+    from quintet.models.jamba.info import format_info, model_info
+
+    model = create_model(args.preset, args.out, seed=args.seed)
+    print(f"wrote {args.preset} to {args.out}")
+    print(format_info(model_info(model.config)))
+    return 0
+
+
+def _cmd_model_info(args: argparse.Namespace) -> int:
+    from quintet.models.jamba import JambaConfig
+    from quintet.models.jamba.info import format_info, model_info
+
+    if (args.model is None) == (args.preset is None):
+        raise ValueError("model info: give a model folder or --preset NAME (one of them)")
+    config = JambaConfig.from_preset(args.preset) if args.preset else JambaConfig.from_pretrained(args.model)
+    info = model_info(config, context_length=args.context, dtype=args.dtype, batch_size=args.batch)
+    print(json.dumps(info, indent=2) if args.json else format_info(info))
+    return 0
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from quintet.generation import GenerationConfig, generate, stream_text
+    from quintet.models.jamba import JambaForCausalLM
+    from quintet.tokenizer import load_tokenizer
+
+    model = JambaForCausalLM.from_pretrained(args.model)
+    tokenizer = load_tokenizer(args.model, vocab_size=model.config.vocab_size)
+    config = GenerationConfig(
+        max_new_tokens=args.max_new_tokens,
+        do_sample=args.temperature > 0,
+        temperature=args.temperature if args.temperature > 0 else 1.0,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+        vocab_limit=min(tokenizer.vocab_size, model.config.vocab_size),
+    )
+    if len(args.prompt) == 1:
+        sys.stdout.write(args.prompt[0])
+        for piece in stream_text(model, tokenizer, args.prompt[0], config):
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        return 0
+    for i, prompt in enumerate(args.prompt):
+        if not prompt:
+            raise ValueError(f"--prompt number {i + 1} is empty; give at least one character")
+    outputs = generate(model, [tokenizer.encode(p) for p in args.prompt], config)
+    for prompt, ids in zip(args.prompt, outputs, strict=True):
+        print(json.dumps({"prompt": prompt, "completion": tokenizer.decode(ids)}, ensure_ascii=False))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="quintet", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"quintet {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    model = sub.add_parser("model", help="create and inspect Jamba models").add_subparsers(
+        dest="model_command", required=True
+    )
+    init = model.add_parser("init", help="write a freshly initialised model folder from a preset")
+    init.add_argument("--preset", required=True, help="jamba-tiny, jamba-small or jamba-v0.1")
+    init.add_argument("--out", required=True, help="model folder to write")
+    init.add_argument("--seed", type=int, default=0)
+    init.set_defaults(func=_cmd_model_init)
+
+    info = model.add_parser("info", help="parameters, layout, cache memory of a model folder or preset")
+    info.add_argument("model", nargs="?", help="model folder (with config.json)")
+    info.add_argument("--preset", help="a preset name instead of a folder")
+    info.add_argument("--context", type=int, default=262144, help="context length in tokens (default 256K)")
+    info.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
+    info.add_argument("--batch", type=int, default=1)
+    info.add_argument("--json", action="store_true", help="print JSON instead of text")
+    info.set_defaults(func=_cmd_model_info)
+
+    gen = sub.add_parser("generate", help="generate text from a model folder")
+    gen.add_argument("--model", required=True, help="model folder")
+    gen.add_argument("--prompt", required=True, action="append", help="prompt text; repeat for a batch")
+    gen.add_argument("--max-new-tokens", type=int, default=64)
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    gen.add_argument("--top-k", type=int, default=0)
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--seed", type=int, default=0)
+    gen.set_defaults(func=_cmd_generate)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"quintet: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,95 @@
+"""Tokenizers: a model folder's trained `tokenizer.json` (Hugging Face tokenizers), or a byte-level fallback.
+
+The byte-level tokenizer needs no training: ids 0, 1, 2 are pad, bos, eos (Jamba's defaults) and byte b is
+id b + 3, so any model with a vocabulary of at least 259 can read and write any text.
+"""
+
+from __future__ import annotations
+
+import codecs
+import os
+from pathlib import Path
+from typing import Protocol
+
+from tokenizers import Tokenizer
+
+
+class TextTokenizer(Protocol):
+    vocab_size: int
+
+    def encode(self, text: str) -> list[int]: ...
+
+    def decode(self, ids: list[int]) -> str: ...
+
+
+class ByteTokenizer:
+    """UTF-8 bytes shifted past the special ids: pad 0, bos 1, eos 2, byte b -> b + 3."""
+
+    pad_token_id, bos_token_id, eos_token_id = 0, 1, 2
+    offset = 3
+    vocab_size = 256 + offset
+
+    def encode(self, text: str) -> list[int]:
+        return [b + self.offset for b in text.encode("utf-8")]
+
+    def decode(self, ids: list[int]) -> str:
+        data = bytes(i - self.offset for i in ids if self.offset <= i < self.vocab_size)
+        return data.decode("utf-8", errors="replace")
+
+
+class HFTokenizer:
+    """A trained `tokenizer.json`, read with the `tokenizers` library."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        try:
+            self._tok = Tokenizer.from_file(str(self.path))
+        except Exception as err:  # the library raises a bare Exception on malformed files
+            raise ValueError(f"{self.path}: not a readable tokenizer.json ({err})") from None
+        self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self._tok.decode(ids, skip_special_tokens=True)
+
+
+def load_tokenizer(model_dir: str | os.PathLike, vocab_size: int | None = None) -> TextTokenizer:
+    """The folder's `tokenizer.json` if it has one, else the byte-level tokenizer.
+
+    With `vocab_size` (the model's), checks that every id the tokenizer can produce fits the model.
+    """
+    path = Path(model_dir) / "tokenizer.json"
+    tokenizer: TextTokenizer = HFTokenizer(path) if path.is_file() else ByteTokenizer()
+    if vocab_size is not None and tokenizer.vocab_size > vocab_size:
+        source = path if path.is_file() else "the byte-level tokenizer"
+        raise ValueError(
+            f"{source}: {tokenizer.vocab_size} tokens do not fit the model's vocab_size = {vocab_size}"
+        )
+    return tokenizer
+
+
+class StreamDecoder:
+    """Turns a growing list of token ids into text pieces, holding back incomplete UTF-8 sequences."""
+
+    def __init__(self, tokenizer: TextTokenizer):
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self._emitted = 0
+        self._bytes = codecs.getincrementaldecoder("utf-8")("replace")
+
+    def push(self, token_id: int) -> str:
+        if isinstance(self.tokenizer, ByteTokenizer):
+            t = self.tokenizer
+            return (
+                self._bytes.decode(bytes([token_id - t.offset]))
+                if t.offset <= token_id < t.vocab_size
+                else ""
+            )
+        self.ids.append(token_id)
+        text = self.tokenizer.decode(self.ids)
+        if text.endswith("\ufffd"):
+            return ""  # wait for the rest of a multi-byte character
+        piece, self._emitted = text[self._emitted :], len(text)
+        return piece
