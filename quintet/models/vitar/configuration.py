@@ -82,7 +82,8 @@ class VisionConfig:
             )
         if self.image_size < self.patch_size:
             raise ConfigError(
-                f"{self._name}.image_size = {self.image_size}: must be at least patch_size = {self.patch_size}"
+                f"{self._name}.image_size = {self.image_size}: must be at least "
+                f"patch_size = {self.patch_size}"
             )
         for name in ("image_mean", "image_std"):
             value = getattr(self, name)
@@ -179,8 +180,12 @@ class ViTARConfig(VisionConfig):
 
     def validate(self) -> None:
         super().validate()
-        for name in ("grid_size", "decoder_hidden_size", "decoder_num_hidden_layers",
-                     "decoder_num_attention_heads"):
+        for name in (
+            "grid_size",
+            "decoder_hidden_size",
+            "decoder_num_hidden_layers",
+            "decoder_num_attention_heads",
+        ):
             _check_positive_int(self._name, name, getattr(self, name))
         if self.merger not in MERGERS:
             raise ConfigError(f"ViTARConfig.merger = {self.merger!r}: valid values: {', '.join(MERGERS)}")
@@ -189,8 +194,9 @@ class ViTARConfig(VisionConfig):
                 f"ViTARConfig.pos_embed = {self.pos_embed!r}: valid values: {', '.join(POS_EMBEDS)}"
             )
         _check_number(self._name, "fpe_offset", self.fpe_offset, low=0.0, high=1.0)
-        _check_number(self._name, "mask_ratio", self.mask_ratio, low=0.0, high=1.0, low_open=True,
-                      high_open=True)
+        _check_number(
+            self._name, "mask_ratio", self.mask_ratio, low=0.0, high=1.0, low_open=True, high_open=True
+        )
         if self.decoder_hidden_size % self.decoder_num_attention_heads:
             raise ConfigError(
                 f"ViTARConfig.decoder_num_attention_heads = {self.decoder_num_attention_heads}: must divide "
@@ -224,7 +230,9 @@ def load_config(directory: str | os.PathLike) -> ViTARConfig | ViTConfig:
     try:
         data = json.loads(path.read_text())
     except json.JSONDecodeError as err:
-        raise ConfigError(f"{path}: not valid JSON (line {err.lineno}, column {err.colno}): {err.msg}") from None
+        raise ConfigError(
+            f"{path}: not valid JSON (line {err.lineno}, column {err.colno}): {err.msg}"
+        ) from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a JSON object, got {type(data).__name__}")
     return config_from_dict(data, source=str(path))
@@ -288,12 +296,28 @@ _DEIT_B = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, dr
 PRESETS: dict[str, tuple[type[VisionConfig], dict[str, Any]]] = {
     # Tests, demo and the CPU experiment: base 32 px, patch 4 -> 8 x 8 tokens, G = 8 (the analogue of
     # 224 / 16 / 14). ~0.2M parameters.
-    "vitar-tiny": (ViTARConfig, dict(_TINY, grid_size=8, decoder_hidden_size=32, decoder_num_hidden_layers=1,
-                                     decoder_num_attention_heads=2)),
+    "vitar-tiny": (
+        ViTARConfig,
+        dict(
+            _TINY,
+            grid_size=8,
+            decoder_hidden_size=32,
+            decoder_num_hidden_layers=1,
+            decoder_num_attention_heads=2,
+        ),
+    ),
     # The paper's widths: DeiT-S / DeiT-B plus the shared ATM block; 16 px patches, G = 14.
     "vitar-s": (ViTARConfig, dict(_DEIT_S, grid_size=14)),
-    "vitar-b": (ViTARConfig, dict(_DEIT_B, grid_size=14, decoder_hidden_size=512, decoder_num_hidden_layers=8,
-                                  decoder_num_attention_heads=16)),
+    "vitar-b": (
+        ViTARConfig,
+        dict(
+            _DEIT_B,
+            grid_size=14,
+            decoder_hidden_size=512,
+            decoder_num_hidden_layers=8,
+            decoder_num_attention_heads=16,
+        ),
+    ),
     # The plain ViT baselines with the same widths.
     "vit-tiny": (ViTConfig, dict(_TINY)),
     "vit-s": (ViTConfig, dict(_DEIT_S)),
