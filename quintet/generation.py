@@ -173,13 +173,18 @@ def stream_text(
     tokenizer: TextTokenizer,
     prompt: str,
     config: GenerationConfig | None = None,
-    **kw,
+    **overrides,
 ) -> Iterator[str]:
-    """Generate from a text prompt and yield the continuation as text pieces, as they are produced."""
+    """Generate from a text prompt and yield the continuation as text pieces, as they are produced.
+
+    Only ids the tokenizer can decode are generated (`vocab_limit` defaults to the tokenizer's size).
+    """
     if not prompt:
         raise ValueError("prompt: empty text; give at least one character")
     decoder = StreamDecoder(tokenizer)
-    for step in stream_generate(model, [tokenizer.encode(prompt)], config, **kw):
+    if config is None or config.vocab_limit is None:
+        overrides.setdefault("vocab_limit", min(tokenizer.vocab_size, model.config.vocab_size))
+    for step in stream_generate(model, [tokenizer.encode(prompt)], config, **overrides):
         if step[0] is not None:
             piece = decoder.push(step[0])
             if piece:
