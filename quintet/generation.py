@@ -12,7 +12,7 @@ from dataclasses import dataclass, fields
 
 import torch
 
-from quintet.models.jamba import JambaForCausalLM
+from quintet.models.jamba import HybridCache, JambaForCausalLM
 from quintet.tokenizer import StreamDecoder, TextTokenizer
 
 
@@ -26,6 +26,7 @@ class GenerationConfig:
     seed: int | None = None
     stop_token_ids: tuple[int, ...] | None = None  # None = the model's eos_token_id(s)
     vocab_limit: int | None = None  # generate only ids below this (a tokenizer smaller than the model)
+    prefill_chunk_size: int = 2048  # prompts are fed in pieces of this many tokens: bounded activations
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 0:
@@ -38,6 +39,8 @@ class GenerationConfig:
             raise ValueError(f"top_p = {self.top_p!r}: must be in (0, 1] (1 turns it off)")
         if self.vocab_limit is not None and (not isinstance(self.vocab_limit, int) or self.vocab_limit < 1):
             raise ValueError(f"vocab_limit = {self.vocab_limit!r}: must be a positive integer or None")
+        if not isinstance(self.prefill_chunk_size, int) or self.prefill_chunk_size < 1:
+            raise ValueError(f"prefill_chunk_size = {self.prefill_chunk_size!r}: must be a positive integer")
 
 
 def _make_config(config: GenerationConfig | None, overrides: dict) -> GenerationConfig:
@@ -119,7 +122,7 @@ def stream_generate(
     model.eval()
     try:
         cache = model.new_cache()
-        logits = model(ids, attention_mask=mask if padded else None, cache=cache, logits_to_keep=1).logits
+        logits = prefill(model, ids, mask if padded else None, cache, cfg.prefill_chunk_size)
         done = [False] * len(rows)
         for step in range(cfg.max_new_tokens):
             next_ids = _pick(logits[:, -1].float(), cfg, generators)
@@ -139,6 +142,27 @@ def stream_generate(
             ).logits
     finally:
         model.train(was_training)
+
+
+def prefill(
+    model: JambaForCausalLM,
+    ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    cache: HybridCache,
+    chunk_size: int = 2048,
+) -> torch.Tensor:
+    """Feed a prompt into `cache` in pieces of `chunk_size` tokens; return the last logits (b, 1, V).
+
+    Activation memory is bounded by the chunk, not the prompt: the Mamba state and the K/V carry across
+    pieces exactly, so the result equals one forward over the whole prompt.
+    """
+    past = cache.get_seq_length()
+    logits = None
+    for start in range(0, ids.shape[1], chunk_size):
+        end = min(start + chunk_size, ids.shape[1])
+        mask = None if attention_mask is None else attention_mask[:, : past + end]
+        logits = model(ids[:, start:end], attention_mask=mask, cache=cache, logits_to_keep=1).logits
+    return logits
 
 
 def _pick(

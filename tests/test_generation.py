@@ -93,3 +93,10 @@ def test_generation_config_validation():
         GenerationConfig(do_sample=True, temperature=0)
     with pytest.raises(ValueError, match="max_new_tokens = -1"):
         GenerationConfig(max_new_tokens=-1)
+
+
+def test_chunked_prefill_gives_the_same_tokens_for_a_padded_batch(model):
+    prompts = [list(range(3, 40)), list(range(50, 61)), [9]]
+    one_shot = generate(model, prompts, max_new_tokens=10, stop_token_ids=(), prefill_chunk_size=4096)
+    chunked = generate(model, prompts, max_new_tokens=10, stop_token_ids=(), prefill_chunk_size=6)
+    assert chunked == one_shot
