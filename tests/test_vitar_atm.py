@@ -52,7 +52,7 @@ def test_paper_sequences_at_16px_and_g14():
     for rows, _ in merge_schedule(252, 252, 14):
         sizes.append(rows.cells)
     assert sizes == [252, 126, 63, 32, 16, 14]
-    (rows, _), = merge_schedule(24, 24, 14)
+    ((rows, _),) = merge_schedule(24, 24, 14)
     assert (rows.cells, rows.pads) == (14, 4)
 
 
@@ -86,8 +86,18 @@ def test_merger_runs_its_shared_block_once_per_scheduled_pass():
 
 @pytest.mark.parametrize(
     "size",
-    [(32, 32), (33, 33), (36, 36), (44, 44), (60, 60), (64, 200), (200, 64), (100, 36), (37, 201),
-     (576, 576)],
+    [
+        (32, 32),
+        (33, 33),
+        (36, 36),
+        (44, 44),
+        (60, 60),
+        (64, 200),
+        (200, 64),
+        (100, 36),
+        (37, 201),
+        (576, 576),
+    ],
 )
 def test_merged_grid_is_exactly_g_by_g(size):
     model = build_model(preset_config("vitar-tiny")).eval()
@@ -124,9 +134,7 @@ def test_gather_cells_puts_each_token_in_its_planned_cell():
         for cj in range(cols.cells):
             r_slots = rows.index[ci * rows.cell_size : (ci + 1) * rows.cell_size]
             c_slots = cols.index[cj * cols.cell_size : (cj + 1) * cols.cell_size]
-            expected = [
-                float(r * w + c) if r != PAD and c != PAD else None for r in r_slots for c in c_slots
-            ]
+            expected = [float(r * w + c) if r != PAD and c != PAD else None for r in r_slots for c in c_slots]
             got = cells[0, ci, cj, :, 0].tolist()
             real = mask[ci, cj].tolist()
             for e, g, is_real in zip(expected, got, real, strict=True):

@@ -21,8 +21,9 @@ def test_fpe_without_offsets_equals_bilinear_interpolation(h, w):
     fpe.eval()
     torch.testing.assert_close(fpe(4, h, w), expected)
     zero = torch.zeros(2, h, w, 2)
-    torch.testing.assert_close(fpe.sample(token_grid_coordinates(h, w, zero)), expected.expand(2, -1, -1, -1),
-                               rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        fpe.sample(token_grid_coordinates(h, w, zero)), expected.expand(2, -1, -1, -1), rtol=1e-5, atol=1e-6
+    )
 
 
 def test_offsets_are_per_token_uniform_within_half_a_token():

@@ -26,7 +26,12 @@ from quintet.models.vitar.flops import count_flops_by_module
 def test_presets_have_the_paper_widths():
     s, b = preset_config("vitar-s"), preset_config("vitar-b")
     assert (s.hidden_size, s.num_hidden_layers, s.num_attention_heads, s.patch_size, s.grid_size) == (
-        384, 12, 6, 16, 14)
+        384,
+        12,
+        6,
+        16,
+        14,
+    )
     assert (b.hidden_size, b.num_hidden_layers, b.num_attention_heads) == (768, 12, 12)
     tiny = preset_config("vitar-tiny")
     assert (tiny.image_size, tiny.patch_size, tiny.grid_size) == (32, 4, 8)

@@ -1,0 +1,1 @@
+"""Datasets: image folders and the procedural image generator (vision); text curation lives beside them."""
