@@ -20,10 +20,11 @@ def test_sorted_dispatch_equals_dense_reference():
     block = JambaSparseMoeBlock(cfg)
     for p in block.parameters():
         torch.nn.init.normal_(p, std=0.3)
-    x = torch.randn(37, cfg.hidden_size)
-    out, logits = block(x)
-    torch.testing.assert_close(out, _dense_moe_reference(block, x), atol=1e-5, rtol=1e-5)
-    assert logits.shape == (37, 5)
+    for n in (37, 1):  # many tokens (sorted dispatch) and one token (the decoding path)
+        x = torch.randn(n, cfg.hidden_size)
+        out, logits = block(x)
+        torch.testing.assert_close(out, _dense_moe_reference(block, x), atol=1e-5, rtol=1e-5)
+        assert logits.shape == (n, 5)
 
 
 def test_top_k_weights_are_not_renormalised():

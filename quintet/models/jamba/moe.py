@@ -44,19 +44,22 @@ class JambaSparseMoeBlock(nn.Module):
         probs = torch.softmax(router_logits, dim=-1, dtype=torch.float32)
         weights, experts = torch.topk(probs, self.top_k, dim=-1)
         weights = weights.to(x.dtype)
+        if x.shape[0] == 1:  # one token (decoding): no sorting, just its k experts
+            out = sum(w * self.experts[e](x) for w, e in zip(weights[0], experts[0].tolist(), strict=True))
+            return out.reshape(shape), router_logits
 
         flat_experts = experts.reshape(-1)
         order = torch.argsort(flat_experts, stable=True)
         token_of = order // self.top_k  # source token of each sorted (token, slot) pair
         counts = torch.bincount(flat_experts, minlength=self.num_experts).tolist()
-        routed = x[token_of]
-        outputs = []
+        routed = x.index_select(0, token_of)
+        expert_out = torch.empty_like(routed)
         start = 0
-        for expert, count in zip(self.experts, counts, strict=False):
+        for expert, count in zip(self.experts, counts, strict=True):
             if count:
-                outputs.append(expert(routed[start : start + count]))
+                expert_out[start : start + count] = expert(routed[start : start + count])
             start += count
-        expert_out = torch.cat(outputs) * weights.reshape(-1)[order].unsqueeze(-1)
+        expert_out = expert_out * weights.reshape(-1)[order].unsqueeze(-1)
         out = torch.zeros_like(x).index_add_(0, token_of, expert_out)
         return out.reshape(shape), router_logits
 
