@@ -70,3 +70,17 @@ def test_loss_backpropagates_into_every_parameter_and_decreases():
     assert losses[-1] < losses[0] - 0.5
     ce = F.cross_entropy(out.logits[:, :-1].reshape(-1, 1024), ids[:, 1:].reshape(-1))
     torch.testing.assert_close(out.loss, ce + 0.001 * out.aux_loss, atol=1e-4, rtol=1e-4)
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    torch.manual_seed(0)
+    model = JambaForCausalLM(JambaConfig.from_preset("jamba-tiny"))
+    ids = torch.randint(3, 1024, (2, 16))
+    model(ids, labels=ids).loss.backward()
+    plain = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    model.gradient_checkpointing = True
+    model(ids, labels=ids).loss.backward()
+    for name, p in model.named_parameters():
+        if name in plain:
+            torch.testing.assert_close(p.grad, plain[name], msg=name)

@@ -61,10 +61,22 @@ def save_pretrained(
     model: JambaForCausalLM, directory: str | os.PathLike, max_shard_size: int | str = "5GB"
 ) -> None:
     """Write config, generation config and safetensors weights (sharded above `max_shard_size`)."""
+    save_state_dict(model.config, model.state_dict(), directory, max_shard_size)
+
+
+def save_state_dict(
+    config: JambaConfig,
+    state_dict: dict[str, torch.Tensor],
+    directory: str | os.PathLike,
+    max_shard_size: int | str = "5GB",
+) -> None:
+    """`save_pretrained` from a config and a full state dict (as gathered from a sharded model)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     limit = parse_size(max_shard_size)
-    state = _state_dict_to_save(model)
+    state = {k: v.detach().contiguous() for k, v in state_dict.items()}
+    if config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
 
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
@@ -101,11 +113,11 @@ def save_pretrained(
         ):
             path.unlink()
 
-    model.config.save_pretrained(directory)
+    config.save_pretrained(directory)
     generation = {
-        "bos_token_id": model.config.bos_token_id,
-        "eos_token_id": model.config.eos_token_id,
-        "pad_token_id": model.config.pad_token_id,
+        "bos_token_id": config.bos_token_id,
+        "eos_token_id": config.eos_token_id,
+        "pad_token_id": config.pad_token_id,
     }
     atomic_write_text(directory / "generation_config.json", json.dumps(generation, indent=2) + "\n")
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from quintet.models.jamba.attention import JambaAttention, build_attention_mask
 from quintet.models.jamba.cache import HybridCache
@@ -90,6 +91,7 @@ class JambaForCausalLM(nn.Module):
         self.config = config
         self.model = JambaModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.gradient_checkpointing = False  # recompute each layer's activations in backward (training)
         self.reset_parameters()
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
@@ -141,8 +143,12 @@ class JambaForCausalLM(nn.Module):
 
         x = self.model.embed_tokens(input_ids)
         all_router_logits = []
+        recompute = self.gradient_checkpointing and self.training and cache is None
         for layer in self.model.layers:
-            x, router_logits = layer(x, attn_mask, token_mask, cache)
+            if recompute:
+                x, router_logits = checkpoint(layer, x, attn_mask, token_mask, None, use_reentrant=False)
+            else:
+                x, router_logits = layer(x, attn_mask, token_mask, cache)
             if router_logits is not None:
                 all_router_logits.append(router_logits)
         if cache is not None:
