@@ -1,0 +1,201 @@
+"""Configuration of a language-model training run, read from one TOML file.
+
+[model]
+preset = "jamba-tiny"            # a fresh model from a preset, or
+init_from = "runs/base"          # a model folder to continue from (continual pretraining)
+vocab_size = 8192                # optional: extend the vocabulary (a new tokenizer with more ids)
+
+[data]
+shards = "runs/data/shards"      # token shards written by `quintet data tokenize`
+seq_len = 256
+
+[optim]
+micro_batch_size = 8             # sequences per process per micro-step
+grad_accum = 1
+weight_decay = 0.1
+grad_clip = 1.0
+
+[run]
+out_dir = "runs/train"
+seed = 0
+checkpoint_every = 50            # steps; a checkpoint is also written at every stage's end
+precision = "auto"               # "fp32", "bf16" (autocast), or "auto": bf16 where the hardware has it
+activation_checkpointing = false
+parallel = "ddp"                 # under torchrun: "ddp" or "fsdp" (FSDP2 fully_shard)
+
+[[stages]]                       # or: curriculum = "aurora-m" with total_tokens, cap_mixture, cat_mixture
+name = "CAP"
+tokens = 200000
+mixture = { en = 1.0, fi = 1.0, code = 0.5 }
+lr = 1e-3
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from quintet.train.curriculum import Curriculum, CurriculumError, Stage, aurora_m_stages
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+PRECISIONS = ("auto", "fp32", "bf16")
+PARALLEL = ("ddp", "fsdp")
+
+
+class TrainConfigError(ValueError):
+    """A training configuration field holds an invalid value."""
+
+
+def _check_fields(section: str, data: dict[str, Any], cls: type) -> None:
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise TrainConfigError(f"[{section}]: unknown field(s) {unknown}; valid: {sorted(known)}")
+
+
+@dataclass
+class ModelSection:
+    preset: str | None = None
+    init_from: str | None = None
+    vocab_size: int | None = None
+
+    def __post_init__(self) -> None:
+        if (self.preset is None) == (self.init_from is None):
+            raise TrainConfigError(
+                "[model]: give exactly one of preset (a fresh model) or init_from (a folder)"
+            )
+        if self.vocab_size is not None and (not isinstance(self.vocab_size, int) or self.vocab_size < 1):
+            raise TrainConfigError(f"[model].vocab_size = {self.vocab_size!r}: must be a positive integer")
+
+
+@dataclass
+class DataSection:
+    shards: str = ""
+    seq_len: int = 256
+
+    def __post_init__(self) -> None:
+        if not self.shards:
+            raise TrainConfigError("[data].shards: missing; the folder of token shards to train on")
+        if not isinstance(self.seq_len, int) or self.seq_len < 2:
+            raise TrainConfigError(f"[data].seq_len = {self.seq_len!r}: must be an integer >= 2")
+
+
+@dataclass
+class OptimSection:
+    micro_batch_size: int = 8
+    grad_accum: int = 1
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+
+    def __post_init__(self) -> None:
+        for name in ("micro_batch_size", "grad_accum"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise TrainConfigError(f"[optim].{name} = {value!r}: must be a positive integer")
+        if self.grad_clip < 0:
+            raise TrainConfigError(f"[optim].grad_clip = {self.grad_clip!r}: must be >= 0 (0 turns it off)")
+        for name in ("beta1", "beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise TrainConfigError(f"[optim].{name} = {getattr(self, name)!r}: must be in [0, 1)")
+
+
+@dataclass
+class RunSection:
+    out_dir: str = "runs/train"
+    seed: int = 0
+    checkpoint_every: int = 100
+    log_every: int = 1
+    precision: str = "auto"
+    activation_checkpointing: bool = False
+    parallel: str = "ddp"
+    heldout_tokens: int = 4096  # per language, for the held-out loss at each stage's end
+    max_steps: int | None = None  # stop early (for tests and smoke runs); resume continues
+
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise TrainConfigError(f"[run].precision = {self.precision!r}: valid: {', '.join(PRECISIONS)}")
+        if self.parallel not in PARALLEL:
+            raise TrainConfigError(f"[run].parallel = {self.parallel!r}: valid: {', '.join(PARALLEL)}")
+        if not isinstance(self.checkpoint_every, int) or self.checkpoint_every < 1:
+            raise TrainConfigError(
+                f"[run].checkpoint_every = {self.checkpoint_every!r}: must be a positive integer"
+            )
+
+
+@dataclass
+class TrainConfig:
+    model: ModelSection
+    data: DataSection
+    curriculum: Curriculum
+    optim: OptimSection = field(default_factory=OptimSection)
+    run: RunSection = field(default_factory=RunSection)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "config") -> TrainConfig:
+        allowed = {"model", "data", "optim", "run", "stages", "curriculum"}
+        unknown = sorted(set(data) - allowed)
+        if unknown:
+            raise TrainConfigError(f"{source}: unknown section(s) {unknown}; valid: {sorted(allowed)}")
+        try:
+            sections = {}
+            for name, cls_ in (
+                ("model", ModelSection),
+                ("data", DataSection),
+                ("optim", OptimSection),
+                ("run", RunSection),
+            ):
+                values = data.get(name, {})
+                _check_fields(name, values, cls_)
+                sections[name] = cls_(**values)
+            curriculum = _curriculum(data)
+        except (TrainConfigError, CurriculumError, TypeError) as err:
+            raise TrainConfigError(f"{source}: {err}") from None
+        return cls(curriculum=curriculum, **sections)
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike) -> TrainConfig:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no such training config")
+        try:
+            data = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as err:
+            raise TrainConfigError(f"{path}: not valid TOML: {err}") from None
+        return cls.from_dict(data, source=str(path))
+
+    @property
+    def global_batch_size(self) -> int:
+        """Sequences per optimizer step over all processes is this times the world size."""
+        return self.optim.micro_batch_size * self.optim.grad_accum
+
+
+def _curriculum(data: dict[str, Any]) -> Curriculum:
+    if "stages" in data and "curriculum" in data:
+        raise TrainConfigError("give [[stages]] or [curriculum], not both")
+    if "stages" in data:
+        return Curriculum(
+            [Stage.from_dict(s, where=f"[[stages]] #{i + 1}") for i, s in enumerate(data["stages"])]
+        )
+    spec = dict(data.get("curriculum", {}))
+    preset = spec.pop("preset", None)
+    if preset != "aurora-m":
+        raise TrainConfigError(
+            f"[curriculum].preset = {preset!r}: valid: 'aurora-m' (or list the stages as [[stages]])"
+        )
+    try:
+        return aurora_m_stages(**spec)
+    except TypeError as err:
+        raise TrainConfigError(
+            f"[curriculum]: {err}; fields: total_tokens, cap_mixture, cat_mixture, lr, min_lr, cat_lr"
+        ) from None
