@@ -1,0 +1,1 @@
+"""Alignment: SFT, DPO and stepwise DPO (sDPO)."""
