@@ -30,7 +30,7 @@ CASES = [
     (loss_type, beta, eps)
     for loss_type in ("sigmoid", "hinge", "ipo", "robust")
     for beta in (0.01, 0.1, 0.5)
-    for eps in ((0.0, 0.2) if loss_type in ("sigmoid", "robust") else (0.0,))  # smoothing: sigmoid/robust only
+    for eps in ((0.0, 0.2) if loss_type in ("sigmoid", "robust") else (0.0,))  # smoothing: those two only
 ]
 
 
