@@ -1,0 +1,342 @@
+"""The selective scan fused into one C++ loop for CPU: forward, backward (autograd) and the decode step.
+
+Same shapes, math and results as `quintet.models.jamba.selective_scan` (b = batch, d = channels,
+L = length, n = state size):
+
+    u, delta, z : (b, d, L)      A : (d, n)      B, C : (b, n, L)      D, delta_bias : (d,)
+    initial_state, final state : (b, d, n), float32 (float64 when u is float64)
+
+    dt_t = softplus(delta_t + delta_bias);  h_t = exp(dt_t A) h_{t-1} + dt_t B_t u_t;
+    y_t  = (C_t . h_t + D u_t) * silu(z_t)
+
+The kernel (`csrc/selective_scan.cpp`) walks time once per channel with the discretisation inside the
+loop, keeps the state in registers in float32 (float64 for float64 inputs), splits batch x channels over
+`torch.get_num_threads()` threads and never builds a (b, d, L, n) tensor. Training saves the state every
+32 steps; the backward pass recomputes one 32-step chunk at a time from those checkpoints and walks it in
+reverse. Inputs of other floating dtypes are computed in float32 and y is returned in u's dtype.
+
+The extension is compiled on first use with `torch.utils.cpp_extension.load` (needs a C++ compiler and
+`ninja`; about 10 s) into a cache folder, `$QUINTET_EXTENSIONS_DIR` or `~/.cache/quintet/extensions`,
+one sub-folder per torch version, Python version and CPU, so later processes load it in milliseconds.
+If it cannot be built, or `QUINTET_DISABLE_FUSED_SCAN=1` is set, the functions here warn once and
+run the plain PyTorch implementations instead. Tensors on other devices always take the PyTorch path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import sys
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from quintet.models.jamba.selective_scan import selective_scan, selective_state_update
+
+__all__ = ["fused_scan_available", "selective_scan_fused", "selective_state_update_fused"]
+
+DISABLE_ENV = "QUINTET_DISABLE_FUSED_SCAN"
+EXTENSIONS_DIR_ENV = "QUINTET_EXTENSIONS_DIR"
+_SOURCE = Path(__file__).resolve().parent / "csrc" / "selective_scan.cpp"
+_CHUNK = 32  # steps between saved states; must equal kChunk in the C++ source
+_CFLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=fast"]
+
+log = logging.getLogger(__name__)
+
+
+class _Loader:
+    """Builds and loads the extension once per process and remembers why it could not, if it could not."""
+
+    def __init__(self) -> None:
+        self.tried = False
+        self.ops: Any = None
+        self.reason = ""
+        self.warned = False
+
+    def get(self) -> Any:
+        if os.environ.get(DISABLE_ENV, "").strip() not in ("", "0"):
+            self.reason = f"{DISABLE_ENV} is set"
+            return None
+        if not self.tried:
+            self.tried = True
+            try:
+                self.ops = _build()
+            except Exception as err:  # a missing compiler or ninja, a failed build: fall back, never crash
+                self.reason = f"{type(err).__name__}: {str(err).strip().splitlines()[-1] if str(err) else ''}"
+                self.ops = None
+        return self.ops
+
+    def warn_fallback(self) -> None:
+        if not self.warned:
+            self.warned = True
+            warnings.warn(
+                f"quintet: the fused CPU selective scan is unavailable ({self.reason}); "
+                "using the PyTorch implementation",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+
+
+_loader = _Loader()
+
+
+def _cpu_tag() -> str:
+    """A short hash of the CPU model and flags: the build uses -march=native, so caches are per CPU."""
+    text = platform.machine() + platform.processor()
+    with contextlib.suppress(OSError):
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        wanted = (line for line in lines if line.startswith(("model name", "flags", "Features")))
+        text += "".join(dict.fromkeys(wanted))  # the first CPU's lines; the others repeat them
+    return hashlib.sha1(text.encode()).hexdigest()[:10]
+
+
+def build_dir() -> Path:
+    """The folder the extension is compiled into and loaded from."""
+    root = os.environ.get(EXTENSIONS_DIR_ENV)
+    base = Path(root) if root else Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "quintet"
+    if not root:
+        base = base / "extensions"
+    torch_tag = torch.__version__.replace("+", "_")
+    return base / f"selective_scan-torch{torch_tag}-py{sys.version_info[0]}{sys.version_info[1]}-{_cpu_tag()}"
+
+
+@contextlib.contextmanager
+def _ninja_on_path() -> Iterator[None]:
+    """torch's JIT build runs `ninja` from PATH; a venv used without activation has it only in its bin."""
+    old = os.environ.get("PATH", "")
+    extra = [str(Path(sys.executable).parent)]
+    with contextlib.suppress(ImportError):
+        import ninja  # the PyPI package ships the binary
+
+        extra.insert(0, ninja.BIN_DIR)
+    if shutil.which("ninja") is None:
+        os.environ["PATH"] = os.pathsep.join([*extra, old])
+    try:
+        yield
+    finally:
+        os.environ["PATH"] = old
+
+
+def _build() -> Any:
+    from torch.utils.cpp_extension import load
+
+    folder = build_dir()
+    folder.mkdir(parents=True, exist_ok=True)
+    if not (folder / "quintet_scan_ops.so").exists():
+        log.info("compiling the fused CPU selective scan into %s (first use only, ~10 s)", folder)
+    with _ninja_on_path():
+        load(
+            name="quintet_scan_ops",
+            sources=[str(_SOURCE)],
+            extra_cflags=_CFLAGS,
+            extra_ldflags=["-fopenmp"],
+            build_directory=str(folder),
+            is_python_module=False,
+            verbose=False,
+        )
+    return torch.ops.quintet_scan
+
+
+def fused_scan_available() -> bool:
+    """True when the fused kernel is built and loaded (compiles it on the first call in a fresh cache)."""
+    return _loader.get() is not None
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _cast(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    return None if t is None else t.to(dtype)
+
+
+def _contig(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    return None if t is None else t.to(dtype).contiguous()
+
+
+def _scan_forward(
+    ops: Any,
+    args: tuple[torch.Tensor | None, ...],
+    delta_softplus: bool,
+    initial_state: torch.Tensor | None,
+    save_checkpoints: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Runs the kernel on prepared arguments: returns (y, final_state, checkpoints) in the compute dtype."""
+    u, delta, A, Bt, Ct, D, z, bias = args
+    b, d, L = u.shape
+    n = A.shape[1]
+    y = u.new_empty((b, d, L))
+    h_last = u.new_empty((b, d, n))
+    ckpt = u.new_empty((b, d, -(-L // _CHUNK), n)) if save_checkpoints else None
+    ops.scan_fwd(u, delta, A, Bt, Ct, D, z, bias, delta_softplus, initial_state, y, h_last, ckpt)
+    return y, h_last, ckpt
+
+
+def _prepare(
+    u: torch.Tensor,
+    delta: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor | None,
+    z: torch.Tensor | None,
+    delta_bias: torch.Tensor | None,
+) -> tuple[torch.Tensor | None, ...]:
+    """Casts to the compute dtype; B and C become time-major (b, L, n) (free when they are views of that)."""
+    dtype = _compute_dtype(u.dtype)
+    if u.dim() != 3 or B.dim() != 3 or C.dim() != 3:
+        raise ValueError(f"u, B, C must be 3-D (b, d, L) / (b, n, L); got {u.shape}, {B.shape}, {C.shape}")
+    Bt = B.to(dtype).transpose(1, 2).contiguous()
+    Ct = C.to(dtype).transpose(1, 2).contiguous()
+    return (
+        u.to(dtype),
+        delta.to(dtype),
+        _contig(A, dtype),
+        Bt,
+        Ct,
+        _contig(D, dtype),
+        _cast(z, dtype),
+        _contig(delta_bias, dtype),
+    )
+
+
+class _FusedScan(torch.autograd.Function):
+    @staticmethod
+    def forward(
+        ctx: Any,
+        u: torch.Tensor,
+        delta: torch.Tensor,
+        A: torch.Tensor,
+        B: torch.Tensor,
+        C: torch.Tensor,
+        D: torch.Tensor | None,
+        z: torch.Tensor | None,
+        delta_bias: torch.Tensor | None,
+        delta_softplus: bool,
+        initial_state: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        ops = _loader.get()
+        args = _prepare(u, delta, A, B, C, D, z, delta_bias)
+        h0 = _contig(initial_state, args[0].dtype)
+        y, h_last, ckpt = _scan_forward(ops, args, delta_softplus, h0, save_checkpoints=True)
+        ctx.save_for_backward(*args, ckpt)
+        ctx.delta_softplus = delta_softplus
+        ctx.dtypes = tuple(None if t is None else t.dtype for t in (u, delta, A, B, C, D, z, delta_bias))
+        ctx.state_dtype = None if initial_state is None else initial_state.dtype
+        return y.to(u.dtype), h_last
+
+    @staticmethod
+    def backward(ctx: Any, grad_y: torch.Tensor, grad_h_last: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        u, delta, A, Bt, Ct, D, z, bias, ckpt = ctx.saved_tensors
+        dtype = u.dtype
+        b, d, L = u.shape
+        n = A.shape[1]
+        groups = max(1, min(d, torch.get_num_threads()))
+        grad_u = u.new_empty((b, d, L))
+        grad_delta = u.new_empty((b, d, L))
+        grad_z = u.new_empty((b, d, L)) if z is not None else None
+        grad_A = u.new_empty((b, d, n))
+        grad_B = u.new_empty((b, groups, L, n))
+        grad_C = u.new_empty((b, groups, L, n))
+        grad_D = u.new_empty((b, d))
+        grad_bias = u.new_empty((b, d))
+        grad_h0 = u.new_empty((b, d, n))
+        _loader.get().scan_bwd(
+            u, delta, A, Bt, Ct, D, z, bias, ctx.delta_softplus, ckpt,
+            grad_y.to(dtype), grad_h_last.to(dtype).contiguous(),
+            grad_u, grad_delta, grad_z, grad_A, grad_B, grad_C, grad_D, grad_bias, grad_h0,
+        )  # fmt: skip
+        du, ddelta, dA, dB, dC, dD, dz, dbias = ctx.dtypes
+        needs = ctx.needs_input_grad
+        return (
+            grad_u.to(du) if needs[0] else None,
+            grad_delta.to(ddelta) if needs[1] else None,
+            grad_A.sum(0).to(dA) if needs[2] else None,
+            grad_B.sum(1).transpose(1, 2).to(dB) if needs[3] else None,
+            grad_C.sum(1).transpose(1, 2).to(dC) if needs[4] else None,
+            grad_D.sum(0).to(dD) if needs[5] else None,
+            grad_z.to(dz) if needs[6] else None,
+            grad_bias.sum(0).to(dbias) if needs[7] else None,
+            None,
+            grad_h0.to(ctx.state_dtype) if needs[9] else None,
+        )
+
+
+def selective_scan_fused(
+    u: torch.Tensor,
+    delta: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor | None = None,
+    z: torch.Tensor | None = None,
+    delta_bias: torch.Tensor | None = None,
+    delta_softplus: bool = False,
+    initial_state: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The selective scan in one fused CPU kernel: returns `(y, final_state)`, differentiable.
+
+    Shapes: u, delta, z (b, d, L); A (d, n); B, C (b, n, L); D, delta_bias (d,); initial_state (b, d, n).
+    y has u's dtype and shape; final_state is (b, d, n) in float32 (float64 for float64 u). Any strides
+    are accepted (B and C laid out as (b, L, n) in memory cost no copy). Drop-in for
+    `quintet.models.jamba.selective_scan.selective_scan`, which it runs instead (warning once) when the
+    kernel is unavailable, and always for tensors that are not on the CPU.
+    """
+    if u.device.type != "cpu":
+        return selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state)
+    ops = _loader.get()
+    if ops is None:
+        _loader.warn_fallback()
+        return selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state)
+    tensors = (u, delta, A, B, C, D, z, delta_bias, initial_state)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        return _FusedScan.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state)
+    args = _prepare(u, delta, A, B, C, D, z, delta_bias)
+    h0 = _contig(initial_state, args[0].dtype)
+    y, h_last, _ = _scan_forward(ops, args, delta_softplus, h0, save_checkpoints=False)
+    return y.to(u.dtype), h_last
+
+
+def selective_state_update_fused(
+    state: torch.Tensor,
+    u: torch.Tensor,
+    delta: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor | None = None,
+    z: torch.Tensor | None = None,
+    delta_bias: torch.Tensor | None = None,
+    delta_softplus: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One decode step in one fused CPU kernel: returns `(y, new_state)`; `state` is not modified.
+
+    Shapes: state (b, d, n) float32/float64; u, delta, z (b, d); A (d, n); B, C (b, n); D, delta_bias (d,).
+    y has u's dtype, new_state has state's dtype. Inference only: when autograd needs a gradient, and for
+    tensors not on the CPU, it runs `quintet.models.jamba.selective_scan.selective_state_update`.
+    """
+    tensors = (state, u, delta, A, B, C, D, z, delta_bias)
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    ops = None if needs_grad or state.device.type != "cpu" else _loader.get()
+    if ops is None:
+        if not needs_grad and state.device.type == "cpu":
+            _loader.warn_fallback()
+        return selective_state_update(state, u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+    dtype = state.dtype
+    if dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"state must be float32 or float64, got {dtype}")
+    state_c = state.contiguous()
+    y = state_c.new_empty(state.shape[:2])
+    new_state = torch.empty_like(state_c)
+    ops.state_update(
+        state_c, u.to(dtype), delta.to(dtype), _contig(A, dtype), _contig(B, dtype), _contig(C, dtype),
+        _contig(D, dtype), _cast(z, dtype), _contig(delta_bias, dtype), delta_softplus, y, new_state,
+    )  # fmt: skip
+    return y.to(u.dtype), new_state
