@@ -12,11 +12,11 @@ higher-quality set with instruction and safety data and no number/symbol-heavy t
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any
 
-SCHEDULES = ("cosine", "linear", "constant")
+from quintet.train.schedule import SCHEDULES, lr_at
+
 AURORA_M_CAP_TOKENS, AURORA_M_CAT_TOKENS = 377e9, 58e9
 
 
@@ -64,15 +64,7 @@ class Stage:
 
     def lr_at(self, tokens_done: int) -> float:
         """Learning rate after `tokens_done` tokens of this stage."""
-        progress = min(max(tokens_done / self.tokens, 0.0), 1.0)
-        if self.warmup and progress < self.warmup:
-            return self.lr * progress / self.warmup
-        if self.schedule == "constant":
-            return self.lr
-        decay = (progress - self.warmup) / (1 - self.warmup)
-        if self.schedule == "linear":
-            return self.lr - (self.lr - self.min_lr) * decay
-        return self.min_lr + 0.5 * (self.lr - self.min_lr) * (1 + math.cos(math.pi * decay))
+        return lr_at(tokens_done / self.tokens, self.lr, self.min_lr, self.warmup, self.schedule)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], where: str = "stage") -> Stage:
