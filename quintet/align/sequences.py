@@ -29,6 +29,7 @@ def render_prompt(tokenizer: TextTokenizer, prompt: str) -> list[int]:
 class Example:
     ids: list[int]
     prompt_len: int  # the first prompt_len ids are the prompt; the rest is the response (+ eos)
+    response_mask: list[bool] | None = None  # per token, for packed rows holding several examples
 
 
 def encode_example(
@@ -53,7 +54,10 @@ def pad_batch(examples: list[Example], pad_id: int) -> tuple[torch.Tensor, torch
     response = torch.zeros((len(examples), width), dtype=torch.bool)
     for i, e in enumerate(examples):
         ids[i, : len(e.ids)] = torch.tensor(e.ids)
-        response[i, e.prompt_len : len(e.ids)] = True
+        if e.response_mask is not None:
+            response[i, : len(e.ids)] = torch.tensor(e.response_mask)
+        else:
+            response[i, e.prompt_len : len(e.ids)] = True
     return ids, response
 
 
