@@ -64,6 +64,33 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_align(args: argparse.Namespace) -> int:
+    from quintet.align import run
+
+    summary = {"sft": run.run_sft, "dpo": run.run_dpo, "sdpo": run.run_sdpo}[args.align_command](args.config)
+    print(json.dumps(summary, indent=2, ensure_ascii=False))
+    return 0
+
+
+def _cmd_train_lm(args: argparse.Namespace) -> int:
+    from quintet.train.lm import train_lm
+    from quintet.train.lm_config import TrainConfig
+
+    result = train_lm(TrainConfig.from_file(args.config), resume=args.resume)
+    print(
+        json.dumps(
+            {
+                "final_model": str(result.final_model),
+                "metrics": str(result.metrics),
+                "step": result.state.step,
+                "stages": result.state.history,
+            },
+            indent=2,
+        )
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="quintet", description=__doc__)
     parser.add_argument("--version", action="version", version=f"quintet {__version__}")
@@ -96,6 +123,22 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-p", type=float, default=1.0)
     gen.add_argument("--seed", type=int, default=0)
     gen.set_defaults(func=_cmd_generate)
+
+    train = sub.add_parser("train", help="train models").add_subparsers(dest="train_command", required=True)
+    lm = train.add_parser(
+        "lm", help="pretrain a Jamba model through a curriculum (torchrun for several processes)"
+    )
+    lm.add_argument("config", help="training TOML")
+    lm.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in out_dir")
+    lm.set_defaults(func=_cmd_train_lm)
+
+    align = sub.add_parser("align", help="SFT, DPO and stepwise DPO").add_subparsers(
+        dest="align_command", required=True
+    )
+    for name, text in (("sft", "supervised fine-tuning"), ("dpo", "DPO"), ("sdpo", "stepwise DPO (sDPO)")):
+        cmd = align.add_parser(name, help=text)
+        cmd.add_argument("config", help="alignment TOML")
+        cmd.set_defaults(func=_cmd_align)
     return parser
 
 

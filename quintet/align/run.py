@@ -1,0 +1,187 @@
+"""Alignment runs from one TOML file: `quintet align sft|dpo|sdpo CONFIG`.
+
+    [model]
+    path = "runs/demo/pretrained"        # model folder (its tokenizer.json is used when present)
+
+    [data]
+    train = "runs/demo/prefs.jsonl"      # SFT: prompt/completion or messages; DPO: prompt/chosen/rejected
+    eval = "runs/demo/prefs-eval.jsonl"  # optional: held-out preference accuracy is reported on it
+
+    [sft]  /  [dpo]                      # fields of SFTConfig / DPOConfig (lr, epochs, beta, loss_type, ...)
+
+    [sdpo]
+    steps = 2
+    split = "easy_to_hard"               # or "step", "source", "score", "random"
+    sources = ["add-easy", "add-hard"]   # for split = "source"
+
+    [run]
+    out_dir = "runs/align/sdpo"
+
+Each run writes the aligned model folder to `out_dir/model` (with the tokenizer files copied), the
+per-step metrics to `out_dir/metrics.jsonl` and a summary to `out_dir/summary.json`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+from quintet.align.dpo import DPOConfig, preference_accuracy, train_dpo
+from quintet.align.preference_data import read_preferences
+from quintet.align.sdpo import SPLITS, split_steps, train_sdpo
+from quintet.align.sft import SFTConfig, read_sft_examples, train_sft
+from quintet.io import atomic_write_text
+from quintet.models.jamba import JambaForCausalLM
+from quintet.tokenizer import load_tokenizer
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
+class AlignConfigError(ValueError):
+    """An alignment config is missing a section or holds an unknown field."""
+
+
+def _load(path: str | os.PathLike, kind: str) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such alignment config")
+    try:
+        data = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as err:
+        raise AlignConfigError(f"{path}: not valid TOML: {err}") from None
+    allowed = {"model", "data", "run", "sft", "dpo", "sdpo"}
+    unknown = sorted(set(data) - allowed)
+    if unknown:
+        raise AlignConfigError(f"{path}: unknown section(s) {unknown}; valid: {sorted(allowed)}")
+    for section, key in (("model", "path"), ("data", "train"), ("run", "out_dir")):
+        if key not in data.get(section, {}):
+            raise AlignConfigError(f"{path}: [{section}].{key} is missing")
+    data["_source"] = str(path)
+    return data
+
+
+def _section(data: dict[str, Any], name: str, cls: type) -> Any:
+    values = data.get(name, {})
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise AlignConfigError(
+            f"{data['_source']}: [{name}] unknown field(s) {unknown}; valid: {sorted(known)}"
+        )
+    return cls(**values)
+
+
+def _save(model: JambaForCausalLM, source_dir: str, out_dir: Path) -> Path:
+    target = out_dir / "model"
+    model.save_pretrained(target)
+    for name in TOKENIZER_FILES:
+        if (Path(source_dir) / name).is_file():
+            shutil.copyfile(Path(source_dir) / name, target / name)
+    return target
+
+
+def _write_metrics(out_dir: Path, rows: list[dict[str, Any]]) -> None:
+    atomic_write_text(out_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+
+
+def run_sft(config_path: str | os.PathLike, progress: bool = True) -> dict[str, Any]:
+    data = _load(config_path, "sft")
+    cfg = _section(data, "sft", SFTConfig)
+    model_dir, out = data["model"]["path"], Path(data["run"]["out_dir"])
+    model = JambaForCausalLM.from_pretrained(model_dir)
+    tokenizer = load_tokenizer(model_dir, vocab_size=model.config.vocab_size)
+    history = train_sft(model, tokenizer, read_sft_examples(data["data"]["train"]), cfg, progress)
+    _write_metrics(out, history)
+    summary = {
+        "model": str(_save(model, model_dir, out)),
+        "steps": len(history),
+        "final_loss": history[-1]["loss"],
+    }
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def _eval_accuracy(
+    model: JambaForCausalLM, tokenizer: Any, data: dict[str, Any], max_len: int
+) -> float | None:
+    path = data["data"].get("eval")
+    return preference_accuracy(model, tokenizer, read_preferences(path), max_len) if path else None
+
+
+def run_dpo(config_path: str | os.PathLike, progress: bool = True) -> dict[str, Any]:
+    data = _load(config_path, "dpo")
+    cfg = _section(data, "dpo", DPOConfig)
+    model_dir, out = data["model"]["path"], Path(data["run"]["out_dir"])
+    if cfg.cache_dir is None:
+        cfg.cache_dir = str(out / "reference-cache")
+    model = JambaForCausalLM.from_pretrained(model_dir)
+    reference = JambaForCausalLM.from_pretrained(model_dir)
+    tokenizer = load_tokenizer(model_dir, vocab_size=model.config.vocab_size)
+    pairs = read_preferences(data["data"]["train"])
+    before = _eval_accuracy(model, tokenizer, data, cfg.max_length)
+    history = train_dpo(model, tokenizer, pairs, cfg, ref_model=reference, progress=progress)
+    _write_metrics(out, history)
+    summary = {
+        "model": str(_save(model, model_dir, out)),
+        "steps": len(history),
+        "eval_accuracy_before": before,
+        "eval_accuracy_after": _eval_accuracy(model, tokenizer, data, cfg.max_length),
+        "final": history[-1],
+    }
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def run_sdpo(config_path: str | os.PathLike, progress: bool = True) -> dict[str, Any]:
+    data = _load(config_path, "sdpo")
+    cfg = _section(data, "dpo", DPOConfig)
+    spec = dict(data.get("sdpo", {}))
+    unknown = sorted(set(spec) - {"steps", "split", "sources", "seed"})
+    if unknown:
+        raise AlignConfigError(
+            f"{data['_source']}: [sdpo] unknown field(s) {unknown}; valid: steps, split, sources, seed"
+        )
+    split = spec.get("split", "easy_to_hard")
+    if split not in SPLITS:
+        raise AlignConfigError(f"{data['_source']}: [sdpo].split = {split!r}: valid: {', '.join(SPLITS)}")
+    model_dir, out = data["model"]["path"], Path(data["run"]["out_dir"])
+    if cfg.cache_dir is None:
+        cfg.cache_dir = str(out / "reference-cache")
+    model = JambaForCausalLM.from_pretrained(model_dir)
+    tokenizer = load_tokenizer(model_dir, vocab_size=model.config.vocab_size)
+    pairs = read_preferences(data["data"]["train"])
+    steps = split_steps(
+        pairs,
+        spec.get("steps", 2),
+        split,
+        sources=spec.get("sources"),
+        sft_model=model,
+        tokenizer=tokenizer,
+        max_len=cfg.max_length,
+        seed=spec.get("seed", cfg.seed),
+    )
+    before = _eval_accuracy(model, tokenizer, data, cfg.max_length)
+    model, results = train_sdpo(model, tokenizer, steps, cfg, progress=progress)
+    _write_metrics(out, [{"sdpo_step": r.step, **m} for r in results for m in r.metrics])
+    summary = {
+        "model": str(_save(model, model_dir, out)),
+        "split": split,
+        "steps": [
+            {"step": r.step, "pairs": r.pairs, "reference_margin": r.reference_margin, "final": r.metrics[-1]}
+            for r in results
+        ],
+        "eval_accuracy_before": before,
+        "eval_accuracy_after": _eval_accuracy(model, tokenizer, data, cfg.max_length),
+    }
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+    return summary
