@@ -154,11 +154,13 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _cast(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
-    return None if t is None else t.to(dtype)
+    return t if t is None or t.dtype == dtype else t.to(dtype)  # .to() costs a dispatch even when a no-op
 
 
 def _contig(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
-    return None if t is None else t.to(dtype).contiguous()
+    if t is None or (t.dtype == dtype and t.is_contiguous()):
+        return t
+    return t.to(dtype).contiguous()
 
 
 def _scan_forward(
@@ -193,11 +195,11 @@ def _prepare(
     dtype = _compute_dtype(u.dtype)
     if u.dim() != 3 or B.dim() != 3 or C.dim() != 3:
         raise ValueError(f"u, B, C must be 3-D (b, d, L) / (b, n, L); got {u.shape}, {B.shape}, {C.shape}")
-    Bt = B.to(dtype).transpose(1, 2).contiguous()
-    Ct = C.to(dtype).transpose(1, 2).contiguous()
+    Bt = _contig(B.transpose(1, 2), dtype)
+    Ct = _contig(C.transpose(1, 2), dtype)
     return (
-        u.to(dtype),
-        delta.to(dtype),
+        _cast(u, dtype),
+        _cast(delta, dtype),
         _contig(A, dtype),
         Bt,
         Ct,
@@ -230,10 +232,12 @@ class _FusedScan(torch.autograd.Function):
         ctx.delta_softplus = delta_softplus
         ctx.dtypes = tuple(None if t is None else t.dtype for t in (u, delta, A, B, C, D, z, delta_bias))
         ctx.state_dtype = None if initial_state is None else initial_state.dtype
-        return y.to(u.dtype), h_last
+        return _cast(y, u.dtype), h_last
 
     @staticmethod
-    def backward(ctx: Any, grad_y: torch.Tensor, grad_h_last: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+    def backward(
+        ctx: Any, grad_y: torch.Tensor, grad_h_last: torch.Tensor
+    ) -> tuple[torch.Tensor | None, ...]:
         u, delta, A, Bt, Ct, D, z, bias, ckpt = ctx.saved_tensors
         dtype = u.dtype
         b, d, L = u.shape
@@ -301,7 +305,7 @@ def selective_scan_fused(
     args = _prepare(u, delta, A, B, C, D, z, delta_bias)
     h0 = _contig(initial_state, args[0].dtype)
     y, h_last, _ = _scan_forward(ops, args, delta_softplus, h0, save_checkpoints=False)
-    return y.to(u.dtype), h_last
+    return _cast(y, u.dtype), h_last
 
 
 def selective_state_update_fused(
@@ -333,10 +337,8 @@ def selective_state_update_fused(
     if dtype not in (torch.float32, torch.float64):
         raise ValueError(f"state must be float32 or float64, got {dtype}")
     state_c = state.contiguous()
-    y = state_c.new_empty(state.shape[:2])
-    new_state = torch.empty_like(state_c)
-    ops.state_update(
-        state_c, u.to(dtype), delta.to(dtype), _contig(A, dtype), _contig(B, dtype), _contig(C, dtype),
-        _contig(D, dtype), _cast(z, dtype), _contig(delta_bias, dtype), delta_softplus, y, new_state,
-    )  # fmt: skip
-    return y.to(u.dtype), new_state
+    y = torch.empty(state.shape[:2], dtype=dtype)
+    out = torch.empty_like(state_c)
+    inputs = (_cast(u, dtype), _cast(delta, dtype), *(_contig(t, dtype) for t in (A, B, C, D)))
+    ops.state_update(state_c, *inputs, _cast(z, dtype), _contig(delta_bias, dtype), delta_softplus, y, out)
+    return _cast(y, u.dtype), out

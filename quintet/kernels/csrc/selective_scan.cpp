@@ -260,7 +260,11 @@ void gather(const Seq<T>& s, const Block& blk, int64_t t0, int64_t tn, T* out) {
     if (s.sl == 1 && blk.cw == kLanes) {  // time-contiguous rows: whole 16 x 16 tiles through registers
       for (; done + 16 <= tn; done += 16) {
         v16f r[16];
-        for (int c = 0; c < 16; ++c) std::memcpy(&r[c], s.row(blk.bi, blk.c0 + c) + t0 + done, sizeof(v16f));
+        for (int c = 0; c < 16; ++c) {
+          const float* src = s.row(blk.bi, blk.c0 + c) + t0 + done;
+          std::memcpy(&r[c], src, sizeof(v16f));
+          __builtin_prefetch(src + kChunk);  // the same row one chunk later: 16+ streams outrun the prefetcher
+        }
         transpose16(r);
         std::memcpy(out + done * kLanes, r, sizeof(r));
       }
@@ -656,36 +660,57 @@ void scan_bwd(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A,
 // ---------------------------------------------------------------------------------------------------------
 // One decode step: state (b, d, n); u, delta, z (b, d) any strides; B, C (b, n) contiguous.
 
+// Channels go in blocks of kLanes: dt, softplus and silu are computed for the whole block at once (vectorised
+// over channels), then each channel's state row is updated along n (vectorised over n) and reduced by a tree.
 template <typename T, int N>
 void step_impl(const T* state, const Seq<T>& u2, const Seq<T>& delta2, const Seq<T>& z2, const T* A, const T* B,
                const T* C, const T* D, const T* bias, bool use_softplus, int64_t batch, int64_t dim,
                int64_t n_rt, T* y, T* new_state) {
-  const int64_t n = N > 0 ? N : n_rt;
-  at::parallel_for(0, batch * dim, 256, [&](int64_t begin, int64_t end) {
-    for (int64_t ch = begin; ch < end; ++ch) {
-      const int64_t bi = ch / dim, di = ch % dim;
-      const T x = delta2.p[bi * delta2.sb + di * delta2.sd] + (bias ? bias[di] : T(0));
-      const T dt = use_softplus ? softplus(x) : x;
-      const T uv = u2.p[bi * u2.sb + di * u2.sd];
-      const T dtu = dt * uv;
-      const T* __restrict__ a = A + di * n;
-      const T* __restrict__ b = B + bi * n;
-      const T* __restrict__ c = C + bi * n;
-      const T* __restrict__ h = state + ch * n;
-      T* __restrict__ out = new_state + ch * n;
-      T acc = T(0);
-#pragma omp simd reduction(+ : acc)
-      for (int64_t k = 0; k < n; ++k) {
-        const T hk = fexp(dt * a[k]) * h[k] + dtu * b[k];
-        out[k] = hk;
-        acc += c[k] * hk;
+  const int64_t n = N > 0 ? N : n_rt, nb = blocks_per_row(dim);
+  at::parallel_for(0, batch * nb, 16, [&](int64_t begin, int64_t end) {
+    std::vector<T> prod_buf(static_cast<size_t>(std::max<int64_t>(n, kLanes)));
+    T* __restrict__ prod = prod_buf.data();
+    for (int64_t index = begin; index < end; ++index) {
+      const Block blk = block_at(index / nb, index % nb, dim);
+      T dt[kLanes], dtu[kLanes], gate[kLanes], skip[kLanes];
+      for (int64_t c = 0; c < kLanes; ++c) {
+        const bool live = c < blk.cw;
+        const int64_t di = blk.c0 + c;
+        dt[c] = live ? delta2.p[blk.bi * delta2.sb + di * delta2.sd] + (bias ? bias[di] : T(0)) : T(0);
+        dtu[c] = live ? u2.p[blk.bi * u2.sb + di * u2.sd] : T(0);
+        gate[c] = live && z2.p ? z2.p[blk.bi * z2.sb + di * z2.sd] : T(0);
+        skip[c] = live && D ? D[di] * dtu[c] : T(0);
       }
-      T yv = acc + (D ? D[di] : T(0)) * uv;
-      if (z2.p) {
-        const T zv = z2.p[bi * z2.sb + di * z2.sd];
-        yv *= zv * sigmoid(zv);
+#pragma omp simd
+      for (int64_t c = 0; c < kLanes; ++c) {
+        const T dv = use_softplus ? softplus(dt[c]) : dt[c];
+        dt[c] = dv;
+        dtu[c] = dv * dtu[c];
+        gate[c] = z2.p ? gate[c] * sigmoid(gate[c]) : T(1);
       }
-      y[ch] = yv;
+      const T* __restrict__ b = B + blk.bi * n;
+      const T* __restrict__ cc = C + blk.bi * n;
+      for (int64_t c = 0; c < blk.cw; ++c) {
+        const int64_t ch = blk.bi * dim + blk.c0 + c;
+        const T* __restrict__ a = A + (blk.c0 + c) * n;
+        const T* __restrict__ h = state + ch * n;
+        T* __restrict__ out = new_state + ch * n;
+        const T dtc = dt[c], dtuc = dtu[c];
+#pragma omp simd
+        for (int64_t k = 0; k < n; ++k) {
+          const T hk = fexp(dtc * a[k]) * h[k] + dtuc * b[k];
+          out[k] = hk;
+          prod[k] = cc[k] * hk;
+        }
+        T acc;
+        if constexpr (N == kLanes) {
+          acc = lane_sum(prod);
+        } else {
+          acc = T(0);
+          for (int64_t k = 0; k < n; ++k) acc += prod[k];
+        }
+        y[ch] = (acc + skip[c]) * gate[c];
+      }
     }
   });
 }
