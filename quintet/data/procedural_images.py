@@ -21,6 +21,7 @@ not test the Adaptive Token Merger (plain average pooling is enough on it), nati
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from collections.abc import Sequence
@@ -52,6 +53,9 @@ class Scenes:
     direction: torch.Tensor  # (B, K) wave-vector directions, radians
     phase: torch.Tensor  # (B, K)
 
+    def to(self, device: torch.device | str) -> Scenes:
+        return Scenes(*(getattr(self, f.name).to(device) for f in dataclasses.fields(self)))
+
     @property
     def shape_id(self) -> torch.Tensor:
         return self.label // len(TEXTURES)
@@ -65,7 +69,8 @@ class ProceduralImages:
     """Shapes x texture orientation, rendered natively at any resolution; 10 classes.
 
     `num_images` bounds `len()` (an evaluation set); training can draw any index. Scenes depend only on
-    (seed, index), so image i at 32 px and at 576 px is the same scene.
+    (seed, index), so image i at 32 px and at 576 px is the same scene. Images are rendered on `device`
+    (labels stay on the CPU).
     """
 
     classes = list(CLASSES)
@@ -78,6 +83,7 @@ class ProceduralImages:
         freq_range: tuple[float, float] = (16.0, 256.0),
         contrast: float = 0.15,
         direction_jitter_deg: float = 20.0,
+        device: torch.device | str = "cpu",
     ) -> None:
         if num_images < 1:
             raise ValueError(f"ProceduralImages.num_images = {num_images}: must be a positive integer")
@@ -89,6 +95,7 @@ class ProceduralImages:
         self.freq_range = freq_range
         self.contrast = contrast
         self.direction_jitter = math.radians(direction_jitter_deg)
+        self.device = torch.device(device)
 
     @property
     def num_classes(self) -> int:
@@ -136,7 +143,7 @@ class ProceduralImages:
     # ---------------------------------------------------------------- rendering
     def render(self, indices: Sequence[int], height: int, width: int | None = None) -> torch.Tensor:
         """Images (B, 3, height, width) in [0, 1], rendered natively at that size."""
-        return render_scenes(self.scenes(indices), height, width or height, self.contrast)
+        return render_scenes(self.scenes(indices).to(self.device), height, width or height, self.contrast)
 
     def batch(
         self,
@@ -147,7 +154,8 @@ class ProceduralImages:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(images (B, 3, r, r), labels (B,)). Scenes are already random: no augmentation."""
         scenes = self.scenes(indices)
-        return render_scenes(scenes, resolution, resolution, self.contrast), scenes.label
+        images = render_scenes(scenes.to(self.device), resolution, resolution, self.contrast)
+        return images, scenes.label
 
 
 def _box_sdf(x: torch.Tensor, y: torch.Tensor, bx: torch.Tensor, by: torch.Tensor) -> torch.Tensor:
@@ -190,9 +198,9 @@ def render_scenes(scenes: Scenes, height: int, width: int, contrast: float = 0.1
     """Render a batch of scenes natively at height x width: (B, 3, H, W) float32 in [0, 1]."""
     if height < 1 or width < 1:
         raise ValueError(f"render_scenes: size {height} x {width} must be at least 1 x 1")
-    b = scenes.label.shape[0]
-    ys = (torch.arange(height, dtype=torch.float32) + 0.5) / height
-    xs = (torch.arange(width, dtype=torch.float32) + 0.5) / width
+    b, device = scenes.label.shape[0], scenes.freq.device
+    ys = (torch.arange(height, dtype=torch.float32, device=device) + 0.5) / height
+    xs = (torch.arange(width, dtype=torch.float32, device=device) + 0.5) / width
 
     # texture: sum_k a_k cos(kx x + ky y + phase), evaluated separably as a (B, H, 2K) @ (B, 2K, W) product
     fx = scenes.freq * torch.cos(scenes.direction)
@@ -211,7 +219,7 @@ def render_scenes(scenes: Scenes, height: int, width: int, contrast: float = 0.1
     py = ys[None, :, None] - scenes.center[:, 1, None, None]
     cos, sin = torch.cos(scenes.angle)[:, None, None], torch.sin(scenes.angle)[:, None, None]
     u, v = cos * px + sin * py, -sin * px + cos * py
-    sdf = torch.empty(b, height, width)
+    sdf = torch.empty(b, height, width, device=device)
     size = scenes.size[:, None, None]
     for shape in scenes.shape_id.unique().tolist():
         sel = scenes.shape_id == shape
@@ -224,7 +232,7 @@ def render_scenes(scenes: Scenes, height: int, width: int, contrast: float = 0.1
     ] * (ys[None, :, None] - 0.5)
     uncovered = 1 - coverage
     base = gradient.mul_(uncovered).addcmul_(texture, coverage)
-    out = torch.empty(b, 3, height, width)
+    out = torch.empty(b, 3, height, width, device=device)
     for c in range(3):
         torch.addcmul(base, uncovered, scenes.bg[:, c, None, None], out=out[:, c])
         out[:, c].addcmul_(coverage, scenes.fg[:, c, None, None])
@@ -244,7 +252,7 @@ def write_image_folder(
     paths = []
     for start in range(0, len(indices), 32):
         chunk = list(indices[start : start + 32])
-        images = dataset.render(chunk, h, w)
+        images = dataset.render(chunk, h, w).cpu()
         labels = dataset.scenes(chunk).label.tolist()
         for index, image, label in zip(chunk, images, labels, strict=True):
             path = out_dir / dataset.classes[label] / f"{index:06d}{suffix}"

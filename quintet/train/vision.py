@@ -1,0 +1,524 @@
+"""Multi-resolution training of ViTAR (and the plain ViT baseline), supervised or masked-autoencoder.
+
+The paper's recipe at any scale: ONE resolution per batch, drawn from a configured list; cross-entropy
+only; AdamW with linear warm-up and cosine decay. `mode = "mae"` pre-trains ViTAR as a masked
+autoencoder on the same multi-resolution batches (see `quintet.models.vitar.mae`); a later supervised
+run starts from it with `init_from`.
+
+Everything random is a function of the config: batch t's resolution and images come from
+(data_seed, t); model-side randomness (fuzzy offsets, stochastic depth, MAE masks) comes from a torch
+RNG stream that is saved with each checkpoint. So a run resumed from a checkpoint continues exactly as
+the uninterrupted run would have (`tests/test_vitar_train.py` checks it bit for bit).
+
+Output folder:
+
+    out_dir/model/                       config.json + model.safetensors: the trained classifier
+                                         (for MAE: the pre-trained backbone, head untrained)
+    out_dir/checkpoint/state.safetensors model, AdamW moments and the RNG state (safetensors, no pickle)
+    out_dir/checkpoint/trainer_state.json step, config, loss history
+    out_dir/train_result.json            summary (and evaluation per resolution when configured)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import math
+import os
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from torch import nn
+from tqdm import tqdm
+
+from quintet.io import atomic_path, atomic_write_text
+from quintet.models.vitar.checkpoint import build_model, load_model, load_state, read_tensors
+from quintet.models.vitar.configuration import ConfigError, ViTARConfig, preset_config
+from quintet.models.vitar.mae import ViTARForMaskedImageModeling
+from quintet.models.vitar.model import ImageClassifier
+
+log = logging.getLogger(__name__)
+
+MODES = ("supervised", "mae")
+# Fields that may change between a run and its resumption (they do not change what is computed).
+_RESUMABLE_CHANGES = {
+    "out_dir",
+    "checkpoint_every",
+    "log_every",
+    "eval_resolutions",
+    "eval_images",
+    "eval_data",
+    "eval_max_tokens",
+    "num_threads",
+    "device",
+    "progress",
+}
+
+
+@dataclass
+class VisionTrainConfig:
+    """A training run. Read from TOML (or JSON) by `load_train_config`; every field validated."""
+
+    model: str = "vitar-tiny"
+    model_overrides: dict[str, Any] = field(default_factory=dict)
+    init_from: str | None = None
+    mode: str = "supervised"
+    data: str = "procedural"
+    data_seed: int | None = None
+    resolutions: list[int] = field(default_factory=lambda: [32])
+    resolution_weights: list[float] | None = None
+    steps: int = 1000
+    batch_size: int = 64
+    lr: float = 1e-3
+    min_lr: float = 1e-5
+    warmup_steps: int = 100
+    weight_decay: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.999)
+    grad_clip: float | None = 1.0
+    label_smoothing: float = 0.1
+    seed: int = 0
+    out_dir: str = "runs/vitar"
+    checkpoint_every: int = 500
+    log_every: int = 50
+    eval_data: str | None = None
+    eval_resolutions: list[int] = field(default_factory=list)
+    eval_images: int = 500
+    eval_max_tokens: int = 1 << 16
+    num_threads: int | None = None
+    device: str = "cpu"
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        self.resolutions = list(self.resolutions)
+        self.eval_resolutions = list(self.eval_resolutions)
+        self.betas = tuple(self.betas)
+        if self.data_seed is None:
+            self.data_seed = self.seed
+        self.validate()
+
+    def validate(self) -> None:
+        name = "VisionTrainConfig"
+        if self.mode not in MODES:
+            raise ConfigError(f"{name}.mode = {self.mode!r}: valid values: {', '.join(MODES)}")
+        for key in ("steps", "batch_size", "checkpoint_every", "log_every", "eval_images", "eval_max_tokens"):
+            _positive_int(key, getattr(self, key))
+        for key in ("warmup_steps", "seed", "data_seed"):
+            value = getattr(self, key)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ConfigError(f"{name}.{key} = {value!r}: must be an integer >= 0")
+        if self.num_threads is not None:
+            _positive_int("num_threads", self.num_threads)
+        try:
+            torch.device(self.device)
+        except (RuntimeError, TypeError):
+            raise ConfigError(f"{name}.device = {self.device!r}: valid values: cpu, cuda, cuda:N") from None
+        if not self.resolutions:
+            raise ConfigError(f"{name}.resolutions = []: give at least one training resolution in pixels")
+        for key in ("resolutions", "eval_resolutions"):
+            for r in getattr(self, key):
+                if not isinstance(r, int) or isinstance(r, bool) or r < 1:
+                    raise ConfigError(
+                        f"{name}.{key} contains {r!r}: resolutions are positive integers (pixels)"
+                    )
+        if self.resolution_weights is not None:
+            w = self.resolution_weights
+            if len(w) != len(self.resolutions) or any(not isinstance(v, (int, float)) or v < 0 for v in w):
+                raise ConfigError(
+                    f"{name}.resolution_weights = {w!r}: needs {len(self.resolutions)} non-negative numbers, "
+                    "one per resolution"
+                )
+            if sum(w) <= 0:
+                raise ConfigError(f"{name}.resolution_weights = {w!r}: must not all be zero")
+        for key in ("lr", "min_lr"):
+            value = getattr(self, key)
+            if not isinstance(value, (int, float)) or value < 0:
+                raise ConfigError(f"{name}.{key} = {value!r}: must be a number >= 0")
+        if self.min_lr > self.lr:
+            raise ConfigError(f"{name}.min_lr = {self.min_lr}: must not exceed lr = {self.lr}")
+        if not isinstance(self.weight_decay, (int, float)) or self.weight_decay < 0:
+            raise ConfigError(f"{name}.weight_decay = {self.weight_decay!r}: must be a number >= 0")
+        if len(self.betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in self.betas):
+            raise ConfigError(f"{name}.betas = {list(self.betas)}: needs two numbers in [0, 1)")
+        if self.grad_clip is not None and (
+            not isinstance(self.grad_clip, (int, float)) or self.grad_clip <= 0
+        ):
+            raise ConfigError(f"{name}.grad_clip = {self.grad_clip!r}: must be a number > 0, or omitted")
+        if not isinstance(self.label_smoothing, (int, float)) or not 0 <= self.label_smoothing < 1:
+            raise ConfigError(f"{name}.label_smoothing = {self.label_smoothing!r}: must be in [0, 1)")
+        if not isinstance(self.model_overrides, dict):
+            raise ConfigError(f"{name}.model_overrides = {self.model_overrides!r}: must be a table of fields")
+        model_config = preset_config(self.model, **self.model_overrides)
+        if self.mode == "mae" and not isinstance(model_config, ViTARConfig):
+            raise ConfigError(
+                f"{name}.mode = 'mae' needs a ViTAR model; model = {self.model!r} is a plain ViT"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["betas"] = list(self.betas)
+        return out
+
+
+def _positive_int(key: str, value: Any) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ConfigError(f"VisionTrainConfig.{key} = {value!r}: must be a positive integer")
+
+
+def load_train_config(path: str | os.PathLike, **overrides: Any) -> VisionTrainConfig:
+    """Read a TOML (or .json) training config; unknown keys are an error that names them."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such training config")
+    text = path.read_text()
+    try:
+        data = json.loads(text) if path.suffix == ".json" else _toml_loads(text)
+    except ValueError as err:
+        raise ConfigError(
+            f"{path}: not valid {'JSON' if path.suffix == '.json' else 'TOML'}: {err}"
+        ) from None
+    data.update(overrides)
+    names = {f.name for f in dataclasses.fields(VisionTrainConfig)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(
+            f"{path}: unknown field(s) {', '.join(unknown)}. Valid fields: {', '.join(sorted(names))}"
+        )
+    try:
+        return VisionTrainConfig(**data)
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from None
+
+
+def _toml_loads(text: str) -> dict[str, Any]:
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # pragma: no cover - Python 3.10
+        import tomli as tomllib
+    return tomllib.loads(text)
+
+
+# ---------------------------------------------------------------- pure pieces
+def learning_rate(step: int, config: VisionTrainConfig) -> float:
+    """Linear warm-up to `lr` over `warmup_steps`, then cosine decay to `min_lr` at `steps`."""
+    if step < config.warmup_steps:
+        return config.lr * (step + 1) / config.warmup_steps
+    span = max(1, config.steps - config.warmup_steps)
+    t = min(1.0, (step - config.warmup_steps) / span)
+    return config.min_lr + 0.5 * (config.lr - config.min_lr) * (1 + math.cos(math.pi * t))
+
+
+def batch_plan(config: VisionTrainConfig, step: int, dataset_size: int | None) -> tuple[int, list[int]]:
+    """Resolution and image indices of batch `step`: a function of (data_seed, step) only.
+
+    With `dataset_size` None (a procedural stream) every batch has fresh scenes; otherwise the indices
+    walk through one random permutation per epoch.
+    """
+    rng = np.random.default_rng([config.data_seed, step])
+    weights = config.resolution_weights
+    p = None if weights is None else np.asarray(weights, dtype=np.float64) / sum(weights)
+    resolution = int(config.resolutions[rng.choice(len(config.resolutions), p=p)])
+    b = config.batch_size
+    if dataset_size is None:
+        return resolution, list(range(step * b, (step + 1) * b))
+    indices = []
+    for position in range(step * b, (step + 1) * b):
+        epoch, offset = divmod(position, dataset_size)
+        perm = np.random.default_rng([config.data_seed, 1 << 20, epoch]).permutation(dataset_size)
+        indices.append(int(perm[offset]))
+    return resolution, indices
+
+
+def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW groups: no weight decay on biases, norms, positional maps, CLS and mask tokens."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        if param.ndim <= 1 or any(k in name for k in ("pos_map", "pos_embed", "cls_token", "mask_token")):
+            no_decay.append(param)
+        else:
+            decay.append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def make_dataset(spec: str, seed: int = 0, num_images: int = 10_000, device: str = "cpu"):  # noqa: ANN201
+    """`procedural` -> ProceduralImages(seed) rendered on `device`; anything else is an ImageFolder path."""
+    from quintet.data.images import ImageFolder
+    from quintet.data.procedural_images import ProceduralImages
+
+    if spec == "procedural":
+        return ProceduralImages(num_images=num_images, seed=seed, device=device)
+    return ImageFolder(spec)
+
+
+# ---------------------------------------------------------------- the trainer
+@dataclass
+class TrainResult:
+    out_dir: str
+    model_dir: str
+    steps: int
+    final_loss: float | None
+    history: list[dict[str, Any]]
+    evaluation: list[dict[str, Any]] = field(default_factory=list)
+
+
+class VisionTrainer:
+    """One training run: model, optimizer, data plan, checkpoints. `run()` is the whole loop.
+
+    `train_step` can also be driven from outside (the resolution benchmark trains several models on the
+    same batches); each trainer keeps its own torch RNG stream, swapped in around its steps.
+    """
+
+    def __init__(self, config: VisionTrainConfig, dataset=None) -> None:  # noqa: ANN001
+        self.config = config
+        self.out_dir = Path(config.out_dir)
+        self.device = torch.device(config.device)
+        if dataset is None:
+            dataset = make_dataset(config.data, seed=config.data_seed, device=config.device)
+        self.dataset = dataset
+        self.stream = _is_procedural(self.dataset)
+        torch.manual_seed(config.seed)
+        model_config = preset_config(
+            config.model,
+            **{
+                "num_classes": self.dataset.num_classes,
+                "labels": list(self.dataset.classes),
+                **config.model_overrides,
+            },
+        )
+        self.model: ImageClassifier = build_model(model_config)
+        if config.init_from:
+            self._init_from(config.init_from)
+        self.net: nn.Module = ViTARForMaskedImageModeling(self.model) if config.mode == "mae" else self.model
+        self.net.to(self.device)
+        self.optimizer = torch.optim.AdamW(
+            parameter_groups(self.net, config.weight_decay), lr=config.lr, betas=config.betas
+        )
+        self.step = 0
+        self.history: list[dict[str, Any]] = []
+        self._rng_state = torch.get_rng_state()
+        self._cuda_rng_state = torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None
+
+    def _init_from(self, directory: str) -> None:
+        source = load_model(directory)
+        tensors = source.state_dict()
+        head = ("head.",) if tensors["head.weight"].shape != self.model.head.weight.shape else ()
+        load_state(self.model, tensors, directory, skip=head)
+        log.info("initialised from %s%s", directory, " (new classification head)" if head else "")
+
+    @contextlib.contextmanager
+    def _own_rng(self) -> Iterator[None]:
+        cuda = self._cuda_rng_state is not None
+        outer = torch.get_rng_state()
+        outer_cuda = torch.cuda.get_rng_state(self.device) if cuda else None
+        torch.set_rng_state(self._rng_state)
+        if cuda:
+            torch.cuda.set_rng_state(self._cuda_rng_state, self.device)
+        try:
+            yield
+        finally:
+            self._rng_state = torch.get_rng_state()
+            torch.set_rng_state(outer)
+            if cuda:
+                self._cuda_rng_state = torch.cuda.get_rng_state(self.device)
+                torch.cuda.set_rng_state(outer_cuda, self.device)
+
+    def batch(self, step: int) -> tuple[int, torch.Tensor, torch.Tensor]:
+        """(resolution, images, labels) of batch `step`."""
+        resolution, indices = batch_plan(self.config, step, None if self.stream else len(self.dataset))
+        generator = torch.Generator().manual_seed(
+            int(np.random.default_rng([self.config.data_seed, step, 7]).integers(1 << 62))
+        )
+        images, labels = self.dataset.batch(indices, resolution, train=True, generator=generator)
+        return resolution, images, labels
+
+    def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> float:
+        """One optimizer step at `self.step` on this batch; returns the loss."""
+        cfg = self.config
+        for group in self.optimizer.param_groups:
+            group["lr"] = learning_rate(self.step, cfg)
+        self.net.train()
+        images, labels = images.to(self.device), labels.to(self.device)
+        with self._own_rng():
+            if cfg.mode == "mae":
+                loss = self.net(images).loss
+            else:
+                loss = F.cross_entropy(self.net(images), labels, label_smoothing=cfg.label_smoothing)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.grad_clip is not None:
+                nn.utils.clip_grad_norm_(self.net.parameters(), cfg.grad_clip)
+            self.optimizer.step()
+        self.step += 1
+        return float(loss.detach())
+
+    # ------------------------------------------------------------ checkpoints
+    def save_checkpoint(self) -> None:
+        directory = self.out_dir / "checkpoint"
+        directory.mkdir(parents=True, exist_ok=True)
+        names = {id(p): n for n, p in self.net.named_parameters()}
+        tensors = {f"model.{k}": v for k, v in self.net.state_dict().items()}
+        for group in self.optimizer.param_groups:
+            for param in group["params"]:
+                for key, value in self.optimizer.state.get(param, {}).items():
+                    tensors[f"optim.{names[id(param)]}.{key}"] = (
+                        value.reshape(-1) if value.ndim == 0 else value
+                    )
+        tensors["rng.torch"] = self._rng_state
+        if self._cuda_rng_state is not None:
+            tensors["rng.cuda"] = self._cuda_rng_state
+        state = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+        from safetensors.torch import save_file
+
+        with atomic_path(directory / "state.safetensors") as tmp:
+            save_file(state, str(tmp), metadata={"format": "pt", "step": str(self.step)})
+        meta = {"step": self.step, "config": self.config.to_dict(), "history": self.history}
+        atomic_write_text(directory / "trainer_state.json", json.dumps(meta, indent=2) + "\n")
+        self.model.save_pretrained(self.out_dir / "model")
+
+    def resume(self) -> bool:
+        """Load `out_dir/checkpoint` if there is one; True when resumed."""
+        directory = self.out_dir / "checkpoint"
+        meta_path, state_path = directory / "trainer_state.json", directory / "state.safetensors"
+        if not meta_path.is_file():
+            return False
+        meta = json.loads(meta_path.read_text())
+        with safe_open(str(state_path), framework="pt") as f:
+            tensor_step = int((f.metadata() or {}).get("step", -1))
+        if tensor_step != meta["step"]:
+            raise ValueError(
+                f"{directory}: state.safetensors is at step {tensor_step} but trainer_state.json at step "
+                f"{meta['step']} (an interrupted save); delete the folder to start over"
+            )
+        changed = sorted(
+            k
+            for k, v in self.config.to_dict().items()
+            if k not in _RESUMABLE_CHANGES and meta["config"].get(k) != v
+        )
+        if changed:
+            diffs = ", ".join(
+                f"{k}: {meta['config'].get(k)!r} -> {getattr(self.config, k)!r}" for k in changed
+            )
+            raise ConfigError(f"{directory}: cannot resume, the config changed ({diffs})")
+        tensors = read_tensors(state_path)
+        model_state = {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
+        load_state(self.net, model_state, str(state_path))
+        params = dict(self.net.named_parameters())
+        for key, value in tensors.items():
+            if key.startswith("optim."):
+                name, slot = key[len("optim.") :].rsplit(".", 1)
+                if name not in params:
+                    raise ValueError(f"{state_path}: optimizer state for unknown parameter {name}")
+                state = self.optimizer.state[params[name]]
+                state[slot] = value.reshape(()) if slot == "step" else value.clone()
+        self._rng_state = tensors["rng.torch"]
+        if self._cuda_rng_state is not None and "rng.cuda" in tensors:
+            self._cuda_rng_state = tensors["rng.cuda"]
+        self.step = meta["step"]
+        self.history = meta["history"]
+        log.info("resumed from %s at step %d", directory, self.step)
+        return True
+
+    # ------------------------------------------------------------ the loop
+    def run(self, until: int | None = None) -> TrainResult:
+        """Train to `config.steps` (or stop early after step `until`, e.g. to run in pieces)."""
+        cfg = self.config
+        last = cfg.steps if until is None else min(until, cfg.steps)
+        bar = tqdm(
+            total=cfg.steps,
+            initial=self.step,
+            desc=f"train {cfg.model}",
+            unit="step",
+            disable=not cfg.progress,
+        )
+        window: list[float] = []
+        window_start = time.perf_counter()
+        images_seen = 0
+        while self.step < last:
+            resolution, images, labels = self.batch(self.step)
+            loss = self.train_step(images, labels)
+            if not math.isfinite(loss):
+                raise FloatingPointError(f"loss is {loss} at step {self.step} (resolution {resolution}px)")
+            window.append(loss)
+            images_seen += images.shape[0]
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.3f}", res=resolution)
+            if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                elapsed = time.perf_counter() - window_start
+                entry = {
+                    "step": self.step,
+                    "loss": sum(window) / len(window),
+                    "lr": learning_rate(self.step - 1, cfg),
+                    "images_per_s": images_seen / max(elapsed, 1e-9),
+                }
+                self.history.append(entry)
+                log.info(
+                    "step %d: loss %.4f, lr %.2e, %.1f img/s",
+                    entry["step"],
+                    entry["loss"],
+                    entry["lr"],
+                    entry["images_per_s"],
+                )
+                window, images_seen, window_start = [], 0, time.perf_counter()
+            if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps:
+                self.save_checkpoint()
+        bar.close()
+        result = TrainResult(
+            out_dir=str(self.out_dir),
+            model_dir=str(self.out_dir / "model"),
+            steps=self.step,
+            final_loss=self.history[-1]["loss"] if self.history else None,
+            history=self.history,
+        )
+        if cfg.eval_resolutions and cfg.mode == "supervised":
+            result.evaluation = [r.to_dict() for r in self.evaluate()]
+        atomic_write_text(
+            self.out_dir / "train_result.json", json.dumps(dataclasses.asdict(result), indent=2) + "\n"
+        )
+        return result
+
+    def evaluate(self):  # noqa: ANN201
+        from quintet.models.vitar.evaluation import evaluate
+
+        cfg = self.config
+        spec = cfg.eval_data or cfg.data
+        # held-out procedural scenes: a seed the training stream never uses
+        dataset = make_dataset(
+            spec, seed=cfg.data_seed + 1_000_003, num_images=cfg.eval_images, device=cfg.device
+        )
+        return evaluate(
+            self.model,
+            dataset,
+            cfg.eval_resolutions,
+            num_images=cfg.eval_images,
+            max_tokens=cfg.eval_max_tokens,
+            progress=cfg.progress,
+        )
+
+
+def _is_procedural(dataset) -> bool:  # noqa: ANN001
+    from quintet.data.procedural_images import ProceduralImages
+
+    return isinstance(dataset, ProceduralImages)
+
+
+def train_vision(config: VisionTrainConfig, resume: bool = True) -> TrainResult:
+    """Train (resuming from `out_dir/checkpoint` when there is one and `resume`), save, evaluate."""
+    if config.num_threads is not None:
+        torch.set_num_threads(config.num_threads)
+    trainer = VisionTrainer(config)
+    if resume:
+        trainer.resume()
+    elif (Path(config.out_dir) / "checkpoint").exists():
+        raise FileExistsError(f"{config.out_dir}/checkpoint exists; resume it or choose another out_dir")
+    return trainer.run()
