@@ -1,0 +1,267 @@
+"""The deployment engine for Jamba: FP4 (M0E4) weights, bfloat16 activations, a sub-tensor KV cache, fusions.
+
+    engine = load_quantized("runs/jamba-fp4")          # a folder written by `quantize_folder`
+    generate(engine, prompts, max_new_tokens=32)         # quintet.generation works on it unchanged
+
+`JambaEngine` wraps a `JambaForCausalLM` whose modules were swapped (module swaps only; the model's own
+forward runs):
+- M0E4 Linear / Embedding (`qlinear.py`): the int4 kernel for decode-sized matmuls, bfloat16 for prefill;
+- `EngineDecoderLayer`: the decoder layer with merged q/k/v, merged gate/up SwiGLU and residual + RMSNorm
+  fused (`fusions.py`);
+- `EngineAttention`: attention over the views a `SubTensorKVCache` returns, padded to a multiple of 64 and
+  masked; grouped-query attention by folding the query heads of a group into the query length (so K/V are
+  never repeated per head).
+`to_engine` builds the same engine on an unquantized model (the bfloat16 baseline).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from quintet.deploy.fusions import FusedSwiGLU, add_rms_norm, merge_linears, rms_norm
+from quintet.deploy.kv_cache import SubTensorKVCache
+from quintet.deploy.qlinear import M0E4Embedding, M0E4Linear
+from quintet.deploy.quantize import (
+    QuantizedCheckpointError,
+    build_skeleton,
+    dequantize_model,
+    load_quantized_state,
+    read_config,
+    swap_to_m0e4,
+)
+from quintet.models.jamba import JambaConfig, JambaForCausalLM
+from quintet.models.jamba.attention import JambaAttention
+from quintet.models.jamba.modeling import JambaDecoderLayer
+from quintet.models.jamba.moe import JambaMLP, JambaSparseMoeBlock
+
+DEFAULT_MAX_CACHE = 4096
+DEFAULT_PAD = 64
+
+
+# ---------------------------------------------------------------------------------------------- attention
+def engine_attention_mask(
+    attn_mask: torch.Tensor | None, past: int, length: int, keys: int, device: torch.device
+) -> torch.Tensor | None:
+    """The boolean (b or 1, 1, L, keys) mask over `keys` >= past + L key slots (the tail is padding).
+
+    `attn_mask` is what the model built for its own cache: None (plain causal, or one query seeing every
+    past key) or (b, 1, L, past + L). Returns None when every slot may be attended.
+    """
+    real = past + length
+    if attn_mask is not None:
+        if keys == real:
+            return attn_mask
+        out = torch.zeros(*attn_mask.shape[:-1], keys, dtype=torch.bool, device=device)
+        out[..., :real] = attn_mask
+        return out
+    if keys == real and length == 1:
+        return None
+    q_pos = torch.arange(past, real, device=device)[:, None]
+    k_pos = torch.arange(keys, device=device)[None, :]
+    return (k_pos <= q_pos)[None, None]
+
+
+class EngineAttention(nn.Module):
+    """JambaAttention over a sub-tensor cache: merged q/k/v, GQA by folding, padded keys masked."""
+
+    def __init__(self, attn: JambaAttention, merge: bool = True):
+        super().__init__()
+        self.layer_idx = attn.layer_idx
+        self.num_heads, self.num_kv_heads, self.head_dim = attn.num_heads, attn.num_kv_heads, attn.head_dim
+        self.groups = self.num_heads // self.num_kv_heads
+        self.splits = [self.num_heads * self.head_dim] + [self.num_kv_heads * self.head_dim] * 2
+        if merge:
+            self.qkv_proj: nn.Module | None = merge_linears([attn.q_proj, attn.k_proj, attn.v_proj])
+        else:
+            self.qkv_proj = None
+            self.q_proj, self.k_proj, self.v_proj = attn.q_proj, attn.k_proj, attn.v_proj
+        self.o_proj = attn.o_proj
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None, cache=None) -> torch.Tensor:
+        b, L, _ = x.shape
+        hk, g, d = self.num_kv_heads, self.groups, self.head_dim
+        if self.qkv_proj is not None:
+            q, k, v = self.qkv_proj(x).split(self.splits, dim=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        # fold: query head h = kv_head * g + j attends kv head `kv_head`; rows ordered (j, position)
+        q = q.reshape(b, L, hk, g, d).permute(0, 2, 3, 1, 4).reshape(b, hk, g * L, d)
+        k = k.reshape(b, L, hk, d).transpose(1, 2)
+        v = v.reshape(b, L, hk, d).transpose(1, 2)
+        past = cache.get_seq_length() if cache is not None else 0
+        if cache is not None:
+            k, v = cache.update_kv(self.layer_idx, k, v)
+        mask = engine_attention_mask(attn_mask, past, L, k.shape[2], x.device)
+        if mask is not None and g > 1:
+            mask = mask.repeat(1, 1, g, 1)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        out = out.view(b, hk, g, L, d).permute(0, 3, 1, 2, 4).reshape(b, L, self.num_heads * d)
+        return self.o_proj(out)
+
+
+# ---------------------------------------------------------------------------------------------- layers
+def _fuse_feed_forward(ff: nn.Module) -> nn.Module:
+    if isinstance(ff, JambaMLP):
+        return FusedSwiGLU(ff.gate_proj, ff.up_proj, ff.down_proj)
+    if isinstance(ff, JambaSparseMoeBlock):
+        for i, expert in enumerate(ff.experts):
+            ff.experts[i] = FusedSwiGLU(expert.gate_proj, expert.up_proj, expert.down_proj)
+    return ff
+
+
+class EngineDecoderLayer(nn.Module):
+    """JambaDecoderLayer with the engine's attention, fused SwiGLU and fused residual + RMSNorm."""
+
+    def __init__(self, layer: JambaDecoderLayer, fuse: bool = True):
+        super().__init__()
+        self.is_attention, self.is_moe, self.fuse = layer.is_attention, layer.is_moe, fuse
+        if self.is_attention:
+            self.self_attn = EngineAttention(layer.self_attn, merge=fuse)
+        else:
+            self.mamba = layer.mamba
+        self.feed_forward = _fuse_feed_forward(layer.feed_forward) if fuse else layer.feed_forward
+        self.input_layernorm = layer.input_layernorm
+        self.pre_ff_layernorm = layer.pre_ff_layernorm
+
+    def forward(
+        self, x: torch.Tensor, attn_mask: torch.Tensor | None, token_mask: torch.Tensor | None, cache
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        norm1, norm2 = self.input_layernorm, self.pre_ff_layernorm
+        h = rms_norm(x, norm1.weight, norm1.eps) if self.fuse else norm1(x)
+        h = self.self_attn(h, attn_mask, cache) if self.is_attention else self.mamba(h, token_mask, cache)
+        if self.fuse:
+            x, h = add_rms_norm(x, h, norm2.weight, norm2.eps)
+        else:
+            x = x + h
+            h = norm2(x)
+        router_logits = None
+        if self.is_moe:
+            h, router_logits = self.feed_forward(h)
+        else:
+            h = self.feed_forward(h)
+        return x + h, router_logits
+
+
+# ---------------------------------------------------------------------------------------------- engine
+class JambaEngine(nn.Module):
+    """A Jamba model prepared for inference; usable wherever a `JambaForCausalLM` is generated from.
+
+    `new_cache()` gives a `SubTensorKVCache` of `max_cache_length` tokens, padded to `pad_multiple`.
+    """
+
+    def __init__(
+        self,
+        lm: JambaForCausalLM,
+        dtype: torch.dtype = torch.bfloat16,
+        fuse: bool = True,
+        max_cache_length: int = DEFAULT_MAX_CACHE,
+        pad_multiple: int = DEFAULT_PAD,
+        quantization_config: dict | None = None,
+    ):
+        super().__init__()
+        for module in lm.modules():  # float tensors to the compute dtype; M0E4 buffers keep theirs
+            if isinstance(module, (M0E4Linear, M0E4Embedding)):
+                if isinstance(module, M0E4Embedding):
+                    module.out_dtype = dtype
+                if isinstance(module, M0E4Linear) and module.bias is not None:
+                    module.bias.data = module.bias.data.to(dtype)
+                continue
+            for p in module.parameters(recurse=False):
+                if p.is_floating_point():
+                    p.data = p.data.to(dtype)
+        for i, layer in enumerate(lm.model.layers):
+            lm.model.layers[i] = EngineDecoderLayer(layer, fuse=fuse)
+        self.lm = lm.eval()
+        self.config: JambaConfig = lm.config
+        self.compute_dtype = dtype
+        self.max_cache_length = max_cache_length
+        self.pad_multiple = pad_multiple
+        self.quantization_config = quantization_config
+
+    def forward(self, input_ids: torch.Tensor, **kwargs):
+        return self.lm(input_ids, **kwargs)
+
+    def new_cache(self) -> SubTensorKVCache:
+        return SubTensorKVCache(
+            self.config,
+            self.max_cache_length,
+            self.pad_multiple,
+            dtype=self.compute_dtype,
+            device=self.device,
+        )
+
+    @property
+    def device(self) -> torch.device:
+        return self.lm.model.final_layernorm.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.compute_dtype
+
+
+def to_engine(
+    model: JambaForCausalLM, dtype: torch.dtype = torch.bfloat16, fuse: bool = True, **kw
+) -> JambaEngine:
+    """The engine around a float (or already quantized) Jamba model; the model's modules are reused."""
+    return JambaEngine(model, dtype=dtype, fuse=fuse, **kw)
+
+
+# ---------------------------------------------------------------------------------------------- loading
+def load_quantized_model(directory: str | os.PathLike, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """The model of a quantized folder with its M0E4 modules (not yet wrapped in an engine); float
+    tensors in `dtype`. Raises `QuantizedCheckpointError` naming the file, the tensor and the problem."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"{directory}: no such model folder")
+    base, qc = read_config(directory)
+    source = str(directory / "config.json")
+    if qc is None:
+        raise QuantizedCheckpointError(f"{source}: no quantization_config; not a quantized model folder")
+    model = build_skeleton(base, source)
+    swap_to_m0e4(model, qc, source)
+    load_quantized_state(model, directory, qc, dtype)
+    model.quantization_config = qc
+    return model.eval()
+
+
+def load_quantized(
+    directory: str | os.PathLike, prefill_weight: bool = True, fuse: bool = True, **engine_kwargs
+) -> nn.Module:
+    """A quantized folder ready to run: a `JambaEngine` for Jamba, the quantized model for ViTAR / ViT.
+
+    `prefill_weight`: keep a bfloat16 copy of each quantized Linear for prefill-sized matmuls (fast
+    prefill; 2 bytes per weight of memory more), or run every matmul through the int4 kernel.
+    """
+    base, _ = read_config(directory)
+    dtype = torch.bfloat16 if base.get("model_type") == "jamba" else torch.float32
+    model = load_quantized_model(directory, dtype)
+    for module in model.modules():
+        if isinstance(module, M0E4Linear):
+            module.prepare(prefill_weight=prefill_weight)
+    if isinstance(model, JambaForCausalLM):
+        return JambaEngine(model, fuse=fuse, quantization_config=model.quantization_config, **engine_kwargs)
+    return model
+
+
+def load_dequantized(directory: str | os.PathLike, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """The quantized folder's model with plain float layers holding the dequantized weights (the reference
+    the engine is compared against, and what a float tool can run)."""
+    return dequantize_model(load_quantized_model(directory, dtype), dtype)
+
+
+def is_quantized_folder(directory: str | os.PathLike) -> bool:
+    _, qc = read_config(directory)
+    return qc is not None
+
+
+def load_for_generation(model_dir: str | os.PathLike) -> nn.Module:
+    """A model for `quintet.generation.generate`: the FP4 engine for a quantized folder (detected by its
+    `quantization_config`), else the float `JambaForCausalLM`."""
+    if is_quantized_folder(model_dir):
+        return load_quantized(model_dir)
+    return JambaForCausalLM.from_pretrained(model_dir)

@@ -1,0 +1,77 @@
+"""Operator fusions for CPU inference, each exact or measured (benchmarks/deploy_fusions.py).
+
+- merged projections: q/k/v (and SwiGLU's gate/up) become one Linear with their output rows stacked, one
+  matmul instead of three (two). Exact: each output row is computed from its own weights as before, and for
+  M0E4 weights the groups run along the input, so stacking rows stacks codes, scales and offsets unchanged.
+- SwiGLU: `down(silu(a) * b)` on the two halves of the merged gate/up output.
+- residual + RMSNorm: `x = x + h; n = rmsnorm(x)` in one call, normalising with PyTorch's native
+  `rms_norm` kernel in float32 (one pass instead of the five ops of the eager formula); the weight is applied
+  after rounding to the activation dtype, as Jamba's RMSNorm does.
+- dequantization inside the matmul: the CPU int4 kernel (see `qlinear.M0E4Linear`).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from quintet.deploy.qlinear import M0E4Linear
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Jamba's RMSNorm, `weight * (x / sqrt(mean(x^2) + eps))`, normalised in float32 by the native kernel."""
+    return weight * F.rms_norm(x.float(), (x.shape[-1],), None, eps).to(x.dtype)
+
+
+def add_rms_norm(
+    x: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x + h, rmsnorm(x + h)): the residual add and the next layer norm in one call."""
+    x = x + h
+    return x, rms_norm(x, weight, eps)
+
+
+@torch.no_grad()
+def merge_linears(modules: list[nn.Module]) -> nn.Module:
+    """One Linear whose output is the concatenation of the outputs of `modules` (same input width)."""
+    first = modules[0]
+    has_bias = first.bias is not None
+    if any((m.bias is not None) != has_bias or m.in_features != first.in_features for m in modules):
+        raise ValueError("merge_linears: the modules differ in input width or in having a bias")
+    n = sum(m.out_features for m in modules)
+    if isinstance(first, M0E4Linear):
+        if any(not isinstance(m, M0E4Linear) or m.group_size != first.group_size for m in modules):
+            raise ValueError("merge_linears: M0E4 modules must all be M0E4 with the same group_size")
+        merged = M0E4Linear(first.in_features, n, first.group_size, bias=has_bias)
+        merged.qweight = torch.cat([m.qweight for m in modules])
+        merged.scales = torch.cat([m.scales for m in modules])
+        merged.offsets = torch.cat([m.offsets for m in modules])
+        if has_bias:
+            merged.bias = nn.Parameter(torch.cat([m.bias for m in modules]))
+        merged.int4_max_rows = first.int4_max_rows
+        if first._int4 is not None or first._prefill_weight is not None:
+            merged.prepare(prefill_weight=first._prefill_weight is not None)
+        return merged
+    if any(not isinstance(m, nn.Linear) for m in modules):
+        raise ValueError("merge_linears: expected nn.Linear or M0E4Linear modules")
+    w = first.weight
+    merged = nn.Linear(first.in_features, n, bias=has_bias, dtype=w.dtype, device=w.device)
+    merged.weight.copy_(torch.cat([m.weight for m in modules]))
+    if has_bias:
+        merged.bias.copy_(torch.cat([m.bias for m in modules]))
+    return merged
+
+
+class FusedSwiGLU(nn.Module):
+    """`down(silu(gate(x)) * up(x))` with gate and up merged into one matmul."""
+
+    def __init__(self, gate_proj: nn.Module, up_proj: nn.Module, down_proj: nn.Module):
+        super().__init__()
+        self.intermediate = gate_proj.out_features
+        self.gate_up_proj = merge_linears([gate_proj, up_proj])
+        self.down_proj = down_proj
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).split(self.intermediate, dim=-1)
+        return self.down_proj(F.silu(gate) * up)

@@ -1,0 +1,115 @@
+"""The sub-tensor KV cache of Transformer-Lite: one buffer per attention layer, past K/V are views of it.
+
+`HybridCache` (the model's own) concatenates each step's K/V onto the past, a copy of the whole cache per
+step. Here each attention layer owns one preallocated buffer, (batch, kv_heads, capacity, head_dim); a step
+writes its new K/V into the next free slots in place and gets back views of the buffer, never a copy.
+
+The attended length is padded up to a multiple of `pad_multiple` (64 by default): the views handed to
+attention are `[:, :, :roundup(past + new, pad_multiple)]` and the slots past the real tokens are masked
+out. So during decoding the shapes that attention sees change once every `pad_multiple` steps, not at
+every step (what lets a compiled graph or a memory plan be reused). The buffer is zero-filled at
+allocation, so masked slots never hold NaN.
+
+When a sequence outgrows `capacity`, the buffer is replaced by one twice as large (one copy, counted in
+`reallocations`); size `max_length` to the longest generation to avoid it.
+
+Mamba layers keep their conv and SSM states as in `HybridCache` (their size does not grow).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from quintet.models.jamba.configuration import JambaConfig
+
+
+def round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+class SubTensorKVCache:
+    """The cache interface of `HybridCache` (update_kv, mamba_state, set_mamba_state, get_seq_length,
+    advance) over preallocated, in-place K/V buffers."""
+
+    def __init__(
+        self,
+        config: JambaConfig,
+        max_length: int = 4096,
+        pad_multiple: int = 64,
+        dtype: torch.dtype = torch.bfloat16,
+        device: torch.device | str = "cpu",
+    ):
+        if not isinstance(pad_multiple, int) or pad_multiple < 1:
+            raise ValueError(f"pad_multiple = {pad_multiple!r}: must be a positive integer (1 = no padding)")
+        if not isinstance(max_length, int) or max_length < 1:
+            raise ValueError(f"max_length = {max_length!r}: must be a positive integer")
+        self.config = config
+        self.pad_multiple = pad_multiple
+        self.capacity = round_up(max_length, pad_multiple)
+        self.dtype = dtype
+        self.device = torch.device(device)
+        n = config.num_hidden_layers
+        self.keys: list[torch.Tensor | None] = [None] * n
+        self.values: list[torch.Tensor | None] = [None] * n
+        self.conv_states: list[torch.Tensor | None] = [None] * n
+        self.ssm_states: list[torch.Tensor | None] = [None] * n
+        self.seq_length = 0
+        self.reallocations = 0
+
+    def get_seq_length(self) -> int:
+        return self.seq_length
+
+    def attended_length(self, length: int) -> int:
+        """The key length attention sees when `length` tokens are real: rounded up to `pad_multiple`."""
+        return min(round_up(length, self.pad_multiple), self.capacity)
+
+    def _allocate(self, layer: int, like: torch.Tensor, needed: int) -> None:
+        b, h, _, d = like.shape
+        old_k, old_v = self.keys[layer], self.values[layer]
+        if needed > self.capacity:
+            self.capacity = max(2 * self.capacity, round_up(needed, self.pad_multiple))
+        if old_k is not None:
+            self.reallocations += 1
+        shape = (b, h, self.capacity, d)
+        new_k = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        new_v = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        if old_k is not None:
+            new_k[:, :, : self.seq_length].copy_(old_k[:, :, : self.seq_length])
+            new_v[:, :, : self.seq_length].copy_(old_v[:, :, : self.seq_length])
+        self.keys[layer], self.values[layer] = new_k, new_v
+
+    def update_kv(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write this step's k, v (b, kv_heads, L, head_dim) in place; return views of the buffer over the
+        attended length (the real `past + L` tokens, then masked padding)."""
+        start = self.seq_length
+        end = start + k.shape[2]
+        buf = self.keys[layer]
+        if buf is None or end > buf.shape[2]:
+            self._allocate(layer, k, end)
+        elif buf.shape[0] != k.shape[0]:
+            raise ValueError(f"update_kv: batch {k.shape[0]}, but the cache holds batch {buf.shape[0]}")
+        self.keys[layer][:, :, start:end].copy_(k)
+        self.values[layer][:, :, start:end].copy_(v)
+        t = self.attended_length(end)
+        return self.keys[layer][:, :, :t], self.values[layer][:, :, :t]
+
+    def mamba_state(self, layer: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        return self.conv_states[layer], self.ssm_states[layer]
+
+    def set_mamba_state(self, layer: int, conv_state: torch.Tensor, ssm_state: torch.Tensor) -> None:
+        self.conv_states[layer], self.ssm_states[layer] = conv_state, ssm_state
+
+    def advance(self, num_tokens: int) -> None:
+        self.seq_length += num_tokens
+
+    def reset(self) -> None:
+        """Start a new sequence in the same buffers (no reallocation)."""
+        self.seq_length = 0
+        self.conv_states = [None] * len(self.conv_states)
+        self.ssm_states = [None] * len(self.ssm_states)
+
+    def nbytes(self) -> dict[str, int]:
+        """Bytes held now: `kv` (the whole preallocated buffers), `mamba` (conv + SSM states)."""
+        kv = sum(t.nbytes for t in self.keys + self.values if t is not None)
+        mamba = sum(t.nbytes for t in self.conv_states + self.ssm_states if t is not None)
+        return {"kv": kv, "mamba": mamba}

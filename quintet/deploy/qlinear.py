@@ -1,0 +1,167 @@
+"""M0E4 modules that replace `nn.Linear` and `nn.Embedding`: stored codes, two matmul paths at run time.
+
+Stored (the state dict, what a quantized folder holds), per module:
+    qweight  uint8   (N, K / 2)      codes two per byte (see `m0e4.pack_codes`)
+    scales   float16 (N, K / group)  S
+    offsets  float16 (N, K / group)  c                  w = (fp16(0x3C00 | q << 6) - c) * S
+    bias     (Linear only, when the original has one)
+
+Run time (built by `prepare`, never stored):
+    decode   rows <= `int4_max_rows`: PyTorch's CPU int4 kernel on bfloat16 activations (the dequantization
+             happens inside the matmul; weights stay 4-bit in memory)
+    prefill  more rows: a bfloat16 copy of the weight (dequantized once, exactly in float32 and rounded to
+             bfloat16) and a plain bfloat16 matmul, which beats the int4 kernel at prefill sizes on CPU;
+             `prepare(prefill_weight=False)` drops it (4-bit memory only, prefill through the int4 kernel)
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from quintet.deploy.m0e4 import (
+    INT4_MIN_GROUP,
+    M0E4Tensor,
+    code_to_fp16,
+    dequantize,
+    int4_matmul,
+    pack_codes,
+    to_cpu_int4,
+    unpack_codes,
+)
+
+INT4_MAX_ROWS = 8  # at most this many rows go through the int4 kernel (see benchmarks/deploy_fusions.py)
+
+
+def int4_supported(out_features: int, group_size: int) -> bool:
+    """Whether the CPU int4 kernel takes this shape (N a multiple of 16, group >= 32); else bfloat16 only."""
+    return out_features % 16 == 0 and group_size >= INT4_MIN_GROUP
+
+
+class M0E4Linear(nn.Module):
+    """y = x W^T + b with W in M0E4; computes in bfloat16, returns the input's dtype."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        group_size: int,
+        bias: bool = False,
+        bias_dtype: torch.dtype = torch.bfloat16,
+        device: torch.device | str | None = None,
+    ):
+        super().__init__()
+        self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
+        groups = in_features // group_size
+        self.register_buffer(
+            "qweight", torch.zeros(out_features, in_features // 2, dtype=torch.uint8, device=device)
+        )
+        self.register_buffer("scales", torch.ones(out_features, groups, dtype=torch.float16, device=device))
+        self.register_buffer("offsets", torch.ones(out_features, groups, dtype=torch.float16, device=device))
+        self.bias = nn.Parameter(torch.zeros(out_features, dtype=bias_dtype, device=device)) if bias else None
+        self.int4_max_rows = INT4_MAX_ROWS
+        self._int4: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._prefill_weight: torch.Tensor | None = None
+
+    @classmethod
+    def from_quantized(cls, q: M0E4Tensor, bias: torch.Tensor | None = None) -> M0E4Linear:
+        n, k = q.shape
+        module = cls(k, n, q.group_size, bias=bias is not None)
+        module.qweight.copy_(pack_codes(q.codes))
+        module.scales.copy_(q.scales)
+        module.offsets.copy_(q.offsets)
+        if bias is not None:
+            module.bias.data = bias.detach().to(torch.bfloat16).clone()
+        return module
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"group_size={self.group_size}, bias={self.bias is not None}"
+        )
+
+    def codes(self) -> torch.Tensor:
+        return unpack_codes(self.qweight)
+
+    def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return dequantize(self.codes(), self.scales, self.offsets, self.group_size, dtype)
+
+    @torch.no_grad()
+    def prepare(self, prefill_weight: bool = True) -> None:
+        """Build the run-time forms: the int4 kernel's layout, and the bfloat16 prefill weight if asked."""
+        codes = self.codes()
+        self._int4 = (
+            to_cpu_int4(codes, self.scales, self.offsets, self.group_size)
+            if int4_supported(self.out_features, self.group_size) and self.qweight.device.type == "cpu"
+            else None
+        )
+        self._prefill_weight = (
+            dequantize(codes, self.scales, self.offsets, self.group_size, torch.bfloat16)
+            if prefill_weight or self._int4 is None
+            else None
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._int4 is None and self._prefill_weight is None:
+            self.prepare()
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1]).to(torch.bfloat16)
+        if self._int4 is not None and (x2.shape[0] <= self.int4_max_rows or self._prefill_weight is None):
+            y = int4_matmul(x2.contiguous(), self._int4[0], self._int4[1], self.group_size)
+        else:
+            y = F.linear(x2, self._prefill_weight)
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        return y.to(x.dtype).view(*shape[:-1], self.out_features)
+
+
+class M0E4Embedding(nn.Module):
+    """An embedding table in M0E4: the rows of the looked-up ids are dequantized (bit trick) on the fly."""
+
+    def __init__(
+        self,
+        num_embeddings: int,
+        embedding_dim: int,
+        group_size: int,
+        padding_idx: int | None = None,
+        out_dtype: torch.dtype = torch.bfloat16,
+        device: torch.device | str | None = None,
+    ):
+        super().__init__()
+        self.num_embeddings, self.embedding_dim, self.group_size = num_embeddings, embedding_dim, group_size
+        self.padding_idx = padding_idx
+        self.out_dtype = out_dtype
+        groups = embedding_dim // group_size
+        self.register_buffer(
+            "qweight", torch.zeros(num_embeddings, embedding_dim // 2, dtype=torch.uint8, device=device)
+        )
+        self.register_buffer("scales", torch.ones(num_embeddings, groups, dtype=torch.float16, device=device))
+        self.register_buffer(
+            "offsets", torch.ones(num_embeddings, groups, dtype=torch.float16, device=device)
+        )
+
+    @classmethod
+    def from_quantized(cls, q: M0E4Tensor, padding_idx: int | None = None) -> M0E4Embedding:
+        n, k = q.shape
+        module = cls(n, k, q.group_size, padding_idx)
+        module.qweight.copy_(pack_codes(q.codes))
+        module.scales.copy_(q.scales)
+        module.offsets.copy_(q.offsets)
+        return module
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, group_size={self.group_size}"
+
+    def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return dequantize(unpack_codes(self.qweight), self.scales, self.offsets, self.group_size, dtype)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        n = ids.numel()
+        g = self.embedding_dim // self.group_size
+        codes = unpack_codes(self.qweight[ids.reshape(-1)]).view(n, g, self.group_size)
+        h = code_to_fp16(codes).float()
+        S = self.scales[ids.reshape(-1)].float().unsqueeze(-1)
+        c = self.offsets[ids.reshape(-1)].float().unsqueeze(-1)
+        w = ((h - c) * S).view(*ids.shape, self.embedding_dim)
+        return w.to(self.out_dtype)
