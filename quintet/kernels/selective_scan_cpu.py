@@ -9,11 +9,13 @@ L = length, n = state size):
     dt_t = softplus(delta_t + delta_bias);  h_t = exp(dt_t A) h_{t-1} + dt_t B_t u_t;
     y_t  = (C_t . h_t + D u_t) * silu(z_t)
 
-The kernel (`csrc/selective_scan.cpp`) walks time once per channel with the discretisation inside the
-loop, keeps the state in registers in float32 (float64 for float64 inputs), splits batch x channels over
-`torch.get_num_threads()` threads and never builds a (b, d, L, n) tensor. Training saves the state every
-32 steps; the backward pass recomputes one 32-step chunk at a time from those checkpoints and walks it in
-reverse. Inputs of other floating dtypes are computed in float32 and y is returned in u's dtype.
+The kernel (`csrc/selective_scan.cpp`) walks time once, computing the discretisation inside the loop,
+for blocks of 16 channels at a time (vectorised across channels), keeps the state in float32 (float64
+for float64 inputs), splits the blocks of batch x channels over `torch.get_num_threads()` threads and
+never builds a (b, d, L, n) tensor. Training saves the state every 32 steps; the backward pass recomputes
+one 32-step chunk at a time from those checkpoints and walks it in reverse. Inputs of other floating
+dtypes are computed in float32; y is returned in u's dtype. The backward pass is not itself
+differentiable (no double backward). See docs/kernels.md for the design and the measurements.
 
 The extension is compiled on first use with `torch.utils.cpp_extension.load` (needs a C++ compiler and
 `ninja`; about 10 s) into a cache folder, `$QUINTET_EXTENSIONS_DIR` or `~/.cache/quintet/extensions`,
@@ -37,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from quintet.models.jamba.selective_scan import selective_scan, selective_state_update
 
@@ -235,6 +238,7 @@ class _FusedScan(torch.autograd.Function):
         return _cast(y, u.dtype), h_last
 
     @staticmethod
+    @once_differentiable
     def backward(
         ctx: Any, grad_y: torch.Tensor, grad_h_last: torch.Tensor
     ) -> tuple[torch.Tensor | None, ...]:
