@@ -1,0 +1,1 @@
+"""Red-teaming by harm category (Aurora-M): prompt sets, judges, evaluation and reports."""
