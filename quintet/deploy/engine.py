@@ -265,3 +265,18 @@ def load_for_generation(model_dir: str | os.PathLike) -> nn.Module:
     if is_quantized_folder(model_dir):
         return load_quantized(model_dir)
     return JambaForCausalLM.from_pretrained(model_dir)
+
+
+@torch.inference_mode()
+def perplexity(model: nn.Module, ids: torch.Tensor, seq_len: int = 256, batch_size: int = 8) -> float:
+    """exp(mean next-token negative log-likelihood) over `ids` (1, T) cut into windows of `seq_len` tokens
+    (the last partial window dropped); each window is scored alone, its first token unpredicted."""
+    ids = ids.reshape(-1)
+    windows = ids[: (ids.numel() // seq_len) * seq_len].view(-1, seq_len)
+    if windows.shape[0] == 0:
+        raise ValueError(f"perplexity: {ids.numel()} tokens, fewer than seq_len = {seq_len}")
+    total = 0.0
+    for start in range(0, windows.shape[0], batch_size):
+        batch = windows[start : start + batch_size]
+        total += float(model(batch, labels=batch).loss) * batch.shape[0]
+    return float(torch.exp(torch.tensor(total / windows.shape[0])))
