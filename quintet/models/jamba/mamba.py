@@ -4,7 +4,8 @@
     x         = silu(causal depthwise conv1d(x))
     dt, B, C  = split(x_proj(x), [dt_rank, d_state, d_state]);  RMSNorm each (dt before dt_proj)
     dt        = softplus(dt_proj(dt))                 (bias added inside the scan, in float32)
-    y         = selective_scan(x, dt, A = -exp(A_log), B, C, D, gate z)
+    y         = selective_scan(x, dt, A = -exp(A_log), B, C, D, gate z)   (the fused CPU kernel, see
+                                                                        quintet.kernels; PyTorch elsewhere)
     out       = out_proj(y)
 
 With a cache the conv and SSM states carry over from the previous call, so a prompt can be fed in any
@@ -17,10 +18,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+# A module reference, not names: quintet.kernels imports this package's PyTorch scan as its fallback.
+from quintet.kernels import selective_scan_cpu as fused
 from quintet.models.jamba.cache import HybridCache
 from quintet.models.jamba.configuration import JambaConfig
 from quintet.models.jamba.norm import RMSNorm
-from quintet.models.jamba.selective_scan import selective_scan, selective_state_update
 
 
 class JambaMambaMixer(nn.Module):
@@ -85,12 +87,12 @@ class JambaMambaMixer(nn.Module):
         bias = self.dt_proj.bias.float()
         D = self.D.float()
         if L == 1 and ssm_state is not None:
-            y, new_state = selective_state_update(
+            y, new_state = fused.selective_state_update_fused(
                 ssm_state, x[..., 0], dt[..., 0], A, B[:, 0], C[:, 0], D, z[:, 0], bias, delta_softplus=True
             )
             y = y.unsqueeze(1)
         else:
-            y, new_state = selective_scan(
+            y, new_state = fused.selective_scan_fused(
                 x,
                 dt,
                 A,
