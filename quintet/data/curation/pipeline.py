@@ -1,0 +1,263 @@
+"""Run a curation config as datatrove pipelines: filter stage, then the dedup stages, then statistics.
+
+Output folder:
+
+    curated/<lang>/<rank>.jsonl|parquet   the curated documents: text, id, lang, source, metadata
+    dropped/<step>/<rank>.jsonl           dropped documents with metadata.filter_reason (write_dropped)
+    dropped/skipped/<input>-<rank>.jsonl  input lines skipped under on_error = "skip": file, line, reason
+    stats.json, stats.md, stats.png       kept and dropped per step, per reason, per language
+    logs/<stage>/                         datatrove's logs, per-task statistics and completion markers
+    work/                                 the filtered documents and dedup signatures between stages
+    curation.json                         the config and its fingerprint
+
+A run that is killed is resumed by running it again with the same output folder: datatrove skips the tasks
+whose completion marker exists and reruns the others from the start, overwriting their partial files, so no
+document is written twice. A different config in the same folder is refused.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from datatrove.data import Document
+from datatrove.pipeline.base import PipelineStep
+from datatrove.pipeline.readers import JsonlReader
+from datatrove.pipeline.writers import JsonlWriter, ParquetWriter
+from datatrove.pipeline.writers.disk_base import DiskWriter
+
+from quintet.data.curation.config import ConfigError, CurationConfig, build_step, load_config
+from quintet.data.curation.dedup import Stage, dedup_stages
+from quintet.data.curation.readers import (
+    CurationInputError,
+    JsonlDocumentReader,
+    ParquetDocumentReader,
+    TextFolderReader,
+)
+from quintet.data.curation.stats import collect_stats, write_stats
+from quintet.io import atomic_write_text
+
+_READERS = {
+    "jsonl": JsonlDocumentReader,
+    "parquet": ParquetDocumentReader,
+    "text": TextFolderReader,
+    "code": TextFolderReader,
+}
+
+
+@dataclass
+class CurationResult:
+    out_dir: Path
+    curated_dir: Path
+    dropped_dir: Path | None
+    stats: dict[str, Any] | None  # None when the stages were handed to Slurm or Ray and still run
+    stats_paths: dict[str, Path]
+
+
+def output_row(self: DiskWriter, document: Document) -> dict[str, Any]:
+    """A curated document as written: text, id, lang, source, and the rest of its metadata."""
+    meta = dict(document.metadata)
+    return {
+        "text": document.text,
+        "id": document.id,
+        "lang": meta.pop("language", None),
+        "source": meta.pop("source", None),
+        "metadata": meta,
+    }
+
+
+def output_row_parquet(self: DiskWriter, document: Document) -> dict[str, Any]:
+    """As `output_row`, with the metadata as a JSON string (a column type every row shares)."""
+    row = output_row(self, document)
+    row["metadata"] = json.dumps(row["metadata"], ensure_ascii=False, default=str)
+    return row
+
+
+def dropped_row(self: DiskWriter, document: Document) -> dict[str, Any]:
+    """A dropped document: as curated, plus the reason (the step's folder name when the step gives none)."""
+    row = output_row(self, document)
+    row["reason"] = row["metadata"].pop("filter_reason", None) or self.reason
+    return row
+
+
+def _dropped_writer(folder: Path, reason: str) -> JsonlWriter:
+    writer = JsonlWriter(str(folder), output_filename="${rank}.jsonl", compression=None, adapter=dropped_row)
+    writer.reason = reason
+    return writer
+
+
+def make_readers(config: CurationConfig, skipped_folder: Path | None) -> list[PipelineStep]:
+    """One reader per input, chained: each reads its own share of its files in every task."""
+    readers = []
+    for inp in config.inputs:
+        reader = _READERS[inp.type](
+            str(inp.path),
+            source=inp.name,
+            glob_pattern=inp.glob,
+            on_error=inp.on_error,
+            lang=inp.lang,
+            skipped_folder=str(skipped_folder) if skipped_folder else None,
+        )
+        readers.append(reader)
+    return readers
+
+
+def check_inputs(config: CurationConfig) -> None:
+    """Every input folder exists and has files to read; otherwise an error naming the config and folder."""
+    where = f"{config.source}: " if config.source else ""
+    for inp, reader in zip(config.inputs, make_readers(config, None), strict=True):
+        if not inp.path.is_dir():
+            raise CurationInputError(f"{where}input {inp.name!r}: folder {inp.path} does not exist")
+        if not reader.list_input_files():
+            raise CurationInputError(
+                f"{where}input {inp.name!r}: no files matching {' or '.join(inp.glob)} in {inp.path}"
+            )
+
+
+def _final_writer(config: CurationConfig, curated: Path) -> DiskWriter:
+    compression = None if config.output.compression == "none" else config.output.compression
+    if config.output.format == "parquet":
+        name = "${language}/${rank}.parquet"
+        return ParquetWriter(
+            str(curated), output_filename=name, compression=compression, adapter=output_row_parquet
+        )
+    suffix = {"gzip": ".gz", "zstd": ".zst"}.get(config.output.compression, "")
+    name = "${language}/${rank}.jsonl" + suffix
+    return JsonlWriter(str(curated), output_filename=name, compression=compression, adapter=output_row)
+
+
+def build_stages(config: CurationConfig, out_dir: Path) -> list[Stage]:
+    """The datatrove pipelines of a curation run, in order."""
+    dropped = out_dir / "dropped" if config.output.write_dropped else None
+    work = out_dir / "work"
+    tasks = config.executor.tasks
+    steps = []
+    for step in config.filter_steps:
+        writer = _dropped_writer(dropped / step.name, step.name) if dropped else None
+        steps.append(build_step(step, config.languages, exclusion_writer=writer))
+    if not config.code:
+        steps.insert(0, _drop_code_step(config, dropped))
+    readers = make_readers(config, dropped / "skipped" if dropped else None)
+    final_writer = _final_writer(config, out_dir / "curated")
+    settings = config.dedup
+    if settings is None:
+        from quintet.data.curation.base import LanguageCounter
+
+        return [Stage("filter", [*readers, *steps, LanguageCounter("output", tag=True), final_writer], tasks)]
+    filtered = work / "filtered"
+    filter_stage = Stage(
+        "filter",
+        [*readers, *steps, JsonlWriter(str(filtered), output_filename="${rank}.jsonl", compression=None)],
+        tasks,
+    )
+
+    def reader() -> PipelineStep:
+        return JsonlReader(str(filtered), glob_pattern="*.jsonl", add_file_path=False)
+
+    def exclusion(name: str) -> DiskWriter:
+        return _dropped_writer(dropped / name, name)
+
+    return [
+        filter_stage,
+        *dedup_stages(reader, work, settings, tasks, final_writer, exclusion if dropped else None),
+    ]
+
+
+def _drop_code_step(config: CurationConfig, dropped: Path | None) -> PipelineStep:
+    from quintet.data.curation.language import LanguageFilter
+
+    writer = _dropped_writer(dropped / "code", "code") if dropped else None
+    return LanguageFilter(
+        config.languages, threshold=0.0, keep_code=False, exclusion_writer=writer, name="code"
+    )
+
+
+def _executors(stages: list[Stage], config: CurationConfig, logs: Path) -> list[Any]:
+    ex = config.executor
+    executors: list[Any] = []
+    for stage in stages:
+        common = {"tasks": stage.tasks, "logging_dir": str(logs / stage.name)}
+        if ex.kind == "local":
+            from datatrove.executor import LocalPipelineExecutor
+
+            workers = min(ex.workers, stage.tasks)
+            executors.append(LocalPipelineExecutor(stage.pipeline, workers=workers, **common, **ex.options))
+        elif ex.kind == "slurm":
+            from datatrove.executor import SlurmPipelineExecutor
+
+            missing = [k for k in ("partition", "time") if k not in ex.options]
+            if missing:
+                raise ConfigError(f"{config.source}: executor.kind = 'slurm' needs {' and '.join(missing)}")
+            depends = executors[-1] if executors else None
+            options = {"job_name": f"quintet-{stage.name}", "workers": ex.workers, **ex.options}
+            executors.append(SlurmPipelineExecutor(stage.pipeline, depends=depends, **common, **options))
+        else:
+            from datatrove.executor import RayPipelineExecutor
+
+            depends = executors[-1] if executors else None
+            options = {"workers": ex.workers, **ex.options}
+            executors.append(RayPipelineExecutor(stage.pipeline, depends=depends, **common, **options))
+    return executors
+
+
+def _claim_output(config: CurationConfig, out_dir: Path) -> None:
+    """Refuse to resume a run made with another config; record this one."""
+    marker = out_dir / "curation.json"
+    fingerprint = config.fingerprint()
+    if marker.is_file():
+        previous = json.loads(marker.read_text()).get("fingerprint")
+        if previous != fingerprint:
+            raise ConfigError(
+                f"{out_dir}: holds a curation made with another configuration ({previous} != {fingerprint}); "
+                "use another output folder, or delete this one to start over"
+            )
+        return
+    record = {"fingerprint": fingerprint, "config_file": str(config.source), "languages": config.languages}
+    atomic_write_text(marker, json.dumps(record, indent=2) + "\n")
+
+
+def curate(
+    config: CurationConfig | str | Path,
+    out_dir: str | Path,
+    data_root: str | Path | None = None,
+    quiet: bool = True,
+) -> CurationResult:
+    """Run the curation `config` describes into `out_dir`, or resume it there; returns paths and statistics.
+
+    With the local executor the stages run one after another and the statistics are written at the end.
+    With Slurm or Ray the stages are submitted with dependencies and this returns at once (`stats` None):
+    run `curation_report(out_dir)` when they have finished.
+    """
+    if not isinstance(config, CurationConfig):
+        config = load_config(config, data_root=data_root)
+    out = Path(out_dir)
+    check_inputs(config)
+    out.mkdir(parents=True, exist_ok=True)
+    _claim_output(config, out)
+    executors = _executors(build_stages(config, out), config, out / "logs")
+    dropped = out / "dropped" if config.output.write_dropped else None
+    if config.executor.kind != "local":
+        executors[-1].run()  # launches the stages it depends on
+        return CurationResult(out, out / "curated", dropped, None, {})
+    from loguru import logger
+
+    if quiet:  # datatrove's per-file and per-task INFO lines; our own warnings (skipped lines) still show
+        logger.disable("datatrove")
+    try:
+        for executor in executors:
+            executor.run()
+    finally:
+        if quiet:
+            logger.enable("datatrove")
+    return curation_report(out, dropped)
+
+
+def curation_report(out_dir: str | Path, dropped_dir: Path | None = None) -> CurationResult:
+    """Collect the statistics of a finished curation in `out_dir` and write stats.json, .md and .png."""
+    out = Path(out_dir)
+    stats = collect_stats(out)
+    paths = write_stats(stats, out)
+    dropped = dropped_dir or (out / "dropped" if (out / "dropped").is_dir() else None)
+    return CurationResult(out, out / "curated", dropped, stats, paths)
