@@ -1,4 +1,4 @@
-"""The deployment engine for Jamba: FP4 (M0E4) weights, bfloat16 activations, a sub-tensor KV cache, fusions.
+"""The deployment engine for Jamba: FP4 (M0E4) weights, int4 / bf16 matmuls, a sub-tensor KV cache, fusions.
 
     engine = load_quantized("runs/jamba-fp4")          # a folder written by `quantize_folder`
     generate(engine, prompts, max_new_tokens=32)         # quintet.generation works on it unchanged
@@ -17,6 +17,7 @@ forward runs):
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import torch
@@ -34,8 +35,10 @@ from quintet.deploy.quantize import (
     read_config,
     swap_to_m0e4,
 )
+from quintet.kernels import selective_scan_cpu as fused_scan
 from quintet.models.jamba import JambaConfig, JambaForCausalLM
 from quintet.models.jamba.attention import JambaAttention
+from quintet.models.jamba.mamba import JambaMambaMixer
 from quintet.models.jamba.modeling import JambaDecoderLayer
 from quintet.models.jamba.moe import JambaMLP, JambaSparseMoeBlock
 
@@ -97,11 +100,73 @@ class EngineAttention(nn.Module):
         if cache is not None:
             k, v = cache.update_kv(self.layer_idx, k, v)
         mask = engine_attention_mask(attn_mask, past, L, k.shape[2], x.device)
-        if mask is not None and g > 1:
+        if mask is not None and g > 1 and L > 1:  # one query per group row: a (.., 1, keys) mask broadcasts
             mask = mask.repeat(1, 1, g, 1)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         out = out.view(b, hk, g, L, d).permute(0, 3, 1, 2, 4).reshape(b, L, self.num_heads * d)
         return self.o_proj(out)
+
+
+# ---------------------------------------------------------------------------------------------- mamba, MoE
+class EngineMamba(nn.Module):
+    """The Mamba mixer with a one-token decode path: constants (A = -exp(A_log), D, dt bias) computed once,
+    the conv as a dot product with the cached window, fused RMSNorms; the fused state-update kernel.
+    Prefill (and padded batches) run the model's own mixer."""
+
+    def __init__(self, mixer: JambaMambaMixer):
+        super().__init__()
+        self.mixer = mixer
+        self.layer_idx, self.d_inner = mixer.layer_idx, mixer.d_inner
+        self.splits = [mixer.dt_rank, mixer.d_state, mixer.d_state]
+        with torch.no_grad():
+            self.register_buffer("A", -torch.exp(mixer.A_log.float()), persistent=False)
+            self.register_buffer("D", mixer.D.float(), persistent=False)
+            self.register_buffer("dt_bias", mixer.dt_proj.bias.float(), persistent=False)
+            self.register_buffer("conv_w", mixer.conv1d.weight[:, 0].clone(), persistent=False)
+
+    def forward(self, h: torch.Tensor, token_mask: torch.Tensor | None = None, cache=None) -> torch.Tensor:
+        conv_state, ssm_state = cache.mamba_state(self.layer_idx) if cache is not None else (None, None)
+        if h.shape[1] != 1 or ssm_state is None or token_mask is not None:
+            return self.mixer(h, token_mask, cache)
+        m = self.mixer
+        x, z = m.in_proj(h[:, 0]).split(self.d_inner, dim=-1)  # (b, d_inner) each
+        window = torch.cat([conv_state.to(x.dtype), x.unsqueeze(-1)], dim=-1)  # (b, d_inner, d_conv)
+        x = (window * self.conv_w).sum(-1)
+        if m.conv1d.bias is not None:
+            x = x + m.conv1d.bias
+        x = F.silu(x)
+        dt, B, C = m.x_proj(x).split(self.splits, dim=-1)
+        dt = F.linear(rms_norm(dt, m.dt_layernorm.weight, m.dt_layernorm.eps), m.dt_proj.weight)
+        B = rms_norm(B, m.b_layernorm.weight, m.b_layernorm.eps)
+        C = rms_norm(C, m.c_layernorm.weight, m.c_layernorm.eps)
+        y, new_state = fused_scan.selective_state_update_fused(
+            ssm_state, x, dt, self.A, B, C, self.D, z, self.dt_bias, delta_softplus=True
+        )
+        cache.set_mamba_state(self.layer_idx, window[..., 1:], new_state)
+        return m.out_proj(y).unsqueeze(1)
+
+
+class EngineMoE(nn.Module):
+    """The MoE block with a one-token path that reads the routing once (`tolist`) instead of per element."""
+
+    def __init__(self, block: JambaSparseMoeBlock):
+        super().__init__()
+        self.block = block
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        b = self.block
+        if x.shape[0] * x.shape[1] != 1:
+            return b(x)
+        flat = x.reshape(1, -1)
+        router_logits = b.router(flat)
+        probs = torch.softmax(router_logits, dim=-1, dtype=torch.float32)
+        weights, experts = torch.topk(probs, b.top_k, dim=-1)
+        weights = weights.to(x.dtype)
+        out = None
+        for j, e in enumerate(experts[0].tolist()):
+            y = b.experts[e](flat) * weights[0, j]
+            out = y if out is None else out + y
+        return out.view(x.shape), router_logits
 
 
 # ---------------------------------------------------------------------------------------------- layers
@@ -123,8 +188,9 @@ class EngineDecoderLayer(nn.Module):
         if self.is_attention:
             self.self_attn = EngineAttention(layer.self_attn, merge=fuse)
         else:
-            self.mamba = layer.mamba
-        self.feed_forward = _fuse_feed_forward(layer.feed_forward) if fuse else layer.feed_forward
+            self.mamba = EngineMamba(layer.mamba) if fuse else layer.mamba
+        ff = _fuse_feed_forward(layer.feed_forward) if fuse else layer.feed_forward
+        self.feed_forward = EngineMoE(ff) if fuse and self.is_moe else ff
         self.input_layernorm = layer.input_layernorm
         self.pre_ff_layernorm = layer.pre_ff_layernorm
 
@@ -230,21 +296,28 @@ def load_quantized_model(directory: str | os.PathLike, dtype: torch.dtype = torc
 
 
 def load_quantized(
-    directory: str | os.PathLike, prefill_weight: bool = True, fuse: bool = True, **engine_kwargs
+    directory: str | os.PathLike,
+    prefill_weight: bool = True,
+    fuse: bool = True,
+    dtype: torch.dtype = torch.float32,
+    **engine_kwargs,
 ) -> nn.Module:
     """A quantized folder ready to run: a `JambaEngine` for Jamba, the quantized model for ViTAR / ViT.
 
+    `dtype`: the activations between matmuls (and the KV cache). Every quantized matmul takes its input
+    rounded to bfloat16 (the int4 kernel's and the prefill weights' type) whatever `dtype` is; float32
+    elsewhere measured faster on CPU than bfloat16 element-wise ops (benchmarks/deploy_fusions.py).
     `prefill_weight`: keep a bfloat16 copy of each quantized Linear for prefill-sized matmuls (fast
     prefill; 2 bytes per weight of memory more), or run every matmul through the int4 kernel.
     """
-    base, _ = read_config(directory)
-    dtype = torch.bfloat16 if base.get("model_type") == "jamba" else torch.float32
     model = load_quantized_model(directory, dtype)
     for module in model.modules():
         if isinstance(module, M0E4Linear):
             module.prepare(prefill_weight=prefill_weight)
     if isinstance(model, JambaForCausalLM):
-        return JambaEngine(model, fuse=fuse, quantization_config=model.quantization_config, **engine_kwargs)
+        return JambaEngine(
+            model, dtype=dtype, fuse=fuse, quantization_config=model.quantization_config, **engine_kwargs
+        )
     return model
 
 
@@ -280,3 +353,31 @@ def perplexity(model: nn.Module, ids: torch.Tensor, seq_len: int = 256, batch_si
         batch = windows[start : start + batch_size]
         total += float(model(batch, labels=batch).loss) * batch.shape[0]
     return float(torch.exp(torch.tensor(total / windows.shape[0])))
+
+
+@torch.inference_mode()
+def measure_generation(
+    model: nn.Module, ids: torch.Tensor, new_tokens: int, vocab_limit: int | None = None
+) -> dict[str, object]:
+    """Greedy generation of `new_tokens` after the prompt `ids` (1, L), timed in two parts: the prefill
+    (prompt into an empty cache) and the decode steps. Returns tokens/s of each and the tokens."""
+    cache = model.new_cache()
+    start = time.perf_counter()
+    logits = model(ids, cache=cache, logits_to_keep=1).logits
+    prefill_s = time.perf_counter() - start
+    tokens = []
+    start = time.perf_counter()
+    for step in range(new_tokens):
+        scores = logits[:, -1].float()
+        nxt = (scores[:, :vocab_limit] if vocab_limit else scores).argmax(-1, keepdim=True)
+        tokens.append(int(nxt))
+        if step < new_tokens - 1:
+            logits = model(nxt, cache=cache, logits_to_keep=1).logits
+    decode_s = time.perf_counter() - start
+    return {
+        "prefill_tok_s": ids.shape[1] / prefill_s,
+        "decode_tok_s": max(new_tokens - 1, 1) / decode_s,
+        "prefill_s": prefill_s,
+        "decode_s": decode_s,
+        "tokens": tokens,
+    }

@@ -1,0 +1,296 @@
+"""The FP4 deployment engine against transformers and quintet's float model: speed, file size, quality.
+
+    python benchmarks/deploy.py speed   [--threads 1] [--runs 3] [--models jamba-small] [--prompt 512]
+                                        [--new-tokens 64] [--out runs/benchmarks/deploy_speed.json]
+    python benchmarks/deploy.py quality [--threads 2] [--train-steps 300] [--quality-model DIR]
+                                        [--out runs/benchmarks/deploy_quality.json]
+
+speed, per model (the same seed-0 weights for all, one process):
+- transformers fp32: `transformers.JambaForCausalLM` in float32, its `generate`;
+- quintet fp32: `JambaForCausalLM` in float32, `quintet.generation.generate`;
+- engine bf16: `to_engine` (bfloat16, sub-tensor KV cache, fusions), unquantized;
+- engine FP4: the model quantized to M0E4 (group 64, round to nearest) and loaded with `load_quantized`.
+Prefill: tokens/s of one --prompt-token prompt into an empty cache (last-token logits). Decode: tokens/s of
+--new-tokens greedy tokens after that prompt through each system's generate, prefill time subtracted.
+Files: bytes of each folder's safetensors (float32, bfloat16 copy, FP4). Medians of --runs.
+
+quality: held-out perplexity of a model in float32 and in FP4 (round to nearest and GPTQ, groups of 32,
+64, 128). The model is --quality-model if given, else a Jamba (jamba-tiny's shape, byte vocabulary) trained
+here for --train-steps on Python standard-library modules (files shipped with Python; every 10th module held
+out for evaluation, the others for training and GPTQ calibration).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import sysconfig
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from timing import markdown_table, median_seconds, set_threads, write_results  # noqa: E402
+
+from quintet.deploy.engine import load_dequantized, load_quantized, perplexity, to_engine  # noqa: E402
+from quintet.deploy.quantize import file_bytes, quantize_folder  # noqa: E402
+from quintet.generation import generate, prefill  # noqa: E402
+from quintet.models.jamba import JambaConfig, JambaForCausalLM  # noqa: E402
+from quintet.tokenizer import ByteTokenizer, load_tokenizer  # noqa: E402
+
+
+# ---------------------------------------------------------------------------------------------- speed
+def _systems(folder: Path, fp4: Path) -> dict[str, object]:
+    import transformers
+
+    return {
+        "transformers fp32": transformers.JambaForCausalLM.from_pretrained(
+            folder, dtype=torch.float32
+        ).eval(),
+        "quintet fp32": JambaForCausalLM.from_pretrained(folder),
+        "engine bf16": to_engine(JambaForCausalLM.from_pretrained(folder)),
+        "engine FP4": load_quantized(fp4),
+    }
+
+
+def _prefill_fn(name: str, model, ids: torch.Tensor):
+    if name.startswith("transformers"):
+        return lambda: model(ids, use_cache=True, logits_to_keep=1).logits
+    return lambda: prefill(model, ids, None, model.new_cache())
+
+
+def _generate_fn(name: str, model, ids: torch.Tensor, k: int):
+    if name.startswith("transformers"):
+        return lambda: model.generate(
+            ids, max_new_tokens=k, min_new_tokens=k, do_sample=False, pad_token_id=0
+        )[0, ids.shape[1] :].tolist()
+    return lambda: generate(model, ids.tolist(), max_new_tokens=k, stop_token_ids=())[0]
+
+
+def speed(args: argparse.Namespace) -> None:
+    rows = []
+    for spec in args.models.split(","):
+        preset, _, over = spec.partition(":")
+        overrides = {k: int(v) for k, v in (kv.split("=") for kv in over.split(";") if kv)}
+        config = JambaConfig.from_preset(preset, **overrides)
+        with tempfile.TemporaryDirectory() as tmp:
+            folder, bf16, fp4 = Path(tmp) / "fp32", Path(tmp) / "bf16", Path(tmp) / "fp4"
+            torch.manual_seed(0)
+            model = JambaForCausalLM(config)
+            model.save_pretrained(folder)
+            model.to(torch.bfloat16).save_pretrained(bf16)
+            del model
+            quantize_folder(folder, fp4, group_size=64)
+            files = {"fp32": file_bytes(folder), "bf16": file_bytes(bf16), "fp4": file_bytes(fp4)}
+            systems = _systems(folder, fp4)
+            ids = torch.randint(
+                3, config.vocab_size, (1, args.prompt), generator=torch.Generator().manual_seed(1)
+            )
+            k = args.new_tokens
+            tokens = {}
+            with torch.inference_mode():
+                for name, m in systems.items():
+                    pre = median_seconds(_prefill_fn(name, m, ids), args.runs, warmup=1)
+                    gen_fn = _generate_fn(name, m, ids, k)
+                    tokens[name] = gen_fn()
+                    gen = median_seconds(gen_fn, args.runs, warmup=0)
+                    file = files["fp4"] if "FP4" in name else files["fp32"]
+                    rows.append(
+                        {
+                            "model": spec,
+                            "system": name,
+                            "prefill tok/s": args.prompt / pre,
+                            "decode tok/s": (k - 1) / (gen - pre),
+                            "file MiB": file / 2**20,
+                        }
+                    )
+                    print(f"  {spec} {name}: {rows[-1]}", file=sys.stderr, flush=True)
+            base = next(r for r in rows if r["model"] == spec and r["system"] == "transformers fp32")
+            bf16_row = next(r for r in rows if r["model"] == spec and r["system"] == "engine bf16")
+            for r in rows:
+                if r["model"] == spec:
+                    r["decode / transformers"] = r["decode tok/s"] / base["decode tok/s"]
+                    r["prefill / engine bf16"] = r["prefill tok/s"] / bf16_row["prefill tok/s"]
+            ref = tokens["quintet fp32"]
+            agree = {n: sum(a == b for a, b in zip(t, ref, strict=False)) for n, t in tokens.items()}
+            print(
+                f"{spec}: files fp32 {files['fp32'] / 2**20:.1f} MiB, bf16 {files['bf16'] / 2**20:.1f} MiB, "
+                f"FP4 {files['fp4'] / 2**20:.1f} MiB: FP4 / bf16 = {files['fp4'] / files['bf16']:.3f}; "
+                f"greedy tokens equal to quintet fp32's (of {k}): {agree}"
+            )
+            rows.append(
+                {
+                    "model": spec,
+                    "system": "files",
+                    "fp32 MiB": files["fp32"] / 2**20,
+                    "bf16 MiB": files["bf16"] / 2**20,
+                    "fp4 MiB": files["fp4"] / 2**20,
+                    "fp4 / bf16": files["fp4"] / files["bf16"],
+                    "greedy agreement": agree,
+                }
+            )
+    table = [r for r in rows if r["system"] != "files"]
+    print(
+        f"threads={args.threads}, prompt {args.prompt} tokens, {args.new_tokens} new tokens, "
+        f"median of {args.runs}, batch 1"
+    )
+    print(
+        markdown_table(
+            table,
+            [
+                "model",
+                "system",
+                "prefill tok/s",
+                "decode tok/s",
+                "file MiB",
+                "decode / transformers",
+                "prefill / engine bf16",
+            ],
+        )
+    )
+    write_results(
+        args.out,
+        "deploy_speed",
+        rows,
+        threads=args.threads,
+        runs=args.runs,
+        prompt=args.prompt,
+        new_tokens=args.new_tokens,
+    )
+
+
+# ---------------------------------------------------------------------------------------------- quality
+def _stdlib_texts() -> tuple[list[str], list[str]]:
+    files = sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))
+    texts = [f.read_text(encoding="utf-8", errors="replace") for f in files]
+    held_out = [t for i, t in enumerate(texts) if i % 10 == 0]
+    train = [t for i, t in enumerate(texts) if i % 10 != 0]
+    return train, held_out
+
+
+def _train_quality_model(folder: Path, train: list[str], steps: int, seq_len: int, batch: int) -> None:
+    tok = ByteTokenizer()
+    ids = torch.tensor([t for text in train for t in tok.encode(text) + [tok.eos_token_id]])
+    config = JambaConfig.from_preset("jamba-tiny", vocab_size=tok.vocab_size + 1)
+    torch.manual_seed(0)
+    model = JambaForCausalLM(config)
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=steps, pct_start=0.05)
+    gen = torch.Generator().manual_seed(0)
+    start = time.perf_counter()
+    for step in range(steps):
+        offsets = torch.randint(0, ids.numel() - seq_len, (batch,), generator=gen)
+        x = torch.stack([ids[o : o + seq_len] for o in offsets])
+        loss = model(x, labels=x).loss
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        if step % 50 == 0 or step == steps - 1:
+            print(
+                f"  train step {step}: loss {loss.item():.3f} ({time.perf_counter() - start:.0f} s)",
+                file=sys.stderr,
+                flush=True,
+            )
+    model.eval().save_pretrained(folder)
+
+
+def quality(args: argparse.Namespace) -> None:
+    train, held_out = _stdlib_texts()
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    if args.quality_model:
+        folder = Path(args.quality_model)
+    else:
+        folder = work / f"model-{args.train_steps}"
+        if not (folder / "config.json").is_file():
+            _train_quality_model(folder, train, args.train_steps, args.seq_len, args.batch)
+    tok = load_tokenizer(folder, vocab_size=JambaConfig.from_pretrained(folder).vocab_size)
+    eval_ids = torch.tensor([t for text in held_out for t in tok.encode(text)][: args.eval_tokens])
+    calib = work / "calibration.jsonl"
+    calib.write_text("".join(json.dumps({"text": t}) + "\n" for t in train[1::3]))
+    rows = []
+    base = perplexity(JambaForCausalLM.from_pretrained(folder), eval_ids, args.seq_len)
+    rows.append({"weights": "float32", "group": "-", "perplexity": base, "relative": 0.0})
+    for group in (32, 64, 128):
+        for method in ("rtn", "gptq"):
+            out = work / f"fp4-g{group}-{method}"
+            summary = quantize_folder(
+                folder,
+                out,
+                group_size=group,
+                gptq=calib if method == "gptq" else None,
+                gptq_samples=args.gptq_samples,
+                gptq_seq_len=args.seq_len,
+            )
+            ppl = perplexity(load_dequantized(out), eval_ids, args.seq_len)
+            ppl_engine = perplexity(load_quantized(out), eval_ids, args.seq_len)
+            rows.append(
+                {
+                    "weights": f"FP4 {method}",
+                    "group": group,
+                    "perplexity": ppl,
+                    "relative": ppl / base - 1,
+                    "engine (bf16) perplexity": ppl_engine,
+                    "file / float32": summary["bytes_after"] / summary["bytes_before"],
+                }
+            )
+            print(f"  {rows[-1]}", file=sys.stderr, flush=True)
+    rows[0]["engine (bf16) perplexity"] = perplexity(
+        to_engine(JambaForCausalLM.from_pretrained(folder)), eval_ids, args.seq_len
+    )
+    rows[0]["file / float32"] = 1.0
+    print(
+        f"model {folder} ({'given' if args.quality_model else f'trained {args.train_steps} steps here'}); "
+        f"held-out: {eval_ids.numel()} tokens of {len(held_out)} stdlib modules, windows of {args.seq_len}; "
+        f"GPTQ calibration: {args.gptq_samples} x {args.seq_len} tokens; threads={args.threads}"
+    )
+    print(
+        markdown_table(
+            rows, ["weights", "group", "perplexity", "relative", "engine (bf16) perplexity", "file / float32"]
+        )
+    )
+    write_results(
+        args.out,
+        "deploy_quality",
+        rows,
+        threads=args.threads,
+        model=str(folder),
+        train_steps=args.train_steps,
+        eval_tokens=int(eval_ids.numel()),
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    sub = parser.add_subparsers(dest="part", required=True)
+    s = sub.add_parser("speed")
+    s.add_argument("--threads", type=int, default=1)
+    s.add_argument("--runs", type=int, default=3)
+    s.add_argument("--models", default="jamba-small", help="presets, with overrides as preset:key=v;key=v")
+    s.add_argument("--prompt", type=int, default=512)
+    s.add_argument("--new-tokens", type=int, default=64)
+    s.add_argument("--out", default="runs/benchmarks/deploy_speed.json")
+    q = sub.add_parser("quality")
+    q.add_argument("--threads", type=int, default=2)
+    q.add_argument("--quality-model", help="a trained Jamba folder with a byte-level vocabulary")
+    q.add_argument("--train-steps", type=int, default=300)
+    q.add_argument("--batch", type=int, default=16)
+    q.add_argument("--seq-len", type=int, default=256)
+    q.add_argument("--eval-tokens", type=int, default=65536)
+    q.add_argument("--gptq-samples", type=int, default=64)
+    q.add_argument("--work", default="runs/benchmarks/deploy_quality")
+    q.add_argument("--out", default="runs/benchmarks/deploy_quality.json")
+    args = parser.parse_args()
+    set_threads(args.threads)
+    speed(args) if args.part == "speed" else quality(args)
+
+
+if __name__ == "__main__":
+    main()

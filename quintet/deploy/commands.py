@@ -1,0 +1,115 @@
+"""`quintet deploy quantize|plan`, and the deployment step of `make demo`. Thin: parse, call, print."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import time
+
+from quintet.deploy.m0e4 import GROUP_SIZES
+
+
+def _cmd_quantize(args: argparse.Namespace) -> int:
+    from quintet.deploy.quantize import quantize_folder
+
+    summary = quantize_folder(
+        args.model,
+        args.out,
+        group_size=args.group,
+        gptq=args.gptq,
+        gptq_samples=args.gptq_samples,
+        gptq_seq_len=args.gptq_seq_len,
+    )
+    before, after = summary["bytes_before"], summary["bytes_after"]
+    print(
+        f"wrote {summary['out']}: {summary['modules_quantized']} modules in M0E4 "
+        f"(group {summary['group_size']}, {summary['calibration']}), weights {before / 2**20:.1f} MiB -> "
+        f"{after / 2**20:.1f} MiB ({after / before:.3f}x)"
+    )
+    return 0
+
+
+def _cmd_plan(args: argparse.Namespace) -> int:
+    from quintet.deploy.memory_plan import format_plan, parse_sizes, plan_model
+
+    sizes = [parse_sizes(s) for s in args.at] if args.at else None
+    plan = plan_model(args.model, new_tokens=args.new_tokens, batch=args.batch)
+    if args.json:
+        print(json.dumps(plan.to_dict(sizes), indent=2))
+    else:
+        print(format_plan(plan, sizes, verbose=args.verbose))
+    return 0
+
+
+def add_deploy_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Add `deploy` (with `quantize` and `plan`) to the `quintet` command's sub-commands."""
+    deploy = subparsers.add_parser("deploy", help="quantize models to FP4 (M0E4) and plan their memory")
+    sub = deploy.add_subparsers(dest="deploy_command", required=True)
+
+    q = sub.add_parser("quantize", help="write an FP4 (M0E4) copy of a model folder")
+    q.add_argument("model", help="float model folder (Jamba, ViTAR or ViT)")
+    q.add_argument("--out", required=True, help="quantized model folder to write")
+    q.add_argument(
+        "--group", type=int, default=64, choices=GROUP_SIZES, help="weights per scale (default 64)"
+    )
+    q.add_argument("--gptq", metavar="CALIB.jsonl", help="calibrate with GPTQ on these documents (`text`)")
+    q.add_argument("--gptq-samples", type=int, default=32, help="calibration sequences (default 32)")
+    q.add_argument("--gptq-seq-len", type=int, default=256, help="tokens per calibration sequence")
+    q.set_defaults(func=_cmd_quantize)
+
+    p = sub.add_parser(
+        "plan", help="symbolic shapes and the memory plan of one forward step of a Jamba model"
+    )
+    p.add_argument("model", help="model folder (float or quantized)")
+    p.add_argument(
+        "--at",
+        action="append",
+        metavar="b=1,L=1,P=1024",
+        help="evaluate the plan at these sizes (batch b, new tokens L, past length P); repeatable",
+    )
+    p.add_argument("--new-tokens", choices=["any", "one"], default="any", help="'one' plans the decode step")
+    p.add_argument("--batch", type=int, default=None, help="fix the batch size (default: symbolic)")
+    p.add_argument("--verbose", action="store_true", help="list every tensor's shape and buffer")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=_cmd_plan)
+    return deploy
+
+
+def run_deploy_demo(model_dir: pathlib.Path, out_dir: pathlib.Path) -> None:
+    """Quantize `model_dir` to FP4 in `out_dir`, generate with both, print size and speed side by side."""
+    import torch
+
+    from quintet.deploy.engine import load_quantized, measure_generation
+    from quintet.deploy.quantize import quantize_folder
+    from quintet.models.jamba import JambaForCausalLM
+    from quintet.tokenizer import load_tokenizer
+
+    start = time.perf_counter()
+    summary = quantize_folder(model_dir, out_dir, group_size=64)
+    seconds = time.perf_counter() - start
+    before, after = summary["bytes_before"], summary["bytes_after"]
+    print(f"quantized {summary['modules_quantized']} modules to M0E4 (group 64) in {seconds:.1f} s")
+    print(
+        f"weights: {before / 2**20:.1f} MiB (float32) -> {after / 2**20:.1f} MiB (FP4; {after / before:.3f}x)"
+    )
+    float_model = JambaForCausalLM.from_pretrained(model_dir)
+    fp4_model = load_quantized(out_dir)
+    tokenizer = load_tokenizer(model_dir, vocab_size=float_model.config.vocab_size)
+    prompt = "The deployment engine turns the model into"
+    ids = torch.tensor([tokenizer.encode(prompt)])
+    vocab_limit = min(tokenizer.vocab_size, float_model.config.vocab_size)
+    print(f"threads: {torch.get_num_threads()}; prompt: {prompt!r} ({ids.shape[1]} tokens), 32 new tokens")
+    rows = []
+    for name, model in (("float32", float_model), ("FP4 engine", fp4_model)):
+        measure_generation(model, ids, 4, vocab_limit)  # warm-up
+        stats = measure_generation(model, ids, 32, vocab_limit)
+        rows.append((name, stats))
+        text = tokenizer.decode(stats["tokens"])
+        print(
+            f"  {name:11s} prefill {stats['prefill_tok_s']:7.1f} tok/s  "
+            f"decode {stats['decode_tok_s']:6.1f} tok/s  -> {text!r}"
+        )
+    ratio = rows[1][1]["decode_tok_s"] / rows[0][1]["decode_tok_s"]
+    same = sum(a == b for a, b in zip(rows[0][1]["tokens"], rows[1][1]["tokens"], strict=True))
+    print(f"FP4 decode speed: {ratio:.2f}x float32; greedy tokens equal to float32's: {same}/32")
