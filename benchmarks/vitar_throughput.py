@@ -1,0 +1,104 @@
+"""Inference throughput (images/s) of ViTAR vs the plain ViT at 1x, 4x and 8x the base resolution, on CPU.
+
+Randomly initialised models (speed does not depend on the weights), eval mode, `torch.inference_mode`,
+float32. Each measurement: one warm-up batch, then batches until `--min-seconds` have passed; the batch
+holds as many images as fit in `--max-tokens` patch tokens (at least one). Thread count is set
+explicitly and reported.
+
+    python benchmarks/vitar_throughput.py --threads 2 --json docs/vitar_throughput.json
+
+Scales: `tiny` (vitar-tiny / vit-tiny: 32 px base, patch 4) and `s` (vitar-s / vit-s: 224 px base,
+patch 16, DeiT-S widths). A ViT whose encoder would see more than `--vit-token-budget` tokens is not run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+import torch
+
+from quintet.io import atomic_write_text
+from quintet.models.vitar import build_model, count_flops, preset_config
+from quintet.models.vitar.evaluation import images_per_batch
+
+SCALES = {"tiny": ("vitar-tiny", "vit-tiny", 32), "s": ("vitar-s", "vit-s", 224)}
+
+
+def measure(model: torch.nn.Module, resolution: int, max_tokens: int, min_seconds: float) -> dict:
+    batch = images_per_batch(model, resolution, max_tokens)
+    images = torch.rand(batch, 3, resolution, resolution)
+    with torch.inference_mode():
+        model(images)
+        done, start = 0, time.perf_counter()
+        while True:
+            model(images)
+            done += batch
+            elapsed = time.perf_counter() - start
+            if elapsed >= min_seconds:
+                break
+    return {"batch": batch, "images": done, "seconds": elapsed, "images_per_s": done / elapsed}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--scales", default="tiny,s")
+    parser.add_argument("--multiples", default="1,4,8", help="resolutions as multiples of the base")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--max-tokens", type=int, default=1 << 15)
+    parser.add_argument("--min-seconds", type=float, default=3.0)
+    parser.add_argument(
+        "--vit-token-budget",
+        type=int,
+        default=1 + 56 * 56,
+        help="skip the ViT above this many encoder tokens (default: 4x of vit-s runs, 8x not)",
+    )
+    parser.add_argument("--json", help="write the results here")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    rows = []
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, float32, CPU")
+    print("| scale | res (x base) | ViTAR img/s | ViT img/s | ViTAR / ViT | ViTAR GFLOPs | ViT GFLOPs |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for scale in args.scales.split(","):
+        vitar_name, vit_name, base = SCALES[scale]
+        vitar = build_model(preset_config(vitar_name)).eval()
+        vit = build_model(preset_config(vit_name)).eval()
+        for multiple in (int(m) for m in args.multiples.split(",")):
+            r = base * multiple
+            row = {"scale": scale, "resolution": r, "multiple": multiple}
+            row["vitar"] = measure(vitar, r, args.max_tokens, args.min_seconds)
+            row["vitar"]["gflops"] = count_flops(vitar, torch.rand(1, 3, r, r)) / 1e9
+            if vit.num_tokens(r, r) <= args.vit_token_budget:
+                row["vit"] = measure(vit, r, args.max_tokens, args.min_seconds)
+                row["vit"]["gflops"] = count_flops(vit, torch.rand(1, 3, r, r)) / 1e9
+            else:
+                row["vit"] = {"skipped": f"{vit.num_tokens(r, r)} encoder tokens > {args.vit_token_budget}"}
+            rows.append(row)
+            v, t = row["vitar"], row["vit"]
+            speed = "skipped" if "skipped" in t else f"{t['images_per_s']:.1f}"
+            ratio = "-" if "skipped" in t else f"{v['images_per_s'] / t['images_per_s']:.1f}x"
+            tf = "-" if "skipped" in t else f"{t['gflops']:.2f}"
+            print(
+                f"| {scale} | {r} ({multiple}x) | {v['images_per_s']:.1f} | {speed} | {ratio} | "
+                f"{v['gflops']:.2f} | {tf} |",
+                flush=True,
+            )
+    if args.json:
+        report = {
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "settings": vars(args),
+            "rows": rows,
+        }
+        atomic_write_text(args.json, json.dumps(report, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
