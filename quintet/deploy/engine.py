@@ -16,8 +16,11 @@ forward runs):
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
+from collections.abc import Iterator
+from contextvars import ContextVar
 from pathlib import Path
 
 import torch
@@ -26,7 +29,7 @@ from torch import nn
 
 from quintet.deploy.fusions import FusedSwiGLU, add_rms_norm, merge_linears, rms_norm
 from quintet.deploy.kv_cache import SubTensorKVCache
-from quintet.deploy.qlinear import M0E4Embedding, M0E4Linear
+from quintet.deploy.qlinear import INT4_MAX_ROWS, M0E4Embedding, M0E4Linear, matmul_path
 from quintet.deploy.quantize import (
     QuantizedCheckpointError,
     build_skeleton,
@@ -39,7 +42,7 @@ from quintet.kernels import selective_scan_cpu as fused_scan
 from quintet.models.jamba import JambaConfig, JambaForCausalLM
 from quintet.models.jamba.attention import JambaAttention
 from quintet.models.jamba.mamba import JambaMambaMixer
-from quintet.models.jamba.modeling import JambaDecoderLayer
+from quintet.models.jamba.modeling import CausalLMOutput, JambaDecoderLayer
 from quintet.models.jamba.moe import JambaMLP, JambaSparseMoeBlock
 
 DEFAULT_MAX_CACHE = 4096
@@ -107,66 +110,191 @@ class EngineAttention(nn.Module):
         return self.o_proj(out)
 
 
+# ---------------------------------------------------------------------------------------------- tracing hooks
+class TraceHooks:
+    """What the engine asks when its shapes are being traced (see `shapes.py`): the data-dependent values
+    (which experts, how many tokens each) and whether opaque kernels run as single registered ops."""
+
+    def expert_counts(self, layer: int, flat_experts: torch.Tensor, num_experts: int) -> list:
+        raise NotImplementedError
+
+    def decode_experts(self, layer: int, experts: torch.Tensor) -> list:
+        raise NotImplementedError
+
+
+_TRACE: ContextVar[TraceHooks | None] = ContextVar("quintet_deploy_trace", default=None)
+
+
+@contextlib.contextmanager
+def tracing(hooks: TraceHooks) -> Iterator[None]:
+    token = _TRACE.set(hooks)
+    try:
+        yield
+    finally:
+        _TRACE.reset(token)
+
+
+@torch.library.custom_op("quintet_deploy::selective_scan", mutates_args=())
+def _scan_op(
+    u: torch.Tensor,
+    delta: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor,
+    z: torch.Tensor,
+    delta_bias: torch.Tensor,
+    initial_state: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    y, state = fused_scan.selective_scan_fused(
+        u, delta, A, B, C, D, z, delta_bias, delta_softplus=True, initial_state=initial_state
+    )
+    return y.clone() if y is u else y, state
+
+
+@_scan_op.register_fake
+def _(u, delta, A, B, C, D, z, delta_bias, initial_state):
+    return torch.empty_like(u), u.new_empty(u.shape[0], u.shape[1], A.shape[1], dtype=torch.float32)
+
+
+@torch.library.custom_op("quintet_deploy::state_update", mutates_args=())
+def _state_update_op(
+    state: torch.Tensor,
+    u: torch.Tensor,
+    delta: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor,
+    z: torch.Tensor,
+    delta_bias: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return fused_scan.selective_state_update_fused(
+        state, u, delta, A, B, C, D, z, delta_bias, delta_softplus=True
+    )
+
+
+@_state_update_op.register_fake
+def _(state, u, delta, A, B, C, D, z, delta_bias):
+    return torch.empty_like(u), torch.empty_like(state)
+
+
 # ---------------------------------------------------------------------------------------------- mamba, MoE
 class EngineMamba(nn.Module):
-    """The Mamba mixer with a one-token decode path: constants (A = -exp(A_log), D, dt bias) computed once,
-    the conv as a dot product with the cached window, fused RMSNorms; the fused state-update kernel.
-    Prefill (and padded batches) run the model's own mixer."""
+    """The Mamba mixer with its constants (A = -exp(A_log), D, dt bias) computed once, fused RMSNorms, a
+    one-token decode step (the conv as a dot product with the cached window, the fused state-update
+    kernel) and the fused scan for prompts. Same math as `JambaMambaMixer`, left padding included."""
 
     def __init__(self, mixer: JambaMambaMixer):
         super().__init__()
         self.mixer = mixer
-        self.layer_idx, self.d_inner = mixer.layer_idx, mixer.d_inner
+        self.layer_idx, self.d_inner, self.d_conv = mixer.layer_idx, mixer.d_inner, mixer.d_conv
         self.splits = [mixer.dt_rank, mixer.d_state, mixer.d_state]
         with torch.no_grad():
             self.register_buffer("A", -torch.exp(mixer.A_log.float()), persistent=False)
             self.register_buffer("D", mixer.D.float(), persistent=False)
             self.register_buffer("dt_bias", mixer.dt_proj.bias.float(), persistent=False)
-            self.register_buffer("conv_w", mixer.conv1d.weight[:, 0].clone(), persistent=False)
 
-    def forward(self, h: torch.Tensor, token_mask: torch.Tensor | None = None, cache=None) -> torch.Tensor:
-        conv_state, ssm_state = cache.mamba_state(self.layer_idx) if cache is not None else (None, None)
-        if h.shape[1] != 1 or ssm_state is None or token_mask is not None:
-            return self.mixer(h, token_mask, cache)
+    def _scan(self, *args) -> tuple[torch.Tensor, torch.Tensor]:
+        if _TRACE.get() is not None:
+            return _scan_op(*args)
+        u, delta, A, B, C, D, z, bias, state = args
+        return fused_scan.selective_scan_fused(
+            u, delta, A, B, C, D, z, bias, delta_softplus=True, initial_state=state
+        )
+
+    def _step(self, *args) -> tuple[torch.Tensor, torch.Tensor]:
+        if _TRACE.get() is not None:
+            return _state_update_op(*args)
+        return fused_scan.selective_state_update_fused(*args, delta_softplus=True)
+
+    def _dbc(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         m = self.mixer
-        x, z = m.in_proj(h[:, 0]).split(self.d_inner, dim=-1)  # (b, d_inner) each
-        window = torch.cat([conv_state.to(x.dtype), x.unsqueeze(-1)], dim=-1)  # (b, d_inner, d_conv)
-        x = (window * self.conv_w).sum(-1)
-        if m.conv1d.bias is not None:
-            x = x + m.conv1d.bias
-        x = F.silu(x)
         dt, B, C = m.x_proj(x).split(self.splits, dim=-1)
         dt = F.linear(rms_norm(dt, m.dt_layernorm.weight, m.dt_layernorm.eps), m.dt_proj.weight)
-        B = rms_norm(B, m.b_layernorm.weight, m.b_layernorm.eps)
-        C = rms_norm(C, m.c_layernorm.weight, m.c_layernorm.eps)
-        y, new_state = fused_scan.selective_state_update_fused(
-            ssm_state, x, dt, self.A, B, C, self.D, z, self.dt_bias, delta_softplus=True
+        return (
+            dt,
+            rms_norm(B, m.b_layernorm.weight, m.b_layernorm.eps),
+            rms_norm(C, m.c_layernorm.weight, m.c_layernorm.eps),
         )
-        cache.set_mamba_state(self.layer_idx, window[..., 1:], new_state)
-        return m.out_proj(y).unsqueeze(1)
+
+    def forward(self, h: torch.Tensor, token_mask: torch.Tensor | None = None, cache=None) -> torch.Tensor:
+        m = self.mixer
+        conv_state, ssm_state = cache.mamba_state(self.layer_idx) if cache is not None else (None, None)
+        b, L, _ = h.shape
+        if L == 1 and ssm_state is not None:  # decode: new tokens are never padding
+            x, z = m.in_proj(h[:, 0]).split(self.d_inner, dim=-1)  # (b, d_inner) each
+            window = torch.cat([conv_state.to(x.dtype), x.unsqueeze(-1)], dim=-1)  # (b, d_inner, d_conv)
+            x = (window * m.conv1d.weight[:, 0]).sum(-1)
+            x = F.silu(x if m.conv1d.bias is None else x + m.conv1d.bias)
+            dt, B, C = self._dbc(x)
+            y, new_state = self._step(ssm_state, x, dt, self.A, B, C, self.D, z, self.dt_bias)
+            cache.set_mamba_state(self.layer_idx, window[..., 1:], new_state)
+            return m.out_proj(y).unsqueeze(1)
+        x, z = m.in_proj(h).split(self.d_inner, dim=-1)  # (b, L, d_inner) each
+        if token_mask is not None:
+            x = x * token_mask.unsqueeze(-1).to(x.dtype)
+        x = x.transpose(1, 2)
+        if conv_state is None:
+            conv_state = x.new_zeros(b, self.d_inner, self.d_conv - 1)
+        window = torch.cat([conv_state.to(x.dtype), x], dim=-1)  # (b, d_inner, d_conv - 1 + L)
+        x = F.silu(F.conv1d(window, m.conv1d.weight, m.conv1d.bias, groups=self.d_inner))
+        if token_mask is not None:
+            x = x * token_mask.unsqueeze(1).to(x.dtype)
+        dt, B, C = self._dbc(x.transpose(1, 2))
+        y, new_state = self._scan(
+            x,
+            dt.transpose(1, 2),
+            self.A,
+            B.transpose(1, 2),
+            C.transpose(1, 2),
+            self.D,
+            z.transpose(1, 2),
+            self.dt_bias,
+            ssm_state,
+        )
+        if cache is not None:
+            cache.set_mamba_state(
+                self.layer_idx, window[..., window.shape[-1] - (self.d_conv - 1) :], new_state
+            )
+        return m.out_proj(y.transpose(1, 2))
 
 
 class EngineMoE(nn.Module):
-    """The MoE block with a one-token path that reads the routing once (`tolist`) instead of per element."""
+    """The MoE block: the model's routing (softmax over experts in float32, top-k, weights not
+    renormalised) and sorted dispatch; one token reads its k experts once (`tolist`)."""
 
-    def __init__(self, block: JambaSparseMoeBlock):
+    def __init__(self, block: JambaSparseMoeBlock, layer_idx: int):
         super().__init__()
-        self.block = block
+        self.block, self.layer_idx = block, layer_idx
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        b = self.block
-        if x.shape[0] * x.shape[1] != 1:
-            return b(x)
-        flat = x.reshape(1, -1)
-        router_logits = b.router(flat)
+        blk, trace = self.block, _TRACE.get()
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        router_logits = blk.router(x)
         probs = torch.softmax(router_logits, dim=-1, dtype=torch.float32)
-        weights, experts = torch.topk(probs, b.top_k, dim=-1)
+        weights, experts = torch.topk(probs, blk.top_k, dim=-1)
         weights = weights.to(x.dtype)
-        out = None
-        for j, e in enumerate(experts[0].tolist()):
-            y = b.experts[e](flat) * weights[0, j]
-            out = y if out is None else out + y
-        return out.view(x.shape), router_logits
+        if x.shape[0] == 1:
+            chosen = experts[0].tolist() if trace is None else trace.decode_experts(self.layer_idx, experts)
+            out = None
+            for j, e in enumerate(chosen):
+                y = blk.experts[e](x) * weights[0, j]
+                out = y if out is None else out + y
+            return out.view(shape), router_logits
+        flat = experts.reshape(-1)
+        order = torch.argsort(flat, stable=True)
+        token_of = order // blk.top_k  # source token of each (token, slot) pair, sorted by expert
+        if trace is None:
+            counts = torch.bincount(flat, minlength=blk.num_experts).tolist()
+        else:
+            counts = trace.expert_counts(self.layer_idx, flat, blk.num_experts)
+        pieces = x.index_select(0, token_of).split(counts)
+        expert_out = torch.cat([expert(p) for expert, p in zip(blk.experts, pieces, strict=True)])
+        expert_out = expert_out * weights.reshape(-1)[order].unsqueeze(-1)
+        out = torch.zeros_like(x).index_add_(0, token_of, expert_out)
+        return out.view(shape), router_logits
 
 
 # ---------------------------------------------------------------------------------------------- layers
@@ -182,7 +310,7 @@ def _fuse_feed_forward(ff: nn.Module) -> nn.Module:
 class EngineDecoderLayer(nn.Module):
     """JambaDecoderLayer with the engine's attention, fused SwiGLU and fused residual + RMSNorm."""
 
-    def __init__(self, layer: JambaDecoderLayer, fuse: bool = True):
+    def __init__(self, layer: JambaDecoderLayer, layer_idx: int, fuse: bool = True):
         super().__init__()
         self.is_attention, self.is_moe, self.fuse = layer.is_attention, layer.is_moe, fuse
         if self.is_attention:
@@ -190,7 +318,7 @@ class EngineDecoderLayer(nn.Module):
         else:
             self.mamba = EngineMamba(layer.mamba) if fuse else layer.mamba
         ff = _fuse_feed_forward(layer.feed_forward) if fuse else layer.feed_forward
-        self.feed_forward = EngineMoE(ff) if fuse and self.is_moe else ff
+        self.feed_forward = EngineMoE(ff, layer_idx) if fuse and self.is_moe else ff
         self.input_layernorm = layer.input_layernorm
         self.pre_ff_layernorm = layer.pre_ff_layernorm
 
@@ -241,7 +369,7 @@ class JambaEngine(nn.Module):
                 if p.is_floating_point():
                     p.data = p.data.to(dtype)
         for i, layer in enumerate(lm.model.layers):
-            lm.model.layers[i] = EngineDecoderLayer(layer, fuse=fuse)
+            lm.model.layers[i] = EngineDecoderLayer(layer, i, fuse=fuse)
         self.lm = lm.eval()
         self.config: JambaConfig = lm.config
         self.compute_dtype = dtype
@@ -249,8 +377,45 @@ class JambaEngine(nn.Module):
         self.pad_multiple = pad_multiple
         self.quantization_config = quantization_config
 
-    def forward(self, input_ids: torch.Tensor, **kwargs):
-        return self.lm(input_ids, **kwargs)
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        cache: SubTensorKVCache | None = None,
+        labels: torch.Tensor | None = None,
+        logits_to_keep: int = 0,
+        **kwargs,
+    ) -> CausalLMOutput:
+        """The model's forward. Decode steps (one new token per row, batch <= INT4_MAX_ROWS) run every
+        quantized matmul through the int4 kernel, other calls through the bfloat16 weights. Without a
+        padding mask or labels the engine's own forward runs (no input checks that read the data)."""
+        b, L = input_ids.shape
+        with matmul_path("int4" if L == 1 and b <= INT4_MAX_ROWS else "bf16"):
+            if attention_mask is not None or labels is not None or kwargs:
+                return self.lm(
+                    input_ids,
+                    attention_mask=attention_mask,
+                    cache=cache,
+                    labels=labels,
+                    logits_to_keep=logits_to_keep,
+                    **kwargs,
+                )
+            return CausalLMOutput(logits=self.step(input_ids, cache, logits_to_keep), cache=cache)
+
+    def step(
+        self, input_ids: torch.Tensor, cache: SubTensorKVCache | None, logits_to_keep: int = 0
+    ) -> torch.Tensor:
+        """Logits of `input_ids` (b, L) after the cache's past: embed, layers, final norm, head."""
+        model = self.lm.model
+        x = model.embed_tokens(input_ids)
+        for layer in model.layers:
+            x, _ = layer(x, None, None, cache)
+        if cache is not None:
+            cache.advance(input_ids.shape[1])
+        if logits_to_keep:
+            x = x[:, -logits_to_keep:]
+        norm = model.final_layernorm
+        return self.lm.lm_head(rms_norm(x, norm.weight, norm.eps))
 
     def new_cache(self) -> SubTensorKVCache:
         return SubTensorKVCache(

@@ -16,6 +16,10 @@ Run time (built by `prepare`, never stored):
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+from contextvars import ContextVar
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -32,6 +36,22 @@ from quintet.deploy.m0e4 import (
 )
 
 INT4_MAX_ROWS = 8  # at most this many rows go through the int4 kernel (see benchmarks/deploy_fusions.py)
+MATMUL_PATHS = ("auto", "int4", "bf16")
+_MATMUL_PATH: ContextVar[str] = ContextVar("m0e4_matmul_path", default="auto")
+
+
+@contextlib.contextmanager
+def matmul_path(path: str) -> Iterator[None]:
+    """Choose the matmul of every M0E4Linear called inside: "int4" (the decode kernel), "bf16" (the
+    prefill weights) or "auto" (int4 for at most `int4_max_rows` rows). The engine picks per step, so the
+    choice depends on the step's shape (decode or prefill), never on data."""
+    if path not in MATMUL_PATHS:
+        raise ValueError(f"matmul_path = {path!r}: must be one of {', '.join(MATMUL_PATHS)}")
+    token = _MATMUL_PATH.set(path)
+    try:
+        yield
+    finally:
+        _MATMUL_PATH.reset(token)
 
 
 def int4_supported(out_features: int, group_size: int) -> bool:
@@ -107,7 +127,12 @@ class M0E4Linear(nn.Module):
             self.prepare()
         shape = x.shape
         x2 = x.reshape(-1, shape[-1]).to(torch.bfloat16)
-        if self._int4 is not None and (x2.shape[0] <= self.int4_max_rows or self._prefill_weight is None):
+        path = _MATMUL_PATH.get()
+        if self._int4 is not None and (
+            path == "int4"
+            or self._prefill_weight is None
+            or (path == "auto" and x2.shape[0] <= self.int4_max_rows)
+        ):
             y = int4_matmul(x2.contiguous(), self._int4[0], self._int4[1], self.group_size)
         else:
             y = F.linear(x2, self._prefill_weight)
