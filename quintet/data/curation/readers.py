@@ -166,10 +166,10 @@ class JsonlDocumentReader(_QuintetReader):
         if not line.strip():
             return None
         try:
-            row = json.loads(line)
+            row = json.loads(line.rstrip("\r\n"))
         except json.JSONDecodeError as err:
             self._problem(
-                filepath, line_no, "malformed_json", f"malformed JSON ({err.msg} at column {err.colno})"
+                filepath, line_no, "malformed_json", f"malformed JSON, column {err.colno}: {err.msg}"
             )
             return None
         if not isinstance(row, dict):

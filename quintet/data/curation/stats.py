@@ -133,7 +133,25 @@ def collect_stats(out_dir: str | Path) -> dict[str, Any]:
         "step_time_s": _block_times(stages),
     }
     report["languages"] = _language_table(report)
+    report["languages_summary"] = _fold_other_languages(report["languages"], _targets(Path(out_dir)))
     return report
+
+
+def _targets(out_dir: Path) -> list[str]:
+    marker = out_dir / "curation.json"
+    languages = json.loads(marker.read_text()).get("languages", []) if marker.is_file() else []
+    return [*languages, "code"]
+
+
+def _fold_other_languages(table: dict[str, dict[str, int]], targets: list[str]) -> dict[str, dict[str, int]]:
+    """The language table with every language that is not a target and kept nothing in one `other` row."""
+    folded: dict[str, dict[str, int]] = {}
+    for lang, row in table.items():
+        key = lang if lang in targets or row.get("kept", 0) else "other"
+        target = folded.setdefault(key, {})
+        for column, n in row.items():
+            target[column] = target.get(column, 0) + n
+    return folded
 
 
 def _is_step(stage: str, kind: str, name: str) -> bool:
@@ -192,18 +210,21 @@ def stats_markdown(report: dict[str, Any]) -> str:
     lines.append("| --- | ---: | ---: | ---: | ---: | --- | ---: |")
     for s in report["steps"]:
         pct = 100.0 * s["dropped"] / s["total"] if s["total"] else 0.0
-        reasons = ", ".join(f"{k} {v}" for k, v in s["reasons"].items()) or "-"
+        top = list(s["reasons"].items())
+        reasons = ", ".join(f"{k} {v}" for k, v in top[:4]) + (
+            f", {len(top) - 4} more" if len(top) > 4 else ""
+        )
+        reasons = reasons or "-"
         if s["step"] == "pii" or s["extra"].get("documents_redacted"):
             redacted = {k[len("redacted_") :]: v for k, v in s["extra"].items() if k.startswith("redacted_")}
             reasons = "redacted: " + (", ".join(f"{k} {v}" for k, v in redacted.items()) or "none")
         counts = f"{s['total']} | {s['kept']} | {s['dropped']} | {pct:.1f}"
         lines.append(f"| {s['step']} | {counts} | {reasons} | {s['time_s']:.2f} |")
-    columns = [
-        s["step"] for s in report["steps"] if any(s["step"] in row for row in report["languages"].values())
-    ]
+    table = report["languages_summary"]
+    columns = [s["step"] for s in report["steps"] if any(s["step"] in row for row in table.values())]
     lines += ["", "## By language", "", "| language | in | " + " | ".join(columns) + " | kept |"]
     lines.append("| --- | ---: | " + " | ".join("---:" for _ in columns) + " | ---: |")
-    for lang, row in report["languages"].items():
+    for lang, row in table.items():
         cells = " | ".join(str(row.get(c, 0)) for c in columns)
         lines.append(f"| {lang} | {row['in']} | {cells} | {row.get('kept', 0)} |")
     lines += ["", "## Inputs", "", "| input | files | documents | characters | skipped |"]
@@ -220,17 +241,19 @@ def stats_chart(report: dict[str, Any], path: str | Path) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    langs = list(report["languages"])
-    columns = ["kept"] + [
-        s["step"] for s in report["steps"] if any(s["step"] in r for r in report["languages"].values())
-    ]
+    table = report["languages_summary"]
+    langs = list(table)
+    columns = ["kept"] + [s["step"] for s in report["steps"] if any(s["step"] in r for r in table.values())]
     fig = Figure(figsize=(9, 0.45 * len(langs) + 1.6))
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)
     left = [0] * len(langs)
-    for i, column in enumerate(columns):
-        values = [report["languages"][lang].get(column, 0) for lang in langs]
-        color = "#2e7d32" if column == "kept" else f"C{i}"
+    palette = iter(
+        ["#1f77b4", "#ff7f0e", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#17becf"] * 3
+    )
+    for column in columns:
+        values = [table[lang].get(column, 0) for lang in langs]
+        color = "#2e7d32" if column == "kept" else next(palette)
         ax.barh(langs, values, left=left, label=column, color=color)
         left = [a + b for a, b in zip(left, values, strict=True)]
     ax.invert_yaxis()
