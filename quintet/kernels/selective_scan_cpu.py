@@ -49,6 +49,7 @@ DISABLE_ENV = "QUINTET_DISABLE_FUSED_SCAN"
 EXTENSIONS_DIR_ENV = "QUINTET_EXTENSIONS_DIR"
 _SOURCE = Path(__file__).resolve().parent / "csrc" / "selective_scan.cpp"
 _CHUNK = 32  # steps between saved states; must equal kChunk in the C++ source
+_LANES = 16  # channels per block; must equal kLanes in the C++ source
 _CFLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=fast"]
 
 log = logging.getLogger(__name__)
@@ -72,7 +73,9 @@ class _Loader:
             try:
                 self.ops = _build()
             except Exception as err:  # a missing compiler or ninja, a failed build: fall back, never crash
-                self.reason = f"{type(err).__name__}: {str(err).strip().splitlines()[-1] if str(err) else ''}"
+                lines = str(err).strip().splitlines() or [""]
+                self.reason = f"{type(err).__name__}: {lines[-1][:300]}"
+                log.debug("building the fused CPU selective scan failed:\n%s", err)
                 self.ops = None
         return self.ops
 
@@ -103,9 +106,8 @@ def _cpu_tag() -> str:
 def build_dir() -> Path:
     """The folder the extension is compiled into and loaded from."""
     root = os.environ.get(EXTENSIONS_DIR_ENV)
-    base = Path(root) if root else Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "quintet"
-    if not root:
-        base = base / "extensions"
+    cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    base = Path(root) if root else Path(cache) / "quintet" / "extensions"
     torch_tag = torch.__version__.replace("+", "_")
     return base / f"selective_scan-torch{torch_tag}-py{sys.version_info[0]}{sys.version_info[1]}-{_cpu_tag()}"
 
@@ -246,7 +248,7 @@ class _FusedScan(torch.autograd.Function):
         dtype = u.dtype
         b, d, L = u.shape
         n = A.shape[1]
-        groups = max(1, min(d, torch.get_num_threads()))
+        groups = max(1, min(-(-d // _LANES), torch.get_num_threads()))  # tasks per batch row
         grad_u = u.new_empty((b, d, L))
         grad_delta = u.new_empty((b, d, L))
         grad_z = u.new_empty((b, d, L)) if z is not None else None

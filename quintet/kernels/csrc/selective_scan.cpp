@@ -39,7 +39,8 @@ constexpr int64_t kLanes = 16;  // channels per block: one AVX-512 register of f
 // loops (libm's expf/log1pf would stay scalar); the double versions call libm and serve the gradient tests.
 
 inline float fexp(float x) {
-  // Cephes expf: exp(x) = 2^k * exp(r), |r| <= ln(2)/2; max relative error ~2e-7.
+  // Cephes expf: exp(x) = 2^k * exp(r), |r| <= ln(2)/2; relative error ~2e-7. x is clamped to [-87.3, 88]
+  // (results saturate at about 1e-38 and 1.7e38 instead of reaching 0 and inf; the scan's dt A <= 0).
   x = x < -87.3f ? -87.3f : x;
   x = x > 88.0f ? 88.0f : x;
   const float magic = 12582912.0f;  // 1.5 * 2^23: adding and subtracting it rounds to an integer
