@@ -216,6 +216,28 @@ def build_redteam_sets(
     }
 
 
+SFT_FILE, PAIRS_FILE = "safety-sft.jsonl", "safety-pairs.jsonl"
+
+
+def build_safety_data(
+    out_dir: str | os.PathLike, seed: int = 0, eval_fraction: float = 0.25
+) -> dict[str, Path]:
+    """The red-team sets plus the train split's training data: SFT/CAT rows and sDPO preference pairs.
+
+    Writes redteam-train.jsonl, redteam-eval.jsonl, safety-sft.jsonl, safety-pairs.jsonl; returns their paths.
+    """
+    from quintet.align.preference_data import write_preferences
+
+    paths = build_redteam_sets(out_dir, seed, eval_fraction)
+    train = read_redteam_prompts(paths["train"])
+    out = Path(out_dir)
+    with atomic_path(out / SFT_FILE) as tmp, tmp.open("w", encoding="utf-8") as f:
+        for row in safety_sft_rows(train):
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    write_preferences(out / PAIRS_FILE, safety_preference_pairs(train))
+    return {**paths, "sft": out / SFT_FILE, "pairs": out / PAIRS_FILE}
+
+
 def parse_redteam_row(row: Any, where: str) -> RedteamPrompt:
     """Validate one row; errors name `where` (file:line), the field, the value and what is valid."""
     if not isinstance(row, dict):
