@@ -241,3 +241,29 @@ def test_killed_curation_resumes_without_duplicates(tmp_path):
     assert rows == sorted(expected)  # each document once: no duplicates from the killed run, none lost
     assert resumed.stats["steps"][0]["total"] == 4 * 2200  # every task counted once
     assert resumed.stats["output"]["documents"] == 4 * 2000
+
+
+def test_slurm_stages_are_chained(tmp_path):
+    """The same config on Slurm: one job array per stage, each depending on the one before (not submitted)."""
+    from quintet.data.curation import build_stages
+    from quintet.data.curation.pipeline import make_executors
+
+    _write_jsonl(tmp_path / "web" / "a.jsonl", _rows(GOOD))
+    steps = '[[steps]]\ntype = "pii"\n\n[[steps]]\ntype = "dedup"\n'
+    slurm = '[executor]\nkind = "slurm"\ntasks = 8\npartition = "cpu"\ntime = "02:00:00"\ncpus_per_task = 2\n'
+    config = load_config(_config(tmp_path, steps=steps, extra=slurm))
+    executors = make_executors(build_stages(config, tmp_path / "out"), config, tmp_path / "out" / "logs")
+    assert [(type(e).__name__, e.tasks) for e in executors] == [
+        ("SlurmPipelineExecutor", 8),
+        ("SlurmPipelineExecutor", 8),
+        ("SlurmPipelineExecutor", 1),
+        ("SlurmPipelineExecutor", 8),
+        ("SlurmPipelineExecutor", 14),
+        ("SlurmPipelineExecutor", 1),
+        ("SlurmPipelineExecutor", 8),
+    ]
+    assert all(e.depends is before for before, e in zip(executors, executors[1:], strict=False))
+    assert executors[0].cpus_per_task == 2 and executors[0].partition == "cpu"
+    config.executor.options.pop("partition")
+    with pytest.raises(ConfigError, match="slurm' needs partition"):
+        make_executors(build_stages(config, tmp_path / "out"), config, tmp_path / "out" / "logs")

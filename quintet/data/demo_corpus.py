@@ -642,6 +642,7 @@ def _score_dedup(labels: dict[str, Label], reached: set[str], kept: set[str]) ->
             "recall": _ratio(removed, expected),
             "groups_with_one_survivor": groups_ok,
         }
+    result["should_survive"] = should_survive
     result["false_removals"] = false_removed
     result["false_removal_rate"] = false_removed / should_survive if should_survive else 0.0
     return result

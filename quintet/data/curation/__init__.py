@@ -1,8 +1,8 @@
 """Aurora-M style data curation as datatrove pipelines (see docs/data.md).
 
-    from quintet.data.curation import curate
-    result = curate("configs/curation-demo.toml", out_dir="runs/curation", data_root="runs/demo-corpus")
-    print(result.stats["output"])
+from quintet.data.curation import curate
+result = curate("configs/curation-demo.toml", out_dir="runs/curation", data_root="runs/demo-corpus")
+print(result.stats["output"])
 """
 
 from quintet.data.curation.config import ConfigError, CurationConfig, load_config

@@ -2,7 +2,8 @@
 
 datatrove's `BaseFilter` counts `total`, `forwarded`, `dropped` and `dropped_<reason>` per step. Ours add
 the same counters per language, named `<lang>/total`, `<lang>/forwarded`, `<lang>/dropped` and
-`<lang>/dropped_<reason>`, so the statistics can be broken down by language (`stats.py` reads them back).
+`<lang>/dropped_<reason>`, so the statistics can be broken down by language (`stats.py` reads them back),
+and `input_bytes` (UTF-8 bytes of text entering the step), for throughput in MB/s.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ class CurationFilter(BaseFilter):
     def run(self, data: DocumentsPipeline, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
         with self.exclusion_writer if self.exclusion_writer else contextlib.nullcontext() as writer:
             for doc in data:
+                self.stat_update("input_bytes", value=len(doc.text.encode("utf-8")))
                 with self.track_time():
                     keep, reason = get_filter_result(self.filter(doc))
                 lang = document_language(doc)  # after filter(): the language step sets it
@@ -69,4 +71,5 @@ class LanguageCounter(PipelineStep):
             if self.tag:
                 doc.metadata.setdefault("language", lang)
             self.stat_update(StatHints.total, f"{lang}/{StatHints.total}")
+            self.stat_update("input_bytes", value=len(doc.text.encode("utf-8")))
             yield doc

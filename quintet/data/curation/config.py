@@ -95,7 +95,7 @@ class OutputConfig:
 class ExecutorConfig:
     kind: str = "local"
     tasks: int = 1
-    workers: int = 1
+    workers: int | None = None  # local: 1 unless given; Slurm/Ray: datatrove's default (no limit)
     options: dict[str, Any] = field(default_factory=dict)
 
 
@@ -398,8 +398,10 @@ def _executor(loc: _Locator, raw: Any) -> ExecutorConfig:
     kind = raw.pop("kind", "local")
     if kind not in EXECUTORS:
         raise loc.error(f"executor.kind = {kind!r}: valid are {', '.join(EXECUTORS)}", key="kind", value=kind)
-    tasks, workers = raw.pop("tasks", 1), raw.pop("workers", 1)
+    tasks, workers = raw.pop("tasks", 1), raw.pop("workers", None)
     for key, value in (("tasks", tasks), ("workers", workers)):
-        if not isinstance(value, int) or value < 1:
+        if key == "workers" and value is None:
+            continue
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise loc.error(f"executor.{key} = {value!r}: expected a positive integer", key=key)
     return ExecutorConfig(kind, tasks, workers, raw)

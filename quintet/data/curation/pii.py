@@ -135,6 +135,7 @@ class PIIRedactor(PipelineStep):
     def run(self, data: DocumentsPipeline, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
         for doc in data:
             lang = document_language(doc)
+            self.stat_update("input_bytes", value=len(doc.text.encode("utf-8")))
             with self.track_time():
                 doc.text, counts = redact_pii(doc.text, self.kinds)
             self.stat_update(StatHints.total, f"{lang}/{StatHints.total}", f"{lang}/{StatHints.forwarded}")

@@ -9,6 +9,7 @@ Output folder:
     logs/<stage>/                         datatrove's logs, per-task statistics and completion markers
     work/                                 the filtered documents and dedup signatures between stages
     curation.json                         the config and its fingerprint
+    timing.json                           wall-clock seconds of each stage (of the last run)
 
 A run that is killed is resumed by running it again with the same output folder: datatrove skips the tasks
 whose completion marker exists and reruns the others from the start, overwriting their partial files, so no
@@ -17,7 +18,11 @@ document is written twice. A different config in the same folder is refused.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -52,7 +57,7 @@ class CurationResult:
     out_dir: Path
     curated_dir: Path
     dropped_dir: Path | None
-    stats: dict[str, Any] | None  # None when the stages were handed to Slurm or Ray and still run
+    stats: dict[str, Any] | None  # None when the stages were submitted to Slurm and still run
     stats_paths: dict[str, Path]
 
 
@@ -174,16 +179,19 @@ def _drop_code_step(config: CurationConfig, dropped: Path | None) -> PipelineSte
     )
 
 
-def _executors(stages: list[Stage], config: CurationConfig, logs: Path) -> list[Any]:
+def make_executors(stages: list[Stage], config: CurationConfig, logs: Path) -> list[Any]:
+    """One datatrove executor per stage; on Slurm and Ray each depends on the one before."""
     ex = config.executor
     executors: list[Any] = []
     for stage in stages:
-        common = {"tasks": stage.tasks, "logging_dir": str(logs / stage.name)}
+        common = {"tasks": stage.tasks, "logging_dir": str(logs / stage.name), **ex.options}
+        if ex.workers is not None:
+            common["workers"] = min(ex.workers, stage.tasks)
         if ex.kind == "local":
             from datatrove.executor import LocalPipelineExecutor
 
-            workers = min(ex.workers, stage.tasks)
-            executors.append(LocalPipelineExecutor(stage.pipeline, workers=workers, **common, **ex.options))
+            common.setdefault("workers", 1)
+            executors.append(LocalPipelineExecutor(stage.pipeline, **common))
         elif ex.kind == "slurm":
             from datatrove.executor import SlurmPipelineExecutor
 
@@ -191,14 +199,13 @@ def _executors(stages: list[Stage], config: CurationConfig, logs: Path) -> list[
             if missing:
                 raise ConfigError(f"{config.source}: executor.kind = 'slurm' needs {' and '.join(missing)}")
             depends = executors[-1] if executors else None
-            options = {"job_name": f"quintet-{stage.name}", "workers": ex.workers, **ex.options}
-            executors.append(SlurmPipelineExecutor(stage.pipeline, depends=depends, **common, **options))
+            common.setdefault("job_name", f"quintet-{stage.name}")
+            executors.append(SlurmPipelineExecutor(stage.pipeline, depends=depends, **common))
         else:
             from datatrove.executor import RayPipelineExecutor
 
             depends = executors[-1] if executors else None
-            options = {"workers": ex.workers, **ex.options}
-            executors.append(RayPipelineExecutor(stage.pipeline, depends=depends, **common, **options))
+            executors.append(RayPipelineExecutor(stage.pipeline, depends=depends, **common))
     return executors
 
 
@@ -226,9 +233,9 @@ def curate(
 ) -> CurationResult:
     """Run the curation `config` describes into `out_dir`, or resume it there; returns paths and statistics.
 
-    With the local executor the stages run one after another and the statistics are written at the end.
-    With Slurm or Ray the stages are submitted with dependencies and this returns at once (`stats` None):
-    run `curation_report(out_dir)` when they have finished.
+    With the local and Ray executors the stages run one after another and the statistics are written at
+    the end. With Slurm every stage is submitted as a job array depending on the one before, and this
+    returns at once (`stats` None): run `curation_report(out_dir)` when the jobs have finished.
     """
     if not isinstance(config, CurationConfig):
         config = load_config(config, data_root=data_root)
@@ -236,21 +243,22 @@ def curate(
     check_inputs(config)
     out.mkdir(parents=True, exist_ok=True)
     _claim_output(config, out)
-    executors = _executors(build_stages(config, out), config, out / "logs")
+    stages = build_stages(config, out)
+    executors = make_executors(stages, config, out / "logs")
     dropped = out / "dropped" if config.output.write_dropped else None
-    if config.executor.kind != "local":
-        executors[-1].run()  # launches the stages it depends on
+    if config.executor.kind == "slurm":
+        executors[-1].run()  # submits every stage, each depending on the one before, and returns
         return CurationResult(out, out / "curated", dropped, None, {})
-    from loguru import logger
-
-    if quiet:  # datatrove's per-file and per-task INFO lines; our own warnings (skipped lines) still show
-        logger.disable("datatrove")
-    try:
-        for executor in executors:
+    if config.executor.kind == "ray":
+        executors[-1].run()  # runs the stages it depends on first, then itself
+        return curation_report(out, dropped)
+    timing: dict[str, float] = {}
+    with _quiet_datatrove(quiet):
+        for stage, executor in zip(stages, executors, strict=True):
+            start = time.perf_counter()
             executor.run()
-    finally:
-        if quiet:
-            logger.enable("datatrove")
+            timing[stage.name] = round(time.perf_counter() - start, 3)
+    atomic_write_text(out / "timing.json", json.dumps({"stage_wall_s": timing}, indent=2) + "\n")
     return curation_report(out, dropped)
 
 
@@ -261,3 +269,26 @@ def curation_report(out_dir: str | Path, dropped_dir: Path | None = None) -> Cur
     paths = write_stats(stats, out)
     dropped = dropped_dir or (out / "dropped" if (out / "dropped").is_dir() else None)
     return CurationResult(out, out / "curated", dropped, stats, paths)
+
+
+@contextlib.contextmanager
+def _quiet_datatrove(quiet: bool) -> Iterator[None]:
+    """Without datatrove's per-file and per-task INFO lines (our warnings, e.g. skipped lines, still show).
+
+    In this process by disabling datatrove's loguru messages; in worker processes, which import loguru
+    afresh, through LOGURU_LEVEL. Both are restored afterwards.
+    """
+    if not quiet:
+        yield
+        return
+    from loguru import logger
+
+    previous = os.environ.get("LOGURU_LEVEL")
+    os.environ.setdefault("LOGURU_LEVEL", "WARNING")
+    logger.disable("datatrove")
+    try:
+        yield
+    finally:
+        logger.enable("datatrove")
+        if previous is None:
+            os.environ.pop("LOGURU_LEVEL", None)

@@ -71,6 +71,8 @@ def _step_report(name: str, counters: dict[str, float], seconds: float) -> dict[
         metric = metric if slash else key
         if metric.startswith("dropped_"):
             (target["reasons"] if target is not None else reasons)[metric[len("dropped_") :]] = int(value)
+        elif metric == "input_bytes":
+            continue
         elif metric in ("total", "dropped", "forwarded"):
             if target is not None:
                 target["kept" if metric == "forwarded" else metric] = int(value)
@@ -85,6 +87,7 @@ def _step_report(name: str, counters: dict[str, float], seconds: float) -> dict[
         "total": total,
         "kept": kept,
         "dropped": int(counters.get("dropped", 0)),
+        "input_bytes": int(counters.get("input_bytes", 0)),
         "reasons": dict(sorted(reasons.items(), key=lambda kv: -kv[1])),
         "extra": extra,
         "by_language": by_lang,
@@ -132,6 +135,11 @@ def collect_stats(out_dir: str | Path) -> dict[str, Any]:
         "stage_time_s": stage_time,
         "step_time_s": _block_times(stages),
     }
+    timing = Path(out_dir) / "timing.json"
+    if timing.is_file():
+        report["stage_wall_s"] = json.loads(timing.read_text())["stage_wall_s"]
+    dedup_input = counters_by_name.get("dedup_input", {})
+    report["dedup_input_bytes"] = int(dedup_input.get("input_bytes", 0))
     report["languages"] = _language_table(report)
     report["languages_summary"] = _fold_other_languages(report["languages"], _targets(Path(out_dir)))
     return report
