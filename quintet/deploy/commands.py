@@ -34,11 +34,11 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     from quintet.deploy.memory_plan import format_plan, parse_sizes, plan_model
 
     sizes = [parse_sizes(s) for s in args.at] if args.at else None
-    plan = plan_model(args.model, new_tokens=args.new_tokens, batch=args.batch)
+    plans = plan_model(args.model, kinds=tuple(args.kind or ("decode", "prefill")), batch=args.batch)
     if args.json:
-        print(json.dumps(plan.to_dict(sizes), indent=2))
+        print(json.dumps([p.to_dict(sizes) for p in plans], indent=2))
     else:
-        print(format_plan(plan, sizes, verbose=args.verbose))
+        print("\n\n".join(format_plan(p, sizes, verbose=args.verbose) for p in plans))
     return 0
 
 
@@ -58,19 +58,24 @@ def add_deploy_parser(subparsers: argparse._SubParsersAction) -> argparse.Argume
     q.add_argument("--gptq-seq-len", type=int, default=256, help="tokens per calibration sequence")
     q.set_defaults(func=_cmd_quantize)
 
-    p = sub.add_parser(
-        "plan", help="symbolic shapes and the memory plan of one forward step of a Jamba model"
-    )
-    p.add_argument("model", help="model folder (float or quantized)")
+    p = sub.add_parser("plan", help="symbolic shapes and the memory plan of a Jamba model's engine steps")
+    p.add_argument("model", help="model folder (float: the bfloat16 engine; quantized: the FP4 engine)")
     p.add_argument(
         "--at",
         action="append",
         metavar="b=1,L=1,P=1024",
-        help="evaluate the plan at these sizes (batch b, new tokens L, past length P); repeatable",
+        help="evaluate the plan at these sizes (batch b, new tokens L, past tokens P); repeatable",
     )
-    p.add_argument("--new-tokens", choices=["any", "one"], default="any", help="'one' plans the decode step")
-    p.add_argument("--batch", type=int, default=None, help="fix the batch size (default: symbolic)")
-    p.add_argument("--verbose", action="store_true", help="list every tensor's shape and buffer")
+    p.add_argument(
+        "--kind",
+        action="append",
+        choices=["decode", "prefill", "chunk"],
+        help="step kinds to plan (default: decode and prefill); repeatable",
+    )
+    p.add_argument(
+        "--batch", type=int, default=None, help="fix the batch size (default: 1 for decode, else b)"
+    )
+    p.add_argument("--verbose", action="store_true", help="list every buffer and every op's shapes")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=_cmd_plan)
     return deploy

@@ -51,23 +51,24 @@ DEFAULT_PAD = 64
 
 # ---------------------------------------------------------------------------------------------- attention
 def engine_attention_mask(
-    attn_mask: torch.Tensor | None, past: int, length: int, keys: int, device: torch.device
+    attn_mask: torch.Tensor | None, past: int, length: int, keys: int, device: torch.device, padded: bool
 ) -> torch.Tensor | None:
-    """The boolean (b or 1, 1, L, keys) mask over `keys` >= past + L key slots (the tail is padding).
+    """The boolean (b or 1, 1, L, keys) mask over `keys` >= past + L key slots, the tail being padding.
 
     `attn_mask` is what the model built for its own cache: None (plain causal, or one query seeing every
-    past key) or (b, 1, L, past + L). Returns None when every slot may be attended.
+    past key) or (b, 1, L, past + L). `padded`: the cache pads the key length (then a mask is always
+    built, so the ops of a step do not depend on where in its block of 64 the length falls). Returns None
+    when every slot may be attended.
     """
-    real = past + length
     if attn_mask is not None:
-        if keys == real:
+        if not padded:
             return attn_mask
         out = torch.zeros(*attn_mask.shape[:-1], keys, dtype=torch.bool, device=device)
-        out[..., :real] = attn_mask
+        out[..., : past + length] = attn_mask
         return out
-    if keys == real and length == 1:
+    if length == 1 and not padded:
         return None
-    q_pos = torch.arange(past, real, device=device)[:, None]
+    q_pos = torch.arange(past, past + length, device=device)[:, None]
     k_pos = torch.arange(keys, device=device)[None, :]
     return (k_pos <= q_pos)[None, None]
 
@@ -102,7 +103,8 @@ class EngineAttention(nn.Module):
         past = cache.get_seq_length() if cache is not None else 0
         if cache is not None:
             k, v = cache.update_kv(self.layer_idx, k, v)
-        mask = engine_attention_mask(attn_mask, past, L, k.shape[2], x.device)
+        padded = getattr(cache, "pad_multiple", 1) > 1
+        mask = engine_attention_mask(attn_mask, past, L, k.shape[2], x.device, padded)
         if mask is not None and g > 1 and L > 1:  # one query per group row: a (.., 1, keys) mask broadcasts
             mask = mask.repeat(1, 1, g, 1)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
@@ -368,6 +370,9 @@ class JambaEngine(nn.Module):
             for p in module.parameters(recurse=False):
                 if p.is_floating_point():
                     p.data = p.data.to(dtype)
+        for module in lm.modules():
+            if isinstance(module, M0E4Linear) and not module.prepared:
+                module.prepare()
         for i, layer in enumerate(lm.model.layers):
             lm.model.layers[i] = EngineDecoderLayer(layer, i, fuse=fuse)
         self.lm = lm.eval()

@@ -50,7 +50,7 @@ def merge_linears(modules: list[nn.Module]) -> nn.Module:
         if has_bias:
             merged.bias = nn.Parameter(torch.cat([m.bias for m in modules]))
         merged.int4_max_rows = first.int4_max_rows
-        if first._int4 is not None or first._prefill_weight is not None:
+        if first.prepared:
             merged.prepare(prefill_weight=first._prefill_weight is not None)
         return merged
     if any(not isinstance(m, nn.Linear) for m in modules):

@@ -104,6 +104,10 @@ class M0E4Linear(nn.Module):
     def codes(self) -> torch.Tensor:
         return unpack_codes(self.qweight)
 
+    @property
+    def prepared(self) -> bool:
+        return self._int4 is not None or self._prefill_weight is not None
+
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return dequantize(self.codes(), self.scales, self.offsets, self.group_size, dtype)
 
@@ -123,7 +127,7 @@ class M0E4Linear(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._int4 is None and self._prefill_weight is None:
+        if not self.prepared:
             self.prepare()
         shape = x.shape
         x2 = x.reshape(-1, shape[-1]).to(torch.bfloat16)
