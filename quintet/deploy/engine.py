@@ -226,7 +226,7 @@ class EngineMamba(nn.Module):
         b, L, _ = h.shape
         if L == 1 and ssm_state is not None:  # decode: new tokens are never padding
             x, z = m.in_proj(h[:, 0]).split(self.d_inner, dim=-1)  # (b, d_inner) each
-            window = torch.cat([conv_state.to(x.dtype), x.unsqueeze(-1)], dim=-1)  # (b, d_inner, d_conv)
+            window = torch.cat([conv_state, x.unsqueeze(-1)], dim=-1)  # (b, d_inner, d_conv); same dtype
             x = (window * m.conv1d.weight[:, 0]).sum(-1)
             x = F.silu(x if m.conv1d.bias is None else x + m.conv1d.bias)
             dt, B, C = self._dbc(x)
@@ -371,7 +371,7 @@ class JambaEngine(nn.Module):
                 if p.is_floating_point():
                     p.data = p.data.to(dtype)
         for module in lm.modules():
-            if isinstance(module, M0E4Linear) and not module.prepared:
+            if isinstance(module, (M0E4Linear, M0E4Embedding)) and not module.prepared:
                 module.prepare()
         for i, layer in enumerate(lm.model.layers):
             lm.model.layers[i] = EngineDecoderLayer(layer, i, fuse=fuse)

@@ -20,7 +20,12 @@ from quintet.deploy.qlinear import M0E4Linear
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """Jamba's RMSNorm, `weight * (x / sqrt(mean(x^2) + eps))`, normalised in float32 by the native kernel."""
+    """Jamba's RMSNorm, `weight * (x / sqrt(mean(x^2) + eps))`, normalised in float32 by the native kernel.
+
+    In float32 one call does it all; in lower precision the normalised x is rounded before the weight
+    multiplies it, as Jamba's RMSNorm does."""
+    if x.dtype == torch.float32 and weight.dtype == torch.float32:
+        return F.rms_norm(x, (x.shape[-1],), weight, eps)
     return weight * F.rms_norm(x.float(), (x.shape[-1],), None, eps).to(x.dtype)
 
 

@@ -129,20 +129,23 @@ class M0E4Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.prepared:
             self.prepare()
-        shape = x.shape
-        x2 = x.reshape(-1, shape[-1]).to(torch.bfloat16)
+        x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+        if x2.dtype != torch.bfloat16:
+            x2 = x2.to(torch.bfloat16)
         path = _MATMUL_PATH.get()
         if self._int4 is not None and (
             path == "int4"
             or self._prefill_weight is None
             or (path == "auto" and x2.shape[0] <= self.int4_max_rows)
         ):
-            y = int4_matmul(x2.contiguous(), self._int4[0], self._int4[1], self.group_size)
+            y = int4_matmul(x2 if x2.is_contiguous() else x2.contiguous(), *self._int4, self.group_size)
         else:
             y = F.linear(x2, self._prefill_weight)
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
-        return y.to(x.dtype).view(*shape[:-1], self.out_features)
+        if x.dtype != torch.bfloat16:
+            y = y.to(x.dtype)
+        return y if x.dim() == 2 else y.view(*x.shape[:-1], self.out_features)
 
 
 class M0E4Embedding(nn.Module):
@@ -185,12 +188,25 @@ class M0E4Embedding(nn.Module):
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return dequantize(unpack_codes(self.qweight), self.scales, self.offsets, self.group_size, dtype)
 
+    @property
+    def prepared(self) -> bool:
+        return getattr(self, "_lut", None) is not None
+
+    @torch.no_grad()
+    def prepare(self) -> None:
+        """The run-time tables: byte -> the two h = 1 + q/16 it packs (by the bit trick), and each group's
+        (c, S) in float32."""
+        every_byte = torch.arange(256, dtype=torch.uint8, device=self.qweight.device)
+        self._lut = code_to_fp16(unpack_codes(every_byte.view(256, 1))).float()  # (256, 2)
+        self._params = torch.stack([self.offsets.float(), self.scales.float()], dim=-1)  # (V, groups, 2)
+
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        n = ids.numel()
+        if not self.prepared:
+            self.prepare()
+        lut, params = self._lut, self._params
+        flat = ids.reshape(-1)
         g = self.embedding_dim // self.group_size
-        codes = unpack_codes(self.qweight[ids.reshape(-1)]).view(n, g, self.group_size)
-        h = code_to_fp16(codes).float()
-        S = self.scales[ids.reshape(-1)].float().unsqueeze(-1)
-        c = self.offsets[ids.reshape(-1)].float().unsqueeze(-1)
-        w = ((h - c) * S).view(*ids.shape, self.embedding_dim)
-        return w.to(self.out_dtype)
+        h = lut[self.qweight[flat].int()].view(-1, g, self.group_size)  # (n, groups, group_size)
+        p = params[flat]  # (n, groups, 2)
+        w = (h - p[..., :1]) * p[..., 1:]
+        return w.view(*ids.shape, self.embedding_dim).to(self.out_dtype)
