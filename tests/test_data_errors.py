@@ -267,3 +267,55 @@ def test_slurm_stages_are_chained(tmp_path):
     config.executor.options.pop("partition")
     with pytest.raises(ConfigError, match="slurm' needs partition"):
         make_executors(build_stages(config, tmp_path / "out"), config, tmp_path / "out" / "logs")
+
+
+def test_parquet_output_and_folder_inputs(tmp_path):
+    """Parquet in and out, a text folder with a declared language, code by extension; shards read Parquet."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from quintet.data.shards import load_index, tokenize_curated
+    from quintet.data.tokenizer_training import train_tokenizer
+
+    (tmp_path / "web").mkdir()
+    pq.write_table(
+        pa.Table.from_pylist([{"id": f"p{i}", "text": t, "lang": "en"} for i, t in enumerate(GOOD)]),
+        tmp_path / "web" / "a.parquet",
+    )
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "n1.txt").write_text("Kirjasto aukeaa aikaisin lauantaisin.", encoding="utf-8")
+    (tmp_path / "src" / "pkg").mkdir(parents=True)
+    (tmp_path / "src" / "pkg" / "mod.py").write_text("def f(x):\n    return x + 1\n")
+    (tmp_path / "src" / "notes.md").write_text("not code")
+    inputs = (
+        '[[inputs]]\nname = "web"\ntype = "parquet"\npath = "web"\n\n'
+        '[[inputs]]\nname = "notes"\ntype = "text"\npath = "notes"\nlang = "fi"\n\n'
+        '[[inputs]]\nname = "src"\ntype = "code"\npath = "src"\nextensions = [".py"]\n'
+    )
+    config = _config(tmp_path, inputs=inputs, extra='[output]\nformat = "parquet"\n')
+    result = curate(config, tmp_path / "out")
+    rows = {
+        p.parent.name: pq.read_table(p).to_pylist() for p in (tmp_path / "out" / "curated").rglob("*.parquet")
+    }
+    assert sorted(rows) == ["code", "en", "fi"]
+    assert (
+        rows["code"][0]["id"] == "pkg/mod.py"
+        and json.loads(rows["code"][0]["metadata"])["code_language"] == "python"
+    )
+    assert rows["fi"][0]["source"] == "notes" and len(rows["en"]) == 3
+    assert result.stats["inputs"]["src"]["files"] == 1
+    tokenizer = train_tokenizer(
+        tmp_path / "out" / "curated", tmp_path / "tok", vocab_size=300, min_frequency=1
+    )
+    index = load_index(tokenize_curated(tmp_path / "out" / "curated", tokenizer, tmp_path / "shards"))
+    assert sum(s["train"]["documents"] + s["heldout"]["documents"] for s in index["sources"].values()) == 5
+
+
+def test_code_false_drops_code(tmp_path):
+    _write_jsonl(
+        tmp_path / "web" / "a.jsonl",
+        [*_rows(GOOD[:2]), json.dumps({"id": "c", "text": "x = 1", "lang": "code"})],
+    )
+    result = curate(_config(tmp_path, extra="code = false"), tmp_path / "out")
+    assert result.stats["steps"][0]["step"] == "code" and result.stats["steps"][0]["reasons"] == {"code": 1}
+    assert result.stats["output"]["documents"] == 2

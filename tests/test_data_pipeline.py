@@ -183,3 +183,23 @@ def test_cli_commands(run, tmp_path, capsys):
     assert "wrote" in capsys.readouterr().out
     assert _cli(["data", "demo-corpus", "--out", str(tmp_path / "corpus"), "--seed", "1"]) == 0
     assert Path(tmp_path / "corpus" / "labels.jsonl").is_file()
+
+
+@pytest.mark.slow
+def test_run_data_demo(tmp_path):
+    from quintet.data.commands import run_data_demo
+
+    paths = run_data_demo(tmp_path, verbose=False)
+    assert set(paths) == {
+        "corpus",
+        "curated",
+        "stats_json",
+        "stats_markdown",
+        "stats_png",
+        "scores",
+        "tokenizer",
+        "shard_index",
+    }
+    assert all(Path(p).exists() for p in paths.values())
+    scores = json.loads(paths["scores"].read_text())
+    assert all(s["precision"] >= 0.95 and s["recall"] >= 0.95 for s in scores["filters"].values())

@@ -4,7 +4,7 @@ The detector considers every language lingua knows (75), not only the targets: a
 recognised as German, not as the closest of English/Finnish/Hindi/Japanese/Vietnamese. A document is kept
 when its most likely language is a target and lingua's confidence in it reaches the threshold (one value,
 or one per language). Code (`declared_lang == "code"`, set by the code reader or a row's `lang`) skips
-detection and is kept as code.
+detection and is kept as code (`code = false` in a config drops it, with `CodeFilter`).
 
 Sets `metadata["language"]` (ISO 639-1) and `metadata["language_score"]`. Drop reasons: `other_language`
 (with a `detected_<code>` count per language found) and `low_confidence`.
@@ -54,7 +54,6 @@ class LanguageFilter(CurationFilter):
         candidates: list[str] | None = None,
         max_chars: int = 2000,
         accuracy: str = "high",
-        keep_code: bool = True,
         exclusion_writer: DiskWriter | None = None,
         name: str = "language",
     ):
@@ -76,7 +75,6 @@ class LanguageFilter(CurationFilter):
             raise ValueError(f"language accuracy = {accuracy!r}: valid are 'high', 'low'")
         self.max_chars = max_chars
         self.accuracy = accuracy
-        self.keep_code = keep_code
         self._detector = None
 
     def __getstate__(self) -> dict[str, Any]:
@@ -108,10 +106,8 @@ class LanguageFilter(CurationFilter):
 
     def filter(self, doc: Document) -> bool | tuple[bool, str]:
         if doc.metadata.get("declared_lang") == CODE:
-            if self.keep_code:
-                doc.metadata["language"] = CODE
-                return True
-            return False, "code"
+            doc.metadata["language"] = CODE
+            return True
         lang, score = self.detect(doc.text)
         doc.metadata["language"] = lang
         doc.metadata["language_score"] = round(score, 4)
@@ -121,3 +117,14 @@ class LanguageFilter(CurationFilter):
         if score < self.thresholds[lang]:
             return False, "low_confidence"
         return True
+
+
+class CodeFilter(CurationFilter):
+    """Drops source code (`declared_lang == "code"`): what `code = false` in a config adds first."""
+
+    def __init__(self, exclusion_writer: DiskWriter | None = None, name: str = "code"):
+        self.name = name
+        super().__init__(exclusion_writer)
+
+    def filter(self, doc: Document) -> bool | tuple[bool, str]:
+        return (False, "code") if doc.metadata.get("declared_lang") == CODE else True

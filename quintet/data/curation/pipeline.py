@@ -33,8 +33,10 @@ from datatrove.pipeline.readers import JsonlReader
 from datatrove.pipeline.writers import JsonlWriter, ParquetWriter
 from datatrove.pipeline.writers.disk_base import DiskWriter
 
+from quintet.data.curation.base import LanguageCounter
 from quintet.data.curation.config import ConfigError, CurationConfig, build_step, load_config
 from quintet.data.curation.dedup import Stage, dedup_stages
+from quintet.data.curation.language import CodeFilter
 from quintet.data.curation.readers import (
     CurationInputError,
     JsonlDocumentReader,
@@ -143,13 +145,11 @@ def build_stages(config: CurationConfig, out_dir: Path) -> list[Stage]:
         writer = _dropped_writer(dropped / step.name, step.name) if dropped else None
         steps.append(build_step(step, config.languages, exclusion_writer=writer))
     if not config.code:
-        steps.insert(0, _drop_code_step(config, dropped))
+        steps.insert(0, _drop_code_step(dropped))
     readers = make_readers(config, dropped / "skipped" if dropped else None)
     final_writer = _final_writer(config, out_dir / "curated")
     settings = config.dedup
     if settings is None:
-        from quintet.data.curation.base import LanguageCounter
-
         return [Stage("filter", [*readers, *steps, LanguageCounter("output", tag=True), final_writer], tasks)]
     filtered = work / "filtered"
     filter_stage = Stage(
@@ -170,13 +170,9 @@ def build_stages(config: CurationConfig, out_dir: Path) -> list[Stage]:
     ]
 
 
-def _drop_code_step(config: CurationConfig, dropped: Path | None) -> PipelineStep:
-    from quintet.data.curation.language import LanguageFilter
-
+def _drop_code_step(dropped: Path | None) -> PipelineStep:
     writer = _dropped_writer(dropped / "code", "code") if dropped else None
-    return LanguageFilter(
-        config.languages, threshold=0.0, keep_code=False, exclusion_writer=writer, name="code"
-    )
+    return CodeFilter(exclusion_writer=writer)
 
 
 def make_executors(stages: list[Stage], config: CurationConfig, logs: Path) -> list[Any]:
