@@ -7,7 +7,7 @@ print(result.stats["output"])
 
 from quintet.data.curation.config import ConfigError, CurationConfig, load_config
 from quintet.data.curation.dedup import DedupSettings
-from quintet.data.curation.language import LanguageFilter
+from quintet.data.curation.language import CodeFilter, LanguageFilter
 from quintet.data.curation.numbers import NumberHeavyFilter
 from quintet.data.curation.pii import PIIRedactor, redact_pii
 from quintet.data.curation.pipeline import CurationResult, build_stages, curate, curation_report
@@ -21,6 +21,7 @@ from quintet.data.curation.readers import (
 from quintet.data.curation.toxicity import ToxicityFilter
 
 __all__ = [
+    "CodeFilter",
     "ConfigError",
     "CurationConfig",
     "CurationInputError",
