@@ -122,3 +122,43 @@ def test_lm_eval_task_yaml_points_at_the_same_file(task, tmp_path):
     ctx.write_text(json.dumps({"context": "q", "choices": ["a", "b"], "answer": 0}) + "\n")
     with pytest.raises(EvalDataError, match="no 'question'"):
         write_lm_eval_task(ctx, tmp_path / "tasks")
+
+
+def test_cli_mc_and_perplexity_print_and_write_json(model, task, tmp_path, capsys):
+    import argparse
+
+    from quintet.eval.commands import add_eval_parser
+
+    model.save_pretrained(tmp_path / "model")
+    texts = tmp_path / "held.jsonl"
+    texts.write_text('{"text": "Hello there.", "lang": "en"}\n{"text": "Hei vaan.", "lang": "fi"}\n')
+    parser = argparse.ArgumentParser()
+    add_eval_parser(parser.add_subparsers(dest="command", required=True))
+    for argv in (
+        [
+            "eval",
+            "mc",
+            "--model",
+            str(tmp_path / "model"),
+            "--task",
+            str(task),
+            "--out",
+            str(tmp_path / "mc.json"),
+        ],
+        [
+            "eval",
+            "perplexity",
+            "--model",
+            str(tmp_path / "model"),
+            "--data",
+            str(texts),
+            "--out",
+            str(tmp_path / "p.json"),
+        ],
+    ):
+        args = parser.parse_args(argv)
+        assert args.func(args) == 0
+    printed = capsys.readouterr().out
+    assert '"acc"' in printed and "bits/byte" in printed
+    assert json.loads((tmp_path / "mc.json").read_text())["n"] == len(ITEMS)
+    assert set(json.loads((tmp_path / "p.json").read_text())["languages"]) == {"en", "fi", "all"}
