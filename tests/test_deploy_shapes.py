@@ -41,7 +41,7 @@ def graphs(engine):
 
 GRID = {
     ("decode", 1): [(1, 1, p) for p in (1, 63, 64, 130)],
-    ("decode", None): [(2, 1, 1), (3, 1, 64), (5, 1, 100)],
+    ("decode", None): [(2, 1, 1), (3, 1, 64), (4, 1, 100)],
     ("prefill", None): [(1, 2, 0), (2, 7, 0), (3, 64, 0), (1, 65, 0)],
     ("chunk", None): [(1, 2, 1), (3, 9, 60), (2, 2, 200)],
 }
@@ -55,6 +55,14 @@ def test_symbolic_shapes_equal_actual_shapes_over_a_grid(engine, graphs, key):
         actual = record_step(engine, key[0], b, L, P)
         assert guards_hold(graph, actual.values), (b, L, P, graph.guards)
         assert compare(graph, actual) == [], (b, L, P)
+
+
+def test_guards_say_where_a_trace_holds(graphs):
+    """Batched decode runs the int4 kernel up to INT4_MAX_ROWS rows: beyond, the step is another graph."""
+    graph = graphs[("decode", None)]
+    assert guards_hold(graph, {"b": 4, "P": 10})
+    assert not guards_hold(graph, {"b": 5, "P": 10})
+    assert not guards_hold(graph, {"b": 2, "P": 600})  # past the cache's 512 slots
 
 
 def test_shapes_are_formulas_in_the_step_sizes(graphs):

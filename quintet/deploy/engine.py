@@ -196,6 +196,7 @@ class EngineMamba(nn.Module):
             self.register_buffer("A", -torch.exp(mixer.A_log.float()), persistent=False)
             self.register_buffer("D", mixer.D.float(), persistent=False)
             self.register_buffer("dt_bias", mixer.dt_proj.bias.float(), persistent=False)
+            self.register_buffer("conv_w", mixer.conv1d.weight[:, 0].clone(), persistent=False)
 
     def _scan(self, *args) -> tuple[torch.Tensor, torch.Tensor]:
         if _TRACE.get() is not None:
@@ -227,7 +228,7 @@ class EngineMamba(nn.Module):
         if L == 1 and ssm_state is not None:  # decode: new tokens are never padding
             x, z = m.in_proj(h[:, 0]).split(self.d_inner, dim=-1)  # (b, d_inner) each
             window = torch.cat([conv_state, x.unsqueeze(-1)], dim=-1)  # (b, d_inner, d_conv); same dtype
-            x = (window * m.conv1d.weight[:, 0]).sum(-1)
+            x = torch.linalg.vecdot(window, self.conv_w)
             x = F.silu(x if m.conv1d.bias is None else x + m.conv1d.bias)
             dt, B, C = self._dbc(x)
             y, new_state = self._step(ssm_state, x, dt, self.A, B, C, self.D, z, self.dt_bias)
@@ -280,9 +281,10 @@ class EngineMoE(nn.Module):
         weights = weights.to(x.dtype)
         if x.shape[0] == 1:
             chosen = experts[0].tolist() if trace is None else trace.decode_experts(self.layer_idx, experts)
+            scale = weights[0].tolist() if trace is None else weights[0].unbind()
             out = None
-            for j, e in enumerate(chosen):
-                y = blk.experts[e](x) * weights[0, j]
+            for e, w in zip(chosen, scale, strict=True):
+                y = blk.experts[e](x) * w
                 out = y if out is None else out + y
             return out.view(shape), router_logits
         flat = experts.reshape(-1)

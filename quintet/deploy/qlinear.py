@@ -35,7 +35,7 @@ from quintet.deploy.m0e4 import (
     unpack_codes,
 )
 
-INT4_MAX_ROWS = 8  # at most this many rows go through the int4 kernel (see benchmarks/deploy_fusions.py)
+INT4_MAX_ROWS = 4  # at most this many rows go through the int4 kernel (benchmarks/deploy_fusions.py)
 MATMUL_PATHS = ("auto", "int4", "bf16")
 _MATMUL_PATH: ContextVar[str] = ContextVar("m0e4_matmul_path", default="auto")
 

@@ -1,0 +1,170 @@
+"""Each fusion of the deployment engine against its unfused form, on jamba-small's shapes, one process.
+
+    python benchmarks/deploy_fusions.py [--threads 1] [--runs 7] [--out runs/benchmarks/deploy_fusions.json]
+
+- residual + RMSNorm: `x + h` then Jamba's RMSNorm (five element-wise ops) against `add_rms_norm`;
+- SwiGLU: gate and up as two matmuls against one merged gate/up matmul (M0E4 weights, jamba-small MLP);
+- merged QKV: three projections against one (M0E4, jamba-small attention: 512 -> 512 + 128 + 128);
+- dequantization inside the matmul: the int4 kernel against dequantizing the M0E4 weight and a bfloat16
+  matmul, per call; and the int4 kernel against the cached bfloat16 prefill weight by rows (the
+  prefill / decode split and INT4_MAX_ROWS);
+- the whole FP4 decode step with fusions on and off, and with float32 or bfloat16 activations.
+Decode = 1 row, prefill = 512 rows. Times are medians of --runs; "speedup" = unfused time / fused time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from timing import markdown_table, median_seconds, set_threads, write_results  # noqa: E402
+
+from quintet.deploy.engine import load_quantized  # noqa: E402
+from quintet.deploy.fusions import add_rms_norm, merge_linears  # noqa: E402
+from quintet.deploy.m0e4 import quantize_rtn  # noqa: E402
+from quintet.deploy.qlinear import M0E4Linear, matmul_path  # noqa: E402
+from quintet.deploy.quantize import quantize_folder  # noqa: E402
+from quintet.models.jamba import JambaConfig  # noqa: E402
+from quintet.models.jamba.create import create_model  # noqa: E402
+from quintet.models.jamba.norm import RMSNorm  # noqa: E402
+
+
+def _m0e4(n: int, k: int, group: int = 64) -> M0E4Linear:
+    layer = M0E4Linear.from_quantized(quantize_rtn(torch.randn(n, k) * 0.02, group))
+    layer.prepare()
+    return layer
+
+
+def _row(rows: list, name: str, shape: str, unfused, fused, runs: int) -> None:
+    t0, t1 = median_seconds(unfused, runs), median_seconds(fused, runs)
+    rows.append(
+        {"fusion": name, "shape": shape, "unfused us": t0 * 1e6, "fused us": t1 * 1e6, "speedup": t0 / t1}
+    )
+    print(f"  {rows[-1]}", file=sys.stderr, flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--runs", type=int, default=7)
+    parser.add_argument("--out", default="runs/benchmarks/deploy_fusions.json")
+    args = parser.parse_args()
+    set_threads(args.threads)
+    torch.manual_seed(0)
+    cfg = JambaConfig.from_preset("jamba-small")
+    h, inter = cfg.hidden_size, cfg.intermediate_size
+    rows: list[dict] = []
+    with torch.inference_mode():
+        # residual + RMSNorm
+        norm = RMSNorm(h)
+        norm.weight.data = torch.rand(h) + 0.5
+        for dtype in (torch.float32, torch.bfloat16):
+            norm = norm.to(dtype)
+            for m in (1, 512):
+                x, r = torch.randn(1, m, h, dtype=dtype), torch.randn(1, m, h, dtype=dtype)
+                _row(
+                    rows,
+                    "residual + RMSNorm",
+                    f"({m}, {h}) {str(dtype)[6:]}",
+                    lambda x=x, r=r, norm=norm: (lambda s: (s, norm(s)))(x + r),
+                    lambda x=x, r=r, norm=norm: add_rms_norm(x, r, norm.weight, norm.eps),
+                    args.runs,
+                )
+        # SwiGLU gate/up merged, QKV merged (M0E4)
+        gate, up = _m0e4(inter, h), _m0e4(inter, h)
+        gate_up = merge_linears([gate, up])
+        q, k, v = _m0e4(h, h), _m0e4(128, h), _m0e4(128, h)
+        qkv = merge_linears([q, k, v])
+        for m, path in ((1, "int4"), (512, "bf16")):
+            x = torch.randn(m, h)
+            with matmul_path(path):
+                _row(
+                    rows,
+                    "SwiGLU gate/up merged",
+                    f"({m}, {h}) -> 2 x {inter}, {path}",
+                    lambda x=x: F.silu(gate(x)) * up(x),
+                    lambda x=x: (lambda g, u: F.silu(g) * u)(*gate_up(x).split(inter, dim=-1)),
+                    args.runs,
+                )
+                _row(
+                    rows,
+                    "QKV merged",
+                    f"({m}, {h}) -> {h} + 128 + 128, {path}",
+                    lambda x=x: (q(x), k(x), v(x)),
+                    lambda x=x: qkv(x).split([h, 128, 128], dim=-1),
+                    args.runs,
+                )
+        # dequantization inside the matmul
+        for n, kk in ((2 * inter, h), (h, inter), (cfg.vocab_size, h)):
+            layer = _m0e4(n, kk)
+            x = torch.randn(1, kk).to(torch.bfloat16)
+            _row(
+                rows,
+                "dequant in the matmul (int4 kernel)",
+                f"(1, {kk}) x ({n}, {kk})",
+                lambda layer=layer, x=x: F.linear(x, layer.dequantized_weight(torch.bfloat16)),
+                lambda layer=layer, x=x: torch.ops.aten._weight_int4pack_mm_for_cpu(
+                    x, layer._int4[0], layer.group_size, layer._int4[1]
+                ),
+                args.runs,
+            )
+        layer = _m0e4(2 * inter, h)
+        for m in (1, 2, 4, 8, 16, 32, 128, 512):
+            x = torch.randn(m, h).to(torch.bfloat16)
+            _row(
+                rows,
+                "int4 kernel vs bf16 prefill weight",
+                f"({m}, {h}) x ({2 * inter}, {h})",
+                lambda x=x: F.linear(x, layer._prefill_weight),
+                lambda x=x: torch.ops.aten._weight_int4pack_mm_for_cpu(x, layer._int4[0], 64, layer._int4[1]),
+                args.runs,
+            )
+        # whole decode steps
+        with tempfile.TemporaryDirectory() as tmp:
+            create_model("jamba-small", Path(tmp) / "f", seed=0)
+            quantize_folder(Path(tmp) / "f", Path(tmp) / "q", group_size=64)
+            engines = {
+                "fused": load_quantized(Path(tmp) / "q"),
+                "unfused": load_quantized(Path(tmp) / "q", fuse=False),
+                "bf16 activations": load_quantized(Path(tmp) / "q", dtype=torch.bfloat16),
+            }
+            prompt = torch.randint(3, cfg.vocab_size, (1, 128), generator=torch.Generator().manual_seed(0))
+            steps = {}
+            for name, eng in engines.items():
+                cache = eng.new_cache()
+                eng(prompt, cache=cache)
+                token = torch.tensor([[5]])
+                steps[name] = lambda eng=eng, cache=cache, token=token: eng(
+                    token, cache=cache, logits_to_keep=1
+                )
+            _row(
+                rows,
+                "engine decode step: fusions",
+                "jamba-small FP4, past 128",
+                steps["unfused"],
+                steps["fused"],
+                args.runs,
+            )
+            _row(
+                rows,
+                "engine decode step: float32 activations",
+                "jamba-small FP4, past 128",
+                steps["bf16 activations"],
+                steps["fused"],
+                args.runs,
+            )
+    print(f"threads={args.threads}, median of {args.runs}; speedup = unfused / fused")
+    print(markdown_table(rows, ["fusion", "shape", "unfused us", "fused us", "speedup"]))
+    write_results(args.out, "deploy_fusions", rows, threads=args.threads, runs=args.runs)
+
+
+if __name__ == "__main__":
+    main()
