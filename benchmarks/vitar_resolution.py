@@ -72,7 +72,8 @@ def train_seed(args: argparse.Namespace, seed: int) -> dict:
     )
     out = Path(args.results_dir) / f"seed{seed}"
     trainers = {}
-    for name, (preset, overrides) in VARIANTS.items():
+    for name in args.models:
+        preset, overrides = VARIANTS[name]
         resolutions = [BASE] if name == "vit" else args.train_resolutions
         config = VisionTrainConfig(
             model=preset,
@@ -82,7 +83,7 @@ def train_seed(args: argparse.Namespace, seed: int) -> dict:
             **common,
         )
         trainers[name] = VisionTrainer(config)
-    vitars = [t for n, t in trainers.items() if n != "vit"]
+    vitars = [t for n, t in trainers.items() if n != "vit"] or list(trainers.values())
     losses: dict[str, list[float]] = {n: [] for n in trainers}
     start = time.perf_counter()
     for step in range(args.steps):
@@ -147,10 +148,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def count_model_flops(resolutions: list[int], token_budget: int) -> dict[str, dict[int, int | None]]:
+def count_model_flops(
+    names: list[str], resolutions: list[int], token_budget: int
+) -> dict[str, dict[int, int | None]]:
     """Counted FLOPs of one image per model and resolution (CPU, fresh weights); None over the budget."""
     flops: dict[str, dict[int, int | None]] = {}
-    for name, (preset, overrides) in VARIANTS.items():
+    for name in names:
+        preset, overrides = VARIANTS[name]
         model = build_model(preset_config(preset, **overrides)).eval()
         flops[name] = {}
         for r in resolutions:
@@ -163,94 +167,86 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
-def cmd_report(args: argparse.Namespace) -> int:
-    records = [json.loads(p.read_text()) for p in sorted(Path(args.results_dir).glob("seed*/result.json"))]
+def summarise(results_dir: str) -> tuple[dict, list[str], dict]:
+    """Mean +- std over the seeds of one run, counted FLOPs, the issue's checks; (report, lines, table)."""
+    records = [json.loads(p.read_text()) for p in sorted(Path(results_dir).glob("seed*/result.json"))]
     if not records:
-        raise SystemExit(f"{args.results_dir}: no seed*/result.json; run the train phase first")
+        raise SystemExit(f"{results_dir}: no seed*/result.json; run the train phase first")
     settings = records[0]["settings"]
     resolutions = [int(r) for r in settings["test_resolutions"]]
     budget = settings["vit_token_budget"]
-    flops = count_model_flops(resolutions, budget)
+    names = [n for n in VARIANTS if n in records[0]["accuracy"]]
+    if "vitar" not in names:
+        raise SystemExit(f"{results_dir}: the results have no 'vitar' model")
+    flops = count_model_flops([n for n in VARIANTS if n in names or n == "vit"], resolutions, budget)
     table: dict[str, dict[int, dict]] = {}
-    for name in VARIANTS:
+    for name in names:
         table[name] = {}
         for r in resolutions:
             accs = [rec["accuracy"][name][str(r)] for rec in records]
-            if any(a is None for a in accs):
-                table[name][r] = {"accuracy_mean": None, "accuracy_std": None, "flops": flops[name][r]}
-                continue
-            mean, std = _mean_std([100 * a for a in accs])
+            mean, std = (None, None) if any(a is None for a in accs) else _mean_std([100 * a for a in accs])
             table[name][r] = {"accuracy_mean": mean, "accuracy_std": std, "flops": flops[name][r]}
 
-    names = list(VARIANTS)
     lines = [
-        f"seeds: {[rec['seed'] for rec in records]}; test images per resolution: {settings['test_images']}; "
-        f"trained {settings['steps']} steps x {settings['batch_size']} images on {records[0]['device']} "
-        f"(torch {records[0]['torch']})",
+        f"run {results_dir}: seeds {[rec['seed'] for rec in records]}; {settings['test_images']} test images "
+        f"per resolution; trained {settings['steps']} steps x {settings['batch_size']} images on "
+        f"{records[0]['device']} (torch {records[0]['torch']})",
         "",
         "| res (x base) | " + " | ".join(f"{n} acc %" for n in names) + " | vitar GFLOPs | vit GFLOPs |",
         "| --- | " + " | ".join("---" for _ in names) + " | --- | --- |",
     ]
     for r in resolutions:
-        cells = []
-        for n in names:
-            e = table[n][r]
-            cells.append(
-                "skipped"
-                if e["accuracy_mean"] is None
-                else f"{e['accuracy_mean']:.1f} +- {e['accuracy_std']:.1f}"
-            )
-        vf, tf = table["vitar"][r]["flops"], table["vit"][r]["flops"]
+        cells = [
+            "skipped"
+            if table[n][r]["accuracy_mean"] is None
+            else f"{table[n][r]['accuracy_mean']:.1f} +- {table[n][r]['accuracy_std']:.1f}"
+            for n in names
+        ]
+        vf, tf = flops["vitar"][r], flops["vit"][r]
         vit_flops = "skipped" if tf is None else f"{tf / 1e9:.3f}"
         lines.append(f"| {r} ({r / BASE:g}x) | " + " | ".join(cells) + f" | {vf / 1e9:.3f} | {vit_flops} |")
 
-    # the issue's targets
-    vitar = table["vitar"]
-    best_r = max(
-        (r for r in resolutions if vitar[r]["accuracy_mean"] is not None),
-        key=lambda r: vitar[r]["accuracy_mean"],
-    )
-    best = vitar[best_r]["accuracy_mean"]
-    upto10 = [r for r in resolutions if r <= 10 * BASE]
-    worst_r = min(upto10, key=lambda r: vitar[r]["accuracy_mean"])
-    drop = best - vitar[worst_r]["accuracy_mean"]
-    r8 = 8 * BASE
-    ratio = None
-    if r8 in resolutions and flops["vit"].get(r8):
-        ratio = flops["vit"][r8] / flops["vitar"][r8]
-    checks = {
-        "best_accuracy": {"resolution": best_r, "accuracy": best},
-        "worst_up_to_10x": {
+    # The issue's targets. At 1x the texture half of the label is invisible by construction (at most 50 %),
+    # so the accuracy-holding target is also checked from 2x, where all the information is present.
+    vitar = {r: v["accuracy_mean"] for r, v in table["vitar"].items()}
+    best_r = max(resolutions, key=lambda r: vitar[r])
+    checks: dict[str, dict] = {"best_accuracy": {"resolution": best_r, "accuracy": vitar[best_r]}}
+    for key, low in (("up_to_10x", BASE), ("from_2x_to_10x", 2 * BASE)):
+        span = [r for r in resolutions if low <= r <= 10 * BASE]
+        worst_r = min(span, key=lambda r: vitar[r])
+        drop = vitar[best_r] - vitar[worst_r]
+        checks[f"worst_{key}"] = {
             "resolution": worst_r,
-            "accuracy": vitar[worst_r]["accuracy_mean"],
+            "accuracy": vitar[worst_r],
             "drop": drop,
             "target_drop_at_most": 3.0,
             "met": drop <= 3.0,
-        },
-        "flops_ratio_vit_over_vitar_at_8x": {
-            "ratio": ratio,
-            "target_at_least": 10.0,
-            "met": ratio is not None and ratio >= 10.0,
-        },
+        }
+        lines.append(
+            f"ViTAR {key.replace('_', ' ')}: worst {vitar[worst_r]:.1f}% at {worst_r}px, {drop:.1f} points "
+            f"below its best ({vitar[best_r]:.1f}% at {best_r}px); target <= 3: "
+            f"{'met' if drop <= 3 else 'NOT met'}"
+        )
+    r8 = 8 * BASE
+    ratio = flops["vit"][r8] / flops["vitar"][r8] if flops["vit"].get(r8) else None
+    checks["flops_ratio_vit_over_vitar_at_8x"] = {
+        "ratio": ratio,
+        "target_at_least": 10.0,
+        "met": ratio is not None and ratio >= 10.0,
     }
-    lines += [
-        "",
-        f"ViTAR best: {best:.1f}% at {best_r}px; worst up to 10x ({10 * BASE}px): "
-        f"{vitar[worst_r]['accuracy_mean']:.1f}% at {worst_r}px, {drop:.1f} points below best "
-        f"(target <= 3: {'met' if drop <= 3 else 'NOT met'})",
-        (
-            f"FLOPs at 8x ({r8}px): ViT / ViTAR = {ratio:.1f}x (target >= 10x: "
-            f"{'met' if ratio >= 10 else 'NOT met'})"
-            if ratio is not None
-            else "FLOPs at 8x: not measured"
-        ),
+    if ratio is not None:
+        lines.append(
+            f"FLOPs at 8x ({r8}px): ViT / ViTAR = {ratio:.1f}x; target >= 10x: "
+            f"{'met' if ratio >= 10 else 'NOT met'}"
+        )
+    lines.append(
         "final training loss (mean over seeds): "
         + ", ".join(
             f"{n} {statistics.fmean(rec['final_train_loss'][n] for rec in records):.3f}" for n in names
-        ),
-    ]
-    print("\n".join(lines))
+        )
+    )
     report = {
+        "results_dir": results_dir,
         "settings": settings,
         "seeds": [rec["seed"] for rec in records],
         "device": records[0]["device"],
@@ -261,52 +257,71 @@ def cmd_report(args: argparse.Namespace) -> int:
         "per_seed_accuracy": {rec["seed"]: rec["accuracy"] for rec in records},
         "checks": checks,
     }
+    return report, lines, table
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    runs = [summarise(d) for d in args.results_dir]
+    text = "\n\n".join("\n".join(lines) for _, lines, _ in runs)
+    print(text)
     if args.json:
-        atomic_write_text(args.json, json.dumps(report, indent=2) + "\n")
+        atomic_write_text(args.json, json.dumps({"runs": [r for r, _, _ in runs]}, indent=2) + "\n")
     if args.markdown:
-        atomic_write_text(args.markdown, "\n".join(lines) + "\n")
+        atomic_write_text(args.markdown, text + "\n")
     if args.plot:
-        plot(table, resolutions, Path(args.plot), len(records))
+        plot(runs, Path(args.plot))
     return 0
 
 
-def plot(table: dict, resolutions: list[int], path: Path, seeds: int) -> None:
+def plot(runs: list[tuple[dict, list[str], dict]], path: Path) -> None:
+    """One accuracy panel per run, then counted FLOPs (from the first run)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax, bx) = plt.subplots(1, 2, figsize=(12, 4.5))
+    fig, axes = plt.subplots(1, len(runs) + 1, figsize=(6 * (len(runs) + 1), 5.6))
     styles = {"vitar": "o-", "vitar-avgpool": "s--", "vitar-interp-pe": "^--", "vit": "x-"}
-    for name, rows in table.items():
-        rs = [r for r in resolutions if rows[r]["accuracy_mean"] is not None]
-        ax.errorbar(
-            [r / BASE for r in rs],
-            [rows[r]["accuracy_mean"] for r in rs],
-            yerr=[rows[r]["accuracy_std"] for r in rs],
-            fmt=styles[name],
-            label=name,
-            capsize=3,
-        )
-        fs = [r for r in resolutions if rows[r]["flops"] is not None]
-        bx.plot([r / BASE for r in fs], [rows[r]["flops"] / 1e9 for r in fs], styles[name], label=name)
-    ax.axvspan(1, 5, color="0.9", label="ViTAR training range")
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel(f"test resolution / base ({BASE} px)")
-    ax.set_ylabel(f"top-1 accuracy % (mean +- std, {seeds} seeds)")
-    ax.set_title("Accuracy vs resolution (procedural shapes x texture, 10 classes)")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
+    for ax, (report, _, table) in zip(axes, runs, strict=False):
+        settings = report["settings"]
+        for name, rows in table.items():
+            rs = [r for r in sorted(rows) if rows[r]["accuracy_mean"] is not None]
+            ax.errorbar(
+                [r / BASE for r in rs],
+                [rows[r]["accuracy_mean"] for r in rs],
+                yerr=[rows[r]["accuracy_std"] for r in rs],
+                fmt=styles[name],
+                label=name,
+                capsize=3,
+            )
+        lo, hi = min(settings["train_resolutions"]) / BASE, max(settings["train_resolutions"]) / BASE
+        ax.axvspan(lo, hi, color="0.92", label="ViTAR training range")
+        ax.axhline(50, color="0.6", lw=0.8, ls=":", label="best possible at 1x (texture invisible)")
+        ax.set_xscale("log", base=2)
+        ax.set_ylim(0, 100)
+        ax.set_xlabel(f"test resolution / base ({BASE} px)")
+        ax.set_ylabel(f"top-1 accuracy % (mean +- std, {len(report['seeds'])} seeds)")
+        ax.set_title(f"{settings['steps']} steps x {settings['batch_size']} images")
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=3)
+        ax.grid(alpha=0.3)
+    bx = axes[-1]
+    first = runs[0][2]
+    flops = count_model_flops(
+        list(VARIANTS), sorted(first["vitar"]), runs[0][0]["settings"]["vit_token_budget"]
+    )
+    for name in ("vitar", "vitar-avgpool", "vit"):
+        rs = [r for r in sorted(flops[name]) if flops[name][r] is not None]
+        bx.plot([r / BASE for r in rs], [flops[name][r] / 1e9 for r in rs], styles[name], label=name)
     bx.set_xscale("log", base=2)
     bx.set_yscale("log")
     bx.set_xlabel(f"test resolution / base ({BASE} px)")
     bx.set_ylabel("counted GFLOPs per image")
-    bx.set_title("Counted FLOPs (torch.utils.flop_counter)")
+    bx.set_title("Counted FLOPs (ViT skipped above its token budget)")
     bx.legend(fontsize=8)
     bx.grid(alpha=0.3, which="both")
     fig.tight_layout()
     with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
+        fig.savefig(tmp, dpi=100, format="png")
     plt.close(fig)
 
 
@@ -317,6 +332,12 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="phase", required=True)
     train = sub.add_parser("train", help="train and evaluate the four models per seed")
     train.add_argument("--seeds", type=_ints, default=[0, 1, 2])
+    train.add_argument(
+        "--models",
+        type=lambda t: t.split(","),
+        default=list(VARIANTS),
+        help=f"subset of {','.join(VARIANTS)}",
+    )
     train.add_argument("--steps", type=int, default=3000)
     train.add_argument("--batch-size", type=int, default=128)
     train.add_argument("--lr", type=float, default=1e-3)
@@ -343,7 +364,12 @@ def main(argv: list[str] | None = None) -> int:
     train.add_argument("--overwrite", action="store_true")
     train.set_defaults(func=cmd_train)
     report = sub.add_parser("report", help="aggregate seeds, count FLOPs, print the table, write JSON + PNG")
-    report.add_argument("--results-dir", default="runs/vitar_resolution")
+    report.add_argument(
+        "--results-dir",
+        nargs="+",
+        default=["runs/vitar_resolution"],
+        help="one or more train-phase folders; each is one run (a table and a plot panel)",
+    )
     report.add_argument("--json", help="write the report as JSON here")
     report.add_argument("--markdown", help="write the table as Markdown here")
     report.add_argument("--plot", help="write the PNG plot here")
