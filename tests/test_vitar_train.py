@@ -168,3 +168,12 @@ def test_evaluation_skips_models_over_the_token_budget():
     results = evaluate({"vit": vit}, data, [32, 128], skip_above_tokens=500, progress=False)["vit"]
     assert results[0].accuracy is not None and results[1].accuracy is None
     assert "1025 encoder tokens" in results[1].skipped
+
+
+def test_example_configs_are_valid():
+    from pathlib import Path
+
+    paths = sorted(Path(__file__).resolve().parents[1].glob("configs/vitar-*.toml"))
+    assert paths, "configs/vitar-*.toml missing"
+    for path in paths:
+        load_train_config(path)
