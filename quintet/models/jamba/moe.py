@@ -44,7 +44,7 @@ class JambaSparseMoeBlock(nn.Module):
         probs = torch.softmax(router_logits, dim=-1, dtype=torch.float32)
         weights, experts = torch.topk(probs, self.top_k, dim=-1)
         weights = weights.to(x.dtype)
-        if x.shape[0] == 1:  # one token (decoding): no sorting, just its k experts
+        if x.shape[0] == 1 and not self.training:  # one token (decoding): no sorting, just its k experts
             out = sum(w * self.experts[e](x) for w, e in zip(weights[0], experts[0].tolist(), strict=True))
             return out.reshape(shape), router_logits
 
@@ -61,6 +61,16 @@ class JambaSparseMoeBlock(nn.Module):
             start += count
         expert_out = expert_out * weights.reshape(-1)[order].unsqueeze(-1)
         out = torch.zeros_like(x).index_add_(0, token_of, expert_out)
+        idle = [
+            p
+            for expert, count in zip(self.experts, counts, strict=True)
+            if not count
+            for p in expert.parameters()
+        ]
+        if idle and torch.is_grad_enabled():
+            # Experts that got no token still join the graph with a zero gradient, so every process of a
+            # data-parallel run (DDP, FSDP2) reduces the same set of gradients whatever its tokens chose.
+            out = out + 0.0 * sum(p.sum() for p in idle)
         return out.reshape(shape), router_logits
 
 
