@@ -33,11 +33,11 @@ def _cmd_model_info(args: argparse.Namespace) -> int:
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
+    from quintet.deploy.engine import load_for_generation
     from quintet.generation import GenerationConfig, generate, stream_text
-    from quintet.models.jamba import JambaForCausalLM
     from quintet.tokenizer import load_tokenizer
 
-    model = JambaForCausalLM.from_pretrained(args.model)
+    model = load_for_generation(args.model)  # the FP4 engine when the folder is quantized
     tokenizer = load_tokenizer(args.model, vocab_size=model.config.vocab_size)
     config = GenerationConfig(
         max_new_tokens=args.max_new_tokens,
@@ -139,6 +139,16 @@ def build_parser() -> argparse.ArgumentParser:
         cmd = align.add_parser(name, help=text)
         cmd.add_argument("config", help="alignment TOML")
         cmd.set_defaults(func=_cmd_align)
+
+    # Each stage's own sub-commands, defined beside the stage.
+    from quintet.data.commands import add_data_parser
+    from quintet.deploy.commands import add_deploy_parser
+    from quintet.eval.commands import add_eval_parser
+    from quintet.models.vitar.commands import add_vitar_parser
+    from quintet.safety.commands import add_safety_parser
+
+    for add in (add_data_parser, add_safety_parser, add_eval_parser, add_deploy_parser, add_vitar_parser):
+        add(sub)
     return parser
 
 
