@@ -7,6 +7,7 @@ id b + 3, so any model with a vocabulary of at least 259 can read and write any 
 from __future__ import annotations
 
 import codecs
+import json
 import os
 from pathlib import Path
 from typing import Protocol
@@ -47,9 +48,30 @@ class HFTokenizer:
         except Exception as err:  # the library raises a bare Exception on malformed files
             raise ValueError(f"{self.path}: not a readable tokenizer.json ({err})") from None
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
+        config_path = self.path.parent / "tokenizer_config.json"
+        self.config = json.loads(config_path.read_text()) if config_path.is_file() else {}
 
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text, add_special_tokens=False).ids
+
+    def render_chat_prompt(self, messages: list[dict[str, str]]) -> list[int]:
+        """Token ids of `messages` through the folder's chat template, ending where the answer starts.
+
+        The template (Jinja, from tokenizer_config.json, as transformers reads it) runs in a sandbox.
+        """
+        template = self.config.get("chat_template")
+        if not template:
+            raise ValueError(f"{self.path.parent / 'tokenizer_config.json'}: no chat_template")
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        text = env.from_string(template).render(
+            messages=messages,
+            add_generation_prompt=True,
+            eos_token=self.config.get("eos_token", ""),
+            bos_token=self.config.get("bos_token", ""),
+        )
+        return self.encode(text)
 
     def decode(self, ids: list[int]) -> str:
         return self._tok.decode(ids, skip_special_tokens=True)

@@ -18,9 +18,8 @@ PLAIN_TEMPLATE = ("<|user|>\n", "\n<|assistant|>\n")
 
 def render_prompt(tokenizer: TextTokenizer, prompt: str) -> list[int]:
     """Token ids of a one-turn chat prompt, ending where the assistant's answer starts."""
-    render = getattr(tokenizer, "render_chat_prompt", None)
-    if render is not None:
-        return render([{"role": "user", "content": prompt}])
+    if getattr(tokenizer, "config", {}).get("chat_template"):
+        return tokenizer.render_chat_prompt([{"role": "user", "content": prompt}])
     head, tail = PLAIN_TEMPLATE
     return tokenizer.encode(head + prompt + tail)
 

@@ -20,10 +20,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_state_dict,
+)
 from tqdm import tqdm
 
 from quintet.models.jamba import JambaConfig, JambaForCausalLM
+from quintet.models.jamba.checkpoint import save_state_dict
 from quintet.train.curriculum import Stage
 from quintet.train.distributed import DistInfo, all_reduce_mean, setup_distributed, teardown, wrap_model
 from quintet.train.lm_checkpoint import TrainerState, latest_checkpoint, load_checkpoint, save_checkpoint
@@ -179,6 +185,12 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool, progress: bool) -> Tr
             return None
         return save_checkpoint(out, model.config, model_sd, optim_sd, state)
 
+    def save_model_folder(folder: Path) -> None:
+        model_sd = get_model_state_dict(wrapped, options=sd_options)  # a collective: every process calls it
+        if info.is_main:
+            save_state_dict(model.config, model_sd, folder)
+            copy_tokenizer_files(cfg.data.shards, folder)
+
     metrics_path = out / "metrics.jsonl"
     metrics = metrics_path.open("a") if info.is_main else None
     stages = cfg.curriculum.stages
@@ -263,6 +275,7 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool, progress: bool) -> Tr
                     if metrics is not None:
                         metrics.write(json.dumps({"event": "stage_end", **state.history[-1]}) + "\n")
                         metrics.flush()
+                    save_model_folder(out / f"stage-{stage.name}")  # each stage's result, loadable alone
                     state.stage += 1
                     state.stage_tokens = 0
                     state.sampler = None
@@ -278,19 +291,16 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool, progress: bool) -> Tr
             metrics.close()
 
     final = out / "final"
-    model_sd, _ = get_state_dict(wrapped, optimizer, options=sd_options)
+    save_model_folder(final)
     if info.is_main:
-        from quintet.models.jamba.checkpoint import save_state_dict
-
-        save_state_dict(model.config, model_sd, final)
-        copy_tokenizer_files(Path(cfg.data.shards), final)
         plot_loss_curve(metrics_path, out / "loss.png")
     return TrainResult(out, final, state, metrics_path)
 
 
-def copy_tokenizer_files(shards: Path, model_dir: Path) -> None:
+def copy_tokenizer_files(shards: str | list[str], model_dir: Path) -> None:
     """Put the shards' tokenizer beside the trained weights, so the folder generates text on its own."""
-    folder = shards if shards.is_dir() else shards.parent
+    first = Path(shards[0] if isinstance(shards, list) else shards)
+    folder = first if first.is_dir() else first.parent
     for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
         if (folder / name).is_file():
             shutil.copyfile(folder / name, model_dir / name)

@@ -78,10 +78,12 @@ class ModelSection:
 
 @dataclass
 class DataSection:
-    shards: str = ""
+    shards: str | list[str] = ""  # one shard folder, or several made with the same tokenizer
     seq_len: int = 256
 
     def __post_init__(self) -> None:
+        if isinstance(self.shards, list) and not all(isinstance(x, str) and x for x in self.shards):
+            raise TrainConfigError(f"[data].shards = {self.shards!r}: a folder or a list of folders")
         if not self.shards:
             raise TrainConfigError("[data].shards: missing; the folder of token shards to train on")
         if not isinstance(self.seq_len, int) or self.seq_len < 2:
