@@ -17,8 +17,6 @@ from quintet.models.vitar.checkpoint import load_model
 from quintet.models.vitar.evaluation import evaluate, predict_files
 from quintet.train.vision import VisionTrainConfig, train_vision
 
-log = logging.getLogger(__name__)
-
 
 def run_vitar_demo(out_dir: Path, quick: bool = True) -> None:
     """Train vitar-tiny on procedural shapes at 32-64 px, evaluate at 32-256 px, classify image files."""
@@ -50,8 +48,9 @@ def run_vitar_demo(out_dir: Path, quick: bool = True) -> None:
     model = load_model(result.model_dir)
     test = ProceduralImages(num_images=100 if quick else 500, seed=424_242)
     print(
-        "[vitar] held-out accuracy (chance 10%; 50% is the best possible at 32 px, where the texture "
-        "half of the label is invisible):"
+        "[vitar] held-out accuracy. Chance is 10%; 50% is the best possible at 32 px, where the texture half "
+        "of the label is invisible. A run this short often has not left the initial plateau yet (see "
+        "docs/vitar.md for trained results: configs/vitar-tiny.toml):"
     )
     for r in evaluate(model, test, [32, 64, 128, 256], progress=False):
         print(
