@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 
@@ -54,15 +55,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--vit-token-budget",
         type=int,
-        default=1 + 56 * 56,
-        help="skip the ViT above this many encoder tokens (default: 4x of vit-s runs, 8x not)",
+        default=1 + 64 * 64,
+        help="skip the ViT above this many encoder tokens (default: all of vit-tiny and 1x, 4x of vit-s run)",
     )
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     rows = []
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, float32, CPU")
+    load = os.getloadavg()
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, float32, CPU; "
+        f"load average before: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}"
+    )
     print("| scale | res (x base) | ViTAR img/s | ViT img/s | ViTAR / ViT | ViTAR GFLOPs | ViT GFLOPs |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for scale in args.scales.split(","):
@@ -94,6 +99,8 @@ def main(argv: list[str] | None = None) -> int:
             "torch": torch.__version__,
             "threads": torch.get_num_threads(),
             "settings": vars(args),
+            "load_average_before": load,
+            "load_average_after": os.getloadavg(),
             "rows": rows,
         }
         atomic_write_text(args.json, json.dumps(report, indent=2) + "\n")

@@ -188,7 +188,7 @@ def _reference_merge(merger: AdaptiveTokenMerger, x: torch.Tensor) -> torch.Tens
     return x
 
 
-@pytest.mark.parametrize("size", [(8, 8), (9, 9), (12, 20), (17, 33), (40, 7)])
+@pytest.mark.parametrize("size", [(3, 4), (4, 9), (8, 8), (9, 9), (12, 20), (17, 33), (40, 7)])
 def test_grid_attention_matches_a_per_cell_loop(size):
     torch.manual_seed(1)
     merger = AdaptiveTokenMerger(dim=16, grid_size=4, num_heads=2)
@@ -215,3 +215,14 @@ def test_token_spans_tile_the_axis():
         assert spans[0][0] == 0 and spans[-1][1] == 4 * n
         assert all(a[1] == b[0] for a, b in zip(spans, spans[1:], strict=False))
         assert len(spans) == min(n, 8)
+
+
+def test_one_key_cells_take_the_inference_shortcut_exactly():
+    torch.manual_seed(2)
+    attn = GridAttention(dim=16, num_heads=4)
+    cells = torch.randn(2, 3, 5, 1, 16)
+    general = attn(cells, torch.ones(3, 5, 1, dtype=torch.bool))
+    with torch.no_grad():
+        shortcut, weights = attn(cells, return_weights=True)
+    torch.testing.assert_close(shortcut, general.detach(), rtol=0, atol=0)
+    assert torch.equal(weights, torch.ones(2, 3, 5, 4, 1))

@@ -177,3 +177,15 @@ def test_example_configs_are_valid():
     assert paths, "configs/vitar-*.toml missing"
     for path in paths:
         load_train_config(path)
+
+
+def test_training_on_an_image_folder(tmp_path):
+    from quintet.data.procedural_images import write_image_folder
+
+    source = ProceduralImages(seed=11)
+    write_image_folder(source, tmp_path / "imgs", range(4), (40, 56))
+    config = _config(tmp_path, data=str(tmp_path / "imgs"), steps=2, eval_resolutions=[32], eval_images=4)
+    result = train_vision(config)
+    model = load_model(result.model_dir)
+    assert model.config.labels == sorted({p.parent.name for p in (tmp_path / "imgs").rglob("*.png")})
+    assert result.evaluation[0]["total"] == 4
