@@ -96,7 +96,7 @@ def pretraining_stage(out: Path, shards: list[Path], tokenizer_vocab: int, full:
     create_model("jamba-tiny", base, seed=0)
     web = {"en": 1.0, "fi": 1.0, "hi": 1.0, "ja": 1.0, "vi": 1.0, "code": 1.0}
     cat = {**web, "code": 0.5, "instructions": 2.0, "safety": 2.0}
-    total = 1_600_000 if full else 400_000
+    total = 2_000_000 if full else 160_000
     curriculum = aurora_m_stages(total, web, cat, lr=3e-3, min_lr=3e-4, cat_lr=1.5e-3)
     for stage in curriculum.stages:
         print(f"stage {stage.name}: {stage.tokens:,} tokens, mixture {stage.weights}")
