@@ -11,7 +11,9 @@ speed, per model (the same seed-0 weights for all, one process):
 - engine bf16: `to_engine` (bfloat16, sub-tensor KV cache, fusions), unquantized;
 - engine FP4: the model quantized to M0E4 (group 64, round to nearest) and loaded with `load_quantized`.
 Prefill: tokens/s of one --prompt-token prompt into an empty cache (last-token logits). Decode: tokens/s of
---new-tokens greedy tokens after that prompt through each system's generate, prefill time subtracted.
+the decode steps of --new-tokens greedy tokens after that prompt, timed inside each system's own generation
+loop (transformers' `generate` with a streamer noting each token's arrival; quintet's `stream_generate`),
+from the first new token to the last.
 Files: bytes of each folder's safetensors (float32, bfloat16 copy, FP4). Medians of --runs.
 
 quality: held-out perplexity of a model in float32 and in FP4 (round to nearest and GPTQ, groups of 32,
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import sysconfig
 import tempfile
@@ -37,7 +40,7 @@ from timing import markdown_table, median_seconds, set_threads, write_results  #
 
 from quintet.deploy.engine import load_dequantized, load_quantized, perplexity, to_engine  # noqa: E402
 from quintet.deploy.quantize import file_bytes, quantize_folder  # noqa: E402
-from quintet.generation import generate, prefill  # noqa: E402
+from quintet.generation import prefill, stream_generate  # noqa: E402
 from quintet.models.jamba import JambaConfig, JambaForCausalLM  # noqa: E402
 from quintet.tokenizer import ByteTokenizer, load_tokenizer  # noqa: E402
 
@@ -62,12 +65,35 @@ def _prefill_fn(name: str, model, ids: torch.Tensor):
     return lambda: prefill(model, ids, None, model.new_cache())
 
 
-def _generate_fn(name: str, model, ids: torch.Tensor, k: int):
+class _Stamps:
+    """A transformers streamer that only notes when each piece arrives (the prompt first, then tokens)."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+        self.tokens: list[int] = []
+
+    def put(self, value: torch.Tensor) -> None:
+        self.times.append(time.perf_counter())
+        if len(self.times) > 1:
+            self.tokens.extend(value.reshape(-1).tolist())
+
+    def end(self) -> None:
+        pass
+
+
+def _decode_run(name: str, model, ids: torch.Tensor, k: int) -> tuple[float, list[int]]:
+    """Seconds from the first new token to the k-th inside the system's own generation loop, and tokens."""
     if name.startswith("transformers"):
-        return lambda: model.generate(
-            ids, max_new_tokens=k, min_new_tokens=k, do_sample=False, pad_token_id=0
-        )[0, ids.shape[1] :].tolist()
-    return lambda: generate(model, ids.tolist(), max_new_tokens=k, stop_token_ids=())[0]
+        stamps = _Stamps()
+        model.generate(
+            ids, max_new_tokens=k, min_new_tokens=k, do_sample=False, pad_token_id=0, streamer=stamps
+        )
+        return stamps.times[-1] - stamps.times[1], stamps.tokens
+    times, tokens = [], []
+    for step in stream_generate(model, ids.tolist(), max_new_tokens=k, stop_token_ids=()):
+        times.append(time.perf_counter())
+        tokens.append(step[0])
+    return times[-1] - times[0], tokens
 
 
 def speed(args: argparse.Namespace) -> None:
@@ -94,16 +120,17 @@ def speed(args: argparse.Namespace) -> None:
             with torch.inference_mode():
                 for name, m in systems.items():
                     pre = median_seconds(_prefill_fn(name, m, ids), args.runs, warmup=1)
-                    gen_fn = _generate_fn(name, m, ids, k)
-                    tokens[name] = gen_fn()
-                    gen = median_seconds(gen_fn, args.runs, warmup=0)
+                    _decode_run(name, m, ids, 4)  # warm-up
+                    runs = [_decode_run(name, m, ids, k) for _ in range(args.runs)]
+                    tokens[name] = runs[0][1]
+                    dec = statistics.median(r[0] for r in runs)
                     file = files["fp4"] if "FP4" in name else files["fp32"]
                     rows.append(
                         {
                             "model": spec,
                             "system": name,
                             "prefill tok/s": args.prompt / pre,
-                            "decode tok/s": (k - 1) / (gen - pre),
+                            "decode tok/s": (k - 1) / dec,
                             "file MiB": file / 2**20,
                         }
                     )

@@ -5,8 +5,7 @@
   M0E4 weights the groups run along the input, so stacking rows stacks codes, scales and offsets unchanged.
 - SwiGLU: `down(silu(a) * b)` on the two halves of the merged gate/up output.
 - residual + RMSNorm: `x = x + h; n = rmsnorm(x)` in one call, normalising with PyTorch's native
-  `rms_norm` kernel in float32 (one pass instead of the five ops of the eager formula); the weight is applied
-  after rounding to the activation dtype, as Jamba's RMSNorm does.
+  `rms_norm` kernel (one op instead of the five of the eager formula).
 - dequantization inside the matmul: the CPU int4 kernel (see `qlinear.M0E4Linear`).
 """
 
@@ -20,13 +19,12 @@ from quintet.deploy.qlinear import M0E4Linear
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """Jamba's RMSNorm, `weight * (x / sqrt(mean(x^2) + eps))`, normalised in float32 by the native kernel.
+    """RMSNorm, `weight * (x / sqrt(mean(x^2) + eps))`, by PyTorch's native kernel in one call.
 
-    In float32 one call does it all; in lower precision the normalised x is rounded before the weight
-    multiplies it, as Jamba's RMSNorm does."""
-    if x.dtype == torch.float32 and weight.dtype == torch.float32:
-        return F.rms_norm(x, (x.shape[-1],), weight, eps)
-    return weight * F.rms_norm(x.float(), (x.shape[-1],), None, eps).to(x.dtype)
+    The kernel accumulates in float32 whatever the input's dtype and applies the weight before rounding
+    to it (Jamba's eager RMSNorm rounds the normalised x first, then multiplies): identical in float32,
+    within one rounding in bfloat16."""
+    return F.rms_norm(x, (x.shape[-1],), weight if weight.dtype == x.dtype else weight.to(x.dtype), eps)
 
 
 def add_rms_norm(
