@@ -92,7 +92,7 @@ class M0E4Linear(nn.Module):
         module.scales.copy_(q.scales)
         module.offsets.copy_(q.offsets)
         if bias is not None:
-            module.bias.data = bias.detach().to(torch.bfloat16).clone()
+            module.bias.data = bias.detach().clone()
         return module
 
     def extra_repr(self) -> str:
@@ -110,6 +110,12 @@ class M0E4Linear(nn.Module):
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return dequantize(self.codes(), self.scales, self.offsets, self.group_size, dtype)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dequantized weight in float32, computed at each access: for code that reads `.weight`
+        directly instead of calling the module (slow; `quantize` skips such modules where it knows them)."""
+        return self.dequantized_weight(torch.float32)
 
     @torch.no_grad()
     def prepare(self, prefill_weight: bool = True) -> None:
