@@ -420,7 +420,7 @@ class VisionTrainer:
                 if name not in params:
                     raise ValueError(f"{state_path}: optimizer state for unknown parameter {name}")
                 state = self.optimizer.state[params[name]]
-                state[slot] = value.reshape(()) if slot == "step" else value.clone()
+                state[slot] = value.reshape(()) if slot == "step" else value.to(params[name].device)
         self._rng_state = tensors["rng.torch"]
         if self._cuda_rng_state is not None and "rng.cuda" in tensors:
             self._cuda_rng_state = tensors["rng.cuda"]
