@@ -80,7 +80,7 @@ def safety_and_instruction_stage(out: Path, tokenizer_path: Path) -> dict[str, P
         out / "cat-extra" / "safety" / "part-0.jsonl", [{"id": r["id"], "text": r["text"]} for r in safety]
     )
     index = tokenize_curated(out / "cat-extra", tokenizer_path, out / "cat-shards", heldout_fraction=0.05)
-    sft_rows = [{"prompt": r["prompt"], "completion": r["completion"]} for r in instructions + safety]
+    sft_rows = [{"prompt": r["prompt"], "completion": r["completion"]} for r in instructions + safety[::4]]
     _write_rows(out / "sft.jsonl", sft_rows)
     print(f"instructions: {len(instructions)} rows, safety instructions: {len(safety)} rows -> {index}")
     return {"index": index, "sft": out / "sft.jsonl", "redteam_eval": sets["eval"]}
@@ -134,7 +134,7 @@ def alignment_stage(out: Path, pretrained: Path, sft_rows: Path, full: bool) -> 
     banner("5. Alignment: SFT, then stepwise DPO (easy -> hard by the SFT model's own margin)")
     prefs = make_demo_preferences(per_cell=12, seed=1)
     train, _ = build_redteam_prompts()
-    safety_pairs = safety_preference_pairs(train)[:: 8 if not full else 2]
+    safety_pairs = safety_preference_pairs(train)[:: 16 if not full else 2]
     write_preferences(out / "prefs.jsonl", [p for p in prefs if p.split == "train"] + safety_pairs)
     write_preferences(out / "prefs-eval.jsonl", [p for p in prefs if p.split == "eval"])
     epochs = 2 if full else 1
