@@ -2,7 +2,7 @@
 
     python benchmarks/deploy.py speed   [--threads 1] [--runs 3] [--models jamba-small] [--prompt 512]
                                         [--new-tokens 64] [--out runs/benchmarks/deploy_speed.json]
-    python benchmarks/deploy.py quality [--threads 2] [--train-steps 300] [--quality-model DIR]
+    python benchmarks/deploy.py quality [--threads 1] [--train-steps 600] [--quality-model DIR]
                                         [--out runs/benchmarks/deploy_quality.json]
 
 speed, per model (the same seed-0 weights for all, one process):
@@ -17,9 +17,12 @@ from the first new token to the last.
 Files: bytes of each folder's safetensors (float32, bfloat16 copy, FP4). Medians of --runs.
 
 quality: held-out perplexity of a model in float32 and in FP4 (round to nearest and GPTQ, groups of 32,
-64, 128). The model is --quality-model if given, else a Jamba (jamba-tiny's shape, byte vocabulary) trained
-here for --train-steps on Python standard-library modules (files shipped with Python; every 10th module held
-out for evaluation, the others for training and GPTQ calibration).
+64, 128): "perplexity" with the dequantized weights in float32 (the quantization alone), "engine
+perplexity" through the engine (FP4: int4 / bfloat16 matmuls; the float32 row: the bfloat16 engine), and
+"layer error", the mean over quantized Linears of ||X W^T - X Q^T|| / ||X W^T|| on held-out inputs X.
+The model is --quality-model if given, else a Jamba (jamba-tiny's shape, byte vocabulary) trained here for
+--train-steps on Python standard-library modules (files shipped with Python; every 10th module held out
+for evaluation, the others for training and GPTQ calibration); the trained model is kept in --work.
 """
 
 from __future__ import annotations
@@ -38,7 +41,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from timing import markdown_table, median_seconds, set_threads, write_results  # noqa: E402
 
-from quintet.deploy.engine import load_dequantized, load_quantized, perplexity, to_engine  # noqa: E402
+from quintet.deploy.engine import (  # noqa: E402
+    load_dequantized,
+    load_quantized,
+    load_quantized_model,
+    perplexity,
+    to_engine,
+)
+from quintet.deploy.qlinear import M0E4Linear  # noqa: E402
 from quintet.deploy.quantize import file_bytes, quantize_folder  # noqa: E402
 from quintet.generation import prefill, stream_generate  # noqa: E402
 from quintet.models.jamba import JambaConfig, JambaForCausalLM  # noqa: E402
@@ -226,6 +236,36 @@ def _train_quality_model(folder: Path, train: list[str], steps: int, seq_len: in
     model.eval().save_pretrained(folder)
 
 
+@torch.inference_mode()
+def _linear_inputs(model: JambaForCausalLM, ids: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The inputs every Linear of the float model sees on `ids` (rows of the held-out text)."""
+    seen: dict[str, list[torch.Tensor]] = {}
+    hooks = [
+        m.register_forward_hook(
+            lambda mod, a, o, n=n: seen.setdefault(n, []).append(a[0].reshape(-1, a[0].shape[-1]))
+        )
+        for n, m in model.named_modules()
+        if isinstance(m, torch.nn.Linear)
+    ]
+    model(ids)
+    for h in hooks:
+        h.remove()
+    return {n: torch.cat(x) for n, x in seen.items()}
+
+
+@torch.inference_mode()
+def _layer_error(float_model: JambaForCausalLM, fp4_dir: Path, inputs: dict[str, torch.Tensor]) -> float:
+    """Mean over quantized Linears of ||X W^T - X Q^T|| / ||X W^T|| on held-out inputs X."""
+    quantized = load_quantized_model(fp4_dir)
+    errors = []
+    for name, x in inputs.items():
+        module = quantized.get_submodule(name)
+        if isinstance(module, M0E4Linear):
+            ref = x @ float_model.get_submodule(name).weight.t()
+            errors.append(float((x @ module.dequantized_weight().t() - ref).norm() / ref.norm()))
+    return sum(errors) / len(errors)
+
+
 def quality(args: argparse.Namespace) -> None:
     train, held_out = _stdlib_texts()
     work = Path(args.work)
@@ -241,8 +281,10 @@ def quality(args: argparse.Namespace) -> None:
     calib = work / "calibration.jsonl"
     calib.write_text("".join(json.dumps({"text": t}) + "\n" for t in train[1::3]))
     rows = []
-    base = perplexity(JambaForCausalLM.from_pretrained(folder), eval_ids, args.seq_len)
-    rows.append({"weights": "float32", "group": "-", "perplexity": base, "relative": 0.0})
+    float_model = JambaForCausalLM.from_pretrained(folder)
+    base = perplexity(float_model, eval_ids, args.seq_len)
+    inputs = _linear_inputs(float_model, eval_ids[: 16 * args.seq_len].view(-1, args.seq_len))
+    rows.append({"weights": "float32", "group": "-", "perplexity": base, "relative": 0.0, "layer error": 0.0})
     for group in (32, 64, 128):
         for method in ("rtn", "gptq"):
             out = work / f"fp4-g{group}-{method}"
@@ -262,12 +304,13 @@ def quality(args: argparse.Namespace) -> None:
                     "group": group,
                     "perplexity": ppl,
                     "relative": ppl / base - 1,
-                    "engine (bf16) perplexity": ppl_engine,
+                    "engine perplexity": ppl_engine,
+                    "layer error": _layer_error(float_model, out, inputs),
                     "file / float32": summary["bytes_after"] / summary["bytes_before"],
                 }
             )
             print(f"  {rows[-1]}", file=sys.stderr, flush=True)
-    rows[0]["engine (bf16) perplexity"] = perplexity(
+    rows[0]["engine perplexity"] = perplexity(
         to_engine(JambaForCausalLM.from_pretrained(folder)), eval_ids, args.seq_len
     )
     rows[0]["file / float32"] = 1.0
@@ -278,7 +321,16 @@ def quality(args: argparse.Namespace) -> None:
     )
     print(
         markdown_table(
-            rows, ["weights", "group", "perplexity", "relative", "engine (bf16) perplexity", "file / float32"]
+            rows,
+            [
+                "weights",
+                "group",
+                "perplexity",
+                "relative",
+                "engine perplexity",
+                "layer error",
+                "file / float32",
+            ],
         )
     )
     write_results(
@@ -305,9 +357,9 @@ def main() -> None:
     s.add_argument("--new-tokens", type=int, default=64)
     s.add_argument("--out", default="runs/benchmarks/deploy_speed.json")
     q = sub.add_parser("quality")
-    q.add_argument("--threads", type=int, default=2)
+    q.add_argument("--threads", type=int, default=1)
     q.add_argument("--quality-model", help="a trained Jamba folder with a byte-level vocabulary")
-    q.add_argument("--train-steps", type=int, default=300)
+    q.add_argument("--train-steps", type=int, default=600)
     q.add_argument("--batch", type=int, default=16)
     q.add_argument("--seq-len", type=int, default=256)
     q.add_argument("--eval-tokens", type=int, default=65536)

@@ -471,17 +471,21 @@ def load_quantized(
     directory: str | os.PathLike,
     prefill_weight: bool = True,
     fuse: bool = True,
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | None = None,
     **engine_kwargs,
 ) -> nn.Module:
     """A quantized folder ready to run: a `JambaEngine` for Jamba, the quantized model for ViTAR / ViT.
 
-    `dtype`: the activations between matmuls (and the KV cache). Every quantized matmul takes its input
-    rounded to bfloat16 (the int4 kernel's and the prefill weights' type) whatever `dtype` is; float32
-    elsewhere measured faster on CPU than bfloat16 element-wise ops (benchmarks/deploy_fusions.py).
+    `dtype`: the activations between matmuls and the KV cache; default bfloat16 for Jamba (the type of the
+    int4 kernel and of the prefill weights, so no conversion around any matmul, and prefill runs the very
+    ops of the bfloat16 engine), float32 for vision models. float32 keeps the residual stream exact to
+    float32 rounding at the cost of a conversion around each quantized matmul.
     `prefill_weight`: keep a bfloat16 copy of each quantized Linear for prefill-sized matmuls (fast
     prefill; 2 bytes per weight of memory more), or run every matmul through the int4 kernel.
     """
+    if dtype is None:
+        base, _ = read_config(directory)
+        dtype = torch.bfloat16 if base.get("model_type") == "jamba" else torch.float32
     model = load_quantized_model(directory, dtype)
     for module in model.modules():
         if isinstance(module, M0E4Linear):
