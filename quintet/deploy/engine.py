@@ -196,7 +196,12 @@ class EngineMamba(nn.Module):
             self.register_buffer("A", -torch.exp(mixer.A_log.float()), persistent=False)
             self.register_buffer("D", mixer.D.float(), persistent=False)
             self.register_buffer("dt_bias", mixer.dt_proj.bias.float(), persistent=False)
-            self.register_buffer("conv_w", mixer.conv1d.weight[:, 0].clone(), persistent=False)
+            # dt, B and C are small: normalised and projected in float32 whatever the activations are
+            self.register_buffer("dt_w", mixer.dt_proj.weight.float(), persistent=False)
+            self.register_buffer("dt_norm_w", mixer.dt_layernorm.weight.float(), persistent=False)
+            self.register_buffer("b_norm_w", mixer.b_layernorm.weight.float(), persistent=False)
+            self.register_buffer("c_norm_w", mixer.c_layernorm.weight.float(), persistent=False)
+        self.eps = (mixer.dt_layernorm.eps, mixer.b_layernorm.eps, mixer.c_layernorm.eps)
 
     def _scan(self, *args) -> tuple[torch.Tensor, torch.Tensor]:
         if _TRACE.get() is not None:
@@ -212,14 +217,12 @@ class EngineMamba(nn.Module):
         return fused_scan.selective_state_update_fused(*args, delta_softplus=True)
 
     def _dbc(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        m = self.mixer
-        dt, B, C = m.x_proj(x).split(self.splits, dim=-1)
-        dt = F.linear(rms_norm(dt, m.dt_layernorm.weight, m.dt_layernorm.eps), m.dt_proj.weight)
-        return (
-            dt,
-            rms_norm(B, m.b_layernorm.weight, m.b_layernorm.eps),
-            rms_norm(C, m.c_layernorm.weight, m.c_layernorm.eps),
-        )
+        """dt (after dt_proj, bias left to the scan), B, C from x, in float32."""
+        dt, B, C = self.mixer.x_proj(x).float().split(self.splits, dim=-1)
+        e_dt, e_b, e_c = self.eps
+        dt = F.linear(F.rms_norm(dt, (dt.shape[-1],), self.dt_norm_w, e_dt), self.dt_w)
+        B = F.rms_norm(B, (B.shape[-1],), self.b_norm_w, e_b)
+        return dt, B, F.rms_norm(C, (C.shape[-1],), self.c_norm_w, e_c)
 
     def forward(self, h: torch.Tensor, token_mask: torch.Tensor | None = None, cache=None) -> torch.Tensor:
         m = self.mixer
@@ -228,7 +231,7 @@ class EngineMamba(nn.Module):
         if L == 1 and ssm_state is not None:  # decode: new tokens are never padding
             x, z = m.in_proj(h[:, 0]).split(self.d_inner, dim=-1)  # (b, d_inner) each
             window = torch.cat([conv_state, x.unsqueeze(-1)], dim=-1)  # (b, d_inner, d_conv); same dtype
-            x = torch.linalg.vecdot(window, self.conv_w)
+            x = torch.linalg.vecdot(window, m.conv1d.weight[:, 0])
             x = F.silu(x if m.conv1d.bias is None else x + m.conv1d.bias)
             dt, B, C = self._dbc(x)
             y, new_state = self._step(ssm_state, x, dt, self.A, B, C, self.D, z, self.dt_bias)
@@ -264,19 +267,22 @@ class EngineMamba(nn.Module):
 
 
 class EngineMoE(nn.Module):
-    """The MoE block: the model's routing (softmax over experts in float32, top-k, weights not
+    """The MoE block: the model's routing (router and softmax over experts in float32, top-k, weights not
     renormalised) and sorted dispatch; one token reads its k experts once (`tolist`)."""
 
     def __init__(self, block: JambaSparseMoeBlock, layer_idx: int):
         super().__init__()
         self.block, self.layer_idx = block, layer_idx
+        router = block.router
+        weight = router.dequantized_weight() if isinstance(router, M0E4Linear) else router.weight.detach()
+        self.register_buffer("router_w", weight.float(), persistent=False)  # routing decided in float32
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         blk, trace = self.block, _TRACE.get()
         shape = x.shape
         x = x.reshape(-1, shape[-1])
-        router_logits = blk.router(x)
-        probs = torch.softmax(router_logits, dim=-1, dtype=torch.float32)
+        router_logits = F.linear(x.float(), self.router_w)
+        probs = torch.softmax(router_logits, dim=-1)
         weights, experts = torch.topk(probs, blk.top_k, dim=-1)
         weights = weights.to(x.dtype)
         if x.shape[0] == 1:
@@ -362,6 +368,8 @@ class JambaEngine(nn.Module):
         quantization_config: dict | None = None,
     ):
         super().__init__()
+        for i, layer in enumerate(lm.model.layers):  # first: engine layers keep float32 copies they need
+            lm.model.layers[i] = EngineDecoderLayer(layer, i, fuse=fuse)
         for module in lm.modules():  # float tensors to the compute dtype; M0E4 buffers keep theirs
             if isinstance(module, (M0E4Linear, M0E4Embedding)):
                 if isinstance(module, M0E4Embedding):
@@ -375,8 +383,6 @@ class JambaEngine(nn.Module):
         for module in lm.modules():
             if isinstance(module, (M0E4Linear, M0E4Embedding)) and not module.prepared:
                 module.prepare()
-        for i, layer in enumerate(lm.model.layers):
-            lm.model.layers[i] = EngineDecoderLayer(layer, i, fuse=fuse)
         self.lm = lm.eval()
         self.config: JambaConfig = lm.config
         self.compute_dtype = dtype
