@@ -121,6 +121,20 @@ def test_engine_in_float32_equals_the_model_step_by_step(folders, fuse, pad):
         )
 
 
+def test_bfloat16_engine_of_a_float_model(folders):
+    float_dir, _ = folders
+    model = JambaForCausalLM.from_pretrained(float_dir)
+    engine = to_engine(JambaForCausalLM.from_pretrained(float_dir))
+    assert engine.dtype == torch.bfloat16 and engine.lm.lm_head.weight.dtype == torch.bfloat16
+    assert generate(engine, PROMPTS, max_new_tokens=8, stop_token_ids=()) == generate(
+        model, PROMPTS, max_new_tokens=8, stop_token_ids=()
+    )
+    ids = torch.tensor([PROMPTS[0]])
+    with torch.inference_mode():
+        got, want = engine(ids).logits.float(), model(ids).logits
+    assert float((got - want).abs().max()) < 0.1 * float(want.std())
+
+
 def test_sub_tensor_cache_plugs_into_the_model_unchanged(folders):
     """With pad_multiple = 1 the views have the exact length, so the model's own attention can use them."""
     float_dir, _ = folders

@@ -193,14 +193,15 @@ class EngineMamba(nn.Module):
         self.layer_idx, self.d_inner, self.d_conv = mixer.layer_idx, mixer.d_inner, mixer.d_conv
         self.splits = [mixer.dt_rank, mixer.d_state, mixer.d_state]
         with torch.no_grad():
-            self.register_buffer("A", -torch.exp(mixer.A_log.float()), persistent=False)
-            self.register_buffer("D", mixer.D.float(), persistent=False)
-            self.register_buffer("dt_bias", mixer.dt_proj.bias.float(), persistent=False)
+            f32 = lambda t: t.detach().to(torch.float32, copy=True)  # noqa: E731 (copies: never the parameter)
+            self.register_buffer("A", -torch.exp(f32(mixer.A_log)), persistent=False)
+            self.register_buffer("D", f32(mixer.D), persistent=False)
+            self.register_buffer("dt_bias", f32(mixer.dt_proj.bias), persistent=False)
             # dt, B and C are small: normalised and projected in float32 whatever the activations are
-            self.register_buffer("dt_w", mixer.dt_proj.weight.float(), persistent=False)
-            self.register_buffer("dt_norm_w", mixer.dt_layernorm.weight.float(), persistent=False)
-            self.register_buffer("b_norm_w", mixer.b_layernorm.weight.float(), persistent=False)
-            self.register_buffer("c_norm_w", mixer.c_layernorm.weight.float(), persistent=False)
+            self.register_buffer("dt_w", f32(mixer.dt_proj.weight), persistent=False)
+            self.register_buffer("dt_norm_w", f32(mixer.dt_layernorm.weight), persistent=False)
+            self.register_buffer("b_norm_w", f32(mixer.b_layernorm.weight), persistent=False)
+            self.register_buffer("c_norm_w", f32(mixer.c_layernorm.weight), persistent=False)
         self.eps = (mixer.dt_layernorm.eps, mixer.b_layernorm.eps, mixer.c_layernorm.eps)
 
     def _scan(self, *args) -> tuple[torch.Tensor, torch.Tensor]:
@@ -275,7 +276,7 @@ class EngineMoE(nn.Module):
         self.block, self.layer_idx = block, layer_idx
         router = block.router
         weight = router.dequantized_weight() if isinstance(router, M0E4Linear) else router.weight.detach()
-        self.register_buffer("router_w", weight.float(), persistent=False)  # routing decided in float32
+        self.register_buffer("router_w", weight.to(torch.float32, copy=True), persistent=False)  # in float32
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         blk, trace = self.block, _TRACE.get()
