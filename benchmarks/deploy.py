@@ -14,7 +14,8 @@ Prefill: tokens/s of one --prompt-token prompt into an empty cache (last-token l
 the decode steps of --new-tokens greedy tokens after that prompt, timed inside each system's own generation
 loop (transformers' `generate` with a streamer noting each token's arrival; quintet's `stream_generate`),
 from the first new token to the last.
-Files: bytes of each folder's safetensors (float32, bfloat16 copy, FP4). Medians of --runs.
+Files: bytes of each folder's safetensors (float32, bfloat16 copy, FP4). Medians of --runs, the systems
+interleaved within each run (after one warm-up each), so that a drift in the machine's load hits all.
 
 quality: held-out perplexity of a model in float32 and in FP4 (round to nearest and GPTQ, groups of 32,
 64, 128): "perplexity" with the dequantized weights in float32 (the quantization alone), "engine
@@ -39,7 +40,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from timing import markdown_table, median_seconds, set_threads, write_results  # noqa: E402
+from timing import markdown_table, set_threads, write_results  # noqa: E402
 
 from quintet.deploy.engine import (  # noqa: E402
     load_dequantized,
@@ -127,24 +128,30 @@ def speed(args: argparse.Namespace) -> None:
             )
             k = args.new_tokens
             tokens = {}
+            pre_times: dict[str, list[float]] = {name: [] for name in systems}
+            dec_times: dict[str, list[float]] = {name: [] for name in systems}
             with torch.inference_mode():
-                for name, m in systems.items():
-                    pre = median_seconds(_prefill_fn(name, m, ids), args.runs, warmup=1)
-                    _decode_run(name, m, ids, 4)  # warm-up
-                    runs = [_decode_run(name, m, ids, k) for _ in range(args.runs)]
-                    tokens[name] = runs[0][1]
-                    dec = statistics.median(r[0] for r in runs)
-                    file = files["fp4"] if "FP4" in name else files["fp32"]
-                    rows.append(
-                        {
-                            "model": spec,
-                            "system": name,
-                            "prefill tok/s": args.prompt / pre,
-                            "decode tok/s": (k - 1) / dec,
-                            "file MiB": file / 2**20,
-                        }
-                    )
-                    print(f"  {spec} {name}: {rows[-1]}", file=sys.stderr, flush=True)
+                for name, m in systems.items():  # warm-up
+                    _prefill_fn(name, m, ids)()
+                    tokens[name] = _decode_run(name, m, ids, k)[1]
+                for _ in range(args.runs):  # systems interleaved in every run: load drifts hit all alike
+                    for name, m in systems.items():
+                        start = time.perf_counter()
+                        _prefill_fn(name, m, ids)()
+                        pre_times[name].append(time.perf_counter() - start)
+                        dec_times[name].append(_decode_run(name, m, ids, k)[0])
+            for name in systems:
+                file = files["fp4"] if "FP4" in name else files["fp32"]
+                rows.append(
+                    {
+                        "model": spec,
+                        "system": name,
+                        "prefill tok/s": args.prompt / statistics.median(pre_times[name]),
+                        "decode tok/s": (k - 1) / statistics.median(dec_times[name]),
+                        "file MiB": file / 2**20,
+                    }
+                )
+                print(f"  {spec} {name}: {rows[-1]}", file=sys.stderr, flush=True)
             base = next(r for r in rows if r["model"] == spec and r["system"] == "transformers fp32")
             bf16_row = next(r for r in rows if r["model"] == spec and r["system"] == "engine bf16")
             for r in rows:
