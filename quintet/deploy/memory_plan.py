@@ -93,7 +93,7 @@ class MemoryPlan:
             "buffers": [
                 {"index": b.index, "bytes": str(b.size), "members": len(b.members)} for b in self.buffers
             ],
-            "at": [{"sizes": s, **self.evaluate(s)} for s in sizes or []],
+            "at": [{"sizes": s, **self.evaluate(s)} for s in sizes or [] if fits(g.kind, s)],
         }
 
 
@@ -255,12 +255,10 @@ def format_plan(plan: MemoryPlan, sizes: list[dict[str, int]] | None = None, ver
                 tag = f"buf {where}" if where is not None else g.storages[rec.storage].kind
                 outs.append(f"{tuple(rec.shape)} -> {tag}")
             lines.append(f"    {op.index:4d} {op.name} [{op.module}] " + ", ".join(outs))
-    for s in sizes or []:
-        if not fits(g.kind, s):
-            lines.append(
-                f"  at {s}: not a {g.kind} step (decode: L = 1, P >= 1; prefill: P = 0; chunk: P >= 1)"
-            )
-            continue
+    applicable = [s for s in sizes or [] if fits(g.kind, s)]
+    if sizes and not applicable:
+        lines.append(f"  (no --at size is a {g.kind} step: decode has L = 1 and P >= 1, prefill P = 0)")
+    for s in applicable:
         values = plan.evaluate(s)
         at = ", ".join(f"{k}={v}" for k, v in plan.complete(s).items() if k in g.symbols) or "(no symbols)"
         lines.append(
