@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from quintet.io import atomic_path
+from quintet.io import atomic_path, iter_jsonl
 
 REQUIRED = ("prompt", "chosen", "rejected")
 OPTIONAL = ("split", "step", "source", "score", "lang", "task", "answer", "difficulty", "id")
@@ -78,23 +78,7 @@ def read_preferences(path: str | os.PathLike) -> list[PreferencePair]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such preference file")
-    pairs = []
-    with path.open("rb") as f:
-        for number, raw in enumerate(f, start=1):
-            where = f"{path}:{number}"
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as err:
-                raise PreferenceDataError(f"{where}: not UTF-8 ({err.reason} at byte {err.start})") from None
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise PreferenceDataError(
-                    f"{where}: not valid JSON (column {err.colno}): {err.msg}"
-                ) from None
-            pairs.append(parse_pair(row, where))
+    pairs = [parse_pair(row, where) for where, _, row in iter_jsonl(path, PreferenceDataError)]
     if not pairs:
         raise PreferenceDataError(f"{path}: no preference pairs in the file")
     return pairs

@@ -31,7 +31,7 @@ from typing import Any
 
 from quintet.align.preference_data import PreferencePair
 from quintet.align.sequences import PLAIN_TEMPLATE
-from quintet.io import atomic_path
+from quintet.io import atomic_path, iter_jsonl
 
 LANGUAGES = ("en", "fi", "hi", "ja", "vi")
 KINDS = ("harmful", "benign")
@@ -272,26 +272,14 @@ def read_redteam_prompts(path: str | os.PathLike) -> list[RedteamPrompt]:
         raise FileNotFoundError(f"{path}: no such red-team prompt file")
     prompts: list[RedteamPrompt] = []
     seen: dict[str, int] = {}
-    with path.open("rb") as f:
-        for number, raw in enumerate(f, start=1):
-            where = f"{path}:{number}"
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as err:
-                raise RedteamDataError(f"{where}: not UTF-8 ({err.reason} at byte {err.start})") from None
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise RedteamDataError(f"{where}: not valid JSON (column {err.colno}): {err.msg}") from None
-            p = parse_redteam_row(row, where)
-            if p.id in seen:
-                raise RedteamDataError(
-                    f"{where}: field 'id' = {p.id!r} repeats line {seen[p.id]}; ids must be unique"
-                )
-            seen[p.id] = number
-            prompts.append(p)
+    for where, number, row in iter_jsonl(path, RedteamDataError):
+        p = parse_redteam_row(row, where)
+        if p.id in seen:
+            raise RedteamDataError(
+                f"{where}: field 'id' = {p.id!r} repeats line {seen[p.id]}; ids must be unique"
+            )
+        seen[p.id] = number
+        prompts.append(p)
     if not prompts:
         raise RedteamDataError(f"{path}: no red-team prompts in the file")
     return prompts
