@@ -91,13 +91,11 @@ class GridAttention(nn.Module):
         heads = self.num_heads
         if cells.shape[-2] == 1 and mask is None and not torch.is_grad_enabled():
             # Inference with one key per cell (1 x 1 cells): its weight is exactly 1, so the query and the
-            # key do not matter and only the value projection is computed. (Training keeps the general
+            # key do not matter: no query, no scores. The fused kv projection is called as a module (so a
+            # swapped, e.g. quantized, Linear works) and its value half is used. (Training keeps the general
             # path, so q and k receive their zero gradients as any other step would give them.)
             x = cells[..., 0, :]
-            d = x.shape[-1]
-            v = F.linear(
-                self.norm_kv(x), self.kv.weight[d:], None if self.kv.bias is None else self.kv.bias[d:]
-            )
+            v = self.kv(self.norm_kv(x))[..., x.shape[-1] :]
             y = x + self.proj(v)
             return (
                 (y, torch.ones(*y.shape[:-1], heads, 1, dtype=y.dtype, device=y.device))
