@@ -1,0 +1,25 @@
+"""`quintet vitar predict` on an FP4 folder written by `quintet deploy quantize`, at any image size."""
+
+import numpy as np
+from PIL import Image
+
+from quintet.deploy.quantize import quantize_folder
+from quintet.models.vitar import build_model, preset_config
+from quintet.models.vitar.evaluation import predict_files
+
+
+def test_fp4_vitar_classifies_like_the_float_model(tmp_path):
+    build_model(preset_config("vitar-tiny")).eval().save_pretrained(tmp_path / "float")
+    quantize_folder(tmp_path / "float", tmp_path / "fp4", group_size=32)
+    rng = np.random.default_rng(0)
+    paths = []
+    for i, (h, w) in enumerate([(32, 32), (70, 50), (96, 130)]):
+        paths.append(tmp_path / f"img{i}.png")
+        Image.fromarray((rng.random((h, w, 3)) * 255).astype("uint8")).save(paths[-1])
+    float_preds = predict_files(tmp_path / "float", paths, top_k=10)
+    fp4_preds = predict_files(tmp_path / "fp4", paths, top_k=10)
+    for a, b in zip(float_preds, fp4_preds, strict=True):
+        assert (a.height, a.width) == (b.height, b.width)
+        pa, pb = dict(a.top), dict(b.top)
+        assert set(pa) == set(pb)
+        assert max(abs(pa[k] - pb[k]) for k in pa) < 0.05
