@@ -19,12 +19,13 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
+from quintet.align.loop import optimizer_step, scheduled_batches
 from quintet.align.losses import LOSS_TYPES, preference_loss, preference_metrics
 from quintet.align.preference_data import PreferencePair
 from quintet.align.sequences import encode_example, pad_batch, response_logps
 from quintet.io import atomic_path
 from quintet.tokenizer import TextTokenizer
-from quintet.train.schedule import SCHEDULES, lr_at
+from quintet.train.schedule import SCHEDULES
 
 log = logging.getLogger("quintet.align")
 
@@ -147,42 +148,32 @@ def train_dpo(
     if ref is not None and ref.shape != (len(pairs), 2):
         raise ValueError(f"reference log-probs: shape {tuple(ref.shape)}, expected ({len(pairs)}, 2)")
     average = cfg.loss_type == "ipo"
-    gen = torch.Generator().manual_seed(cfg.seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    steps_per_epoch = -(-len(pairs) // cfg.batch_size)
-    total = steps_per_epoch * cfg.epochs
+    batches = scheduled_batches(
+        len(pairs), cfg.batch_size, cfg.epochs, cfg.seed, cfg.lr, cfg.min_lr, cfg.warmup, cfg.schedule
+    )
     history = []
     model.train()
-    bar = tqdm(total=total, desc="dpo", unit="step", disable=not progress)
-    for epoch in range(cfg.epochs):
-        order = torch.randperm(len(pairs), generator=gen).tolist()
-        for s in range(steps_per_epoch):
-            idx = order[s * cfg.batch_size : (s + 1) * cfg.batch_size]
-            batch = [pairs[i] for i in idx]
-            step = epoch * steps_per_epoch + s
-            for group in optimizer.param_groups:
-                group["lr"] = lr_at(step / total, cfg.lr, cfg.min_lr, cfg.warmup, cfg.schedule)
-            chosen, rejected = pair_logps(model, tokenizer, batch, cfg.max_length, average)
-            if ref is not None:
-                ref_chosen, ref_rejected = ref[idx, 0].to(chosen), ref[idx, 1].to(chosen)
-            else:
-                with torch.no_grad():
-                    ref_chosen, ref_rejected = pair_logps(
-                        ref_model, tokenizer, batch, cfg.max_length, average
-                    )
-            loss = preference_loss(
-                chosen, rejected, ref_chosen, ref_rejected, cfg.beta, cfg.loss_type, cfg.label_smoothing
-            ).mean()
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.grad_clip:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            optimizer.step()
-            record = {"step": step + 1, "loss": loss.item(), "lr": optimizer.param_groups[0]["lr"]}
-            record.update(preference_metrics(chosen, rejected, ref_chosen, ref_rejected, cfg.beta))
-            history.append(record)
-            bar.set_postfix(loss=f"{record['loss']:.3f}", acc=f"{record['rewards/accuracies']:.2f}")
-            bar.update()
+    bar = tqdm(
+        total=-(-len(pairs) // cfg.batch_size) * cfg.epochs, desc="dpo", unit="step", disable=not progress
+    )
+    for step, idx, lr in batches:
+        batch = [pairs[i] for i in idx]
+        chosen, rejected = pair_logps(model, tokenizer, batch, cfg.max_length, average)
+        if ref is not None:
+            ref_chosen, ref_rejected = ref[idx, 0].to(chosen), ref[idx, 1].to(chosen)
+        else:
+            with torch.no_grad():
+                ref_chosen, ref_rejected = pair_logps(ref_model, tokenizer, batch, cfg.max_length, average)
+        loss = preference_loss(
+            chosen, rejected, ref_chosen, ref_rejected, cfg.beta, cfg.loss_type, cfg.label_smoothing
+        ).mean()
+        optimizer_step(model, optimizer, loss, lr, cfg.grad_clip)
+        record = {"step": step + 1, "loss": loss.item(), "lr": lr}
+        record.update(preference_metrics(chosen, rejected, ref_chosen, ref_rejected, cfg.beta))
+        history.append(record)
+        bar.set_postfix(loss=f"{record['loss']:.3f}", acc=f"{record['rewards/accuracies']:.2f}")
+        bar.update()
     bar.close()
     model.eval()
     return history

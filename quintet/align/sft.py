@@ -16,9 +16,10 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from quintet.align.loop import optimizer_step, scheduled_batches
 from quintet.align.sequences import Example, encode_example, pad_batch
 from quintet.tokenizer import TextTokenizer
-from quintet.train.schedule import SCHEDULES, lr_at
+from quintet.train.schedule import SCHEDULES
 
 
 class SFTDataError(ValueError):
@@ -117,31 +118,22 @@ def train_sft(
     encoded = [encode_example(tokenizer, p, r, mc.eos_token_ids[0], cfg.max_length) for p, r in examples]
     if cfg.packing:
         encoded = _pack(encoded, cfg.max_length)
-    gen = torch.Generator().manual_seed(cfg.seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    steps_per_epoch = -(-len(encoded) // cfg.batch_size)
-    total = steps_per_epoch * cfg.epochs
+    batches = scheduled_batches(
+        len(encoded), cfg.batch_size, cfg.epochs, cfg.seed, cfg.lr, cfg.min_lr, cfg.warmup, cfg.schedule
+    )
     history = []
     model.train()
-    bar = tqdm(total=total, desc="sft", unit="step", disable=not progress)
-    for epoch in range(cfg.epochs):
-        order = torch.randperm(len(encoded), generator=gen).tolist()
-        for s in range(steps_per_epoch):
-            batch = [encoded[i] for i in order[s * cfg.batch_size : (s + 1) * cfg.batch_size]]
-            step = epoch * steps_per_epoch + s
-            lr = lr_at(step / total, cfg.lr, cfg.min_lr, cfg.warmup, cfg.schedule)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            ids, response = pad_batch(batch, mc.pad_token_id or 0)
-            loss = sft_loss(model, ids.to(model.device), response.to(model.device))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.grad_clip:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            optimizer.step()
-            history.append({"step": step + 1, "loss": loss.item(), "lr": lr})
-            bar.set_postfix(loss=f"{history[-1]['loss']:.3f}")
-            bar.update()
+    bar = tqdm(
+        total=-(-len(encoded) // cfg.batch_size) * cfg.epochs, desc="sft", unit="step", disable=not progress
+    )
+    for step, idx, lr in batches:
+        ids, response = pad_batch([encoded[i] for i in idx], mc.pad_token_id or 0)
+        loss = sft_loss(model, ids.to(model.device), response.to(model.device))
+        optimizer_step(model, optimizer, loss, lr, cfg.grad_clip)
+        history.append({"step": step + 1, "loss": loss.item(), "lr": lr})
+        bar.set_postfix(loss=f"{history[-1]['loss']:.3f}")
+        bar.update()
     bar.close()
     model.eval()
     return history
