@@ -243,3 +243,59 @@ def test_fallback_when_disabled(monkeypatch):
     # Unset again, the kernel is back.
     monkeypatch.delenv(fused.DISABLE_ENV)
     assert fused_scan_available()
+
+
+@pytest.mark.parametrize(
+    "hidden,expand,d_state,d_conv,dt_rank,conv_bias,batch,dtype",
+    [
+        (512, 2, 16, 4, 32, True, 1, torch.float32),  # jamba-small's mixer
+        (40, 3, 5, 3, 7, False, 3, torch.float32),  # odd sizes, no conv bias
+        (24, 2, 16, 2, 3, True, 2, torch.float64),
+        (16, 1, 3, 1, 2, True, 1, torch.float64),  # d_conv 1: no conv state
+    ],
+)
+def test_fused_mixer_step_equals_the_pytorch_mixer(
+    hidden, expand, d_state, d_conv, dt_rank, conv_bias, batch, dtype
+):
+    """One cached token through the fused mixer step equals the PyTorch mixer: output and both states."""
+    from quintet.models.jamba import JambaConfig
+    from quintet.models.jamba.cache import HybridCache
+    from quintet.models.jamba.mamba import JambaMambaMixer
+
+    config = JambaConfig(
+        hidden_size=hidden,
+        num_attention_heads=1,
+        num_key_value_heads=1,
+        num_hidden_layers=1,
+        attn_layer_period=1000,
+        attn_layer_offset=999,
+        mamba_expand=expand,
+        mamba_d_state=d_state,
+        mamba_d_conv=d_conv,
+        mamba_dt_rank=dt_rank,
+        mamba_conv_bias=conv_bias,
+    )
+    torch.manual_seed(d_state + d_conv)
+    mixer = JambaMambaMixer(config, 0).to(dtype)
+    with torch.no_grad():
+        for p in mixer.parameters():
+            p.add_(torch.randn_like(p) * 0.2)
+    prompt = torch.randn(batch, 6, hidden, dtype=dtype)
+    token = torch.randn(batch, 1, hidden, dtype=dtype)
+    caches = [HybridCache(config), HybridCache(config)]
+    with torch.no_grad():
+        for cache in caches:
+            mixer(prompt, cache=cache)
+        old = caches[0].mamba_state(0)
+        before = [t.clone() for t in old]
+        weights = [mixer.conv1d.weight, mixer.x_proj.weight, mixer.A_log]
+        assert fused.mixer_step_available(token, *caches[0].mamba_state(0), *weights)
+        fast = mixer(token, cache=caches[0])
+        for now, then in zip(old, before, strict=True):
+            torch.testing.assert_close(now, then, rtol=0, atol=0)  # the cached state is not modified
+    with torch.enable_grad():  # autograd on: the fused step steps aside, the PyTorch mixer runs
+        slow = mixer(token, cache=caches[1])
+    assert slow.requires_grad and not fast.requires_grad
+    _close(fast, slow.detach())
+    for a, b in zip(caches[0].mamba_state(0), caches[1].mamba_state(0), strict=True):
+        _close(a, b.detach())

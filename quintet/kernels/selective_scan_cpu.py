@@ -43,7 +43,13 @@ from torch.autograd.function import once_differentiable
 
 from quintet.models.jamba.selective_scan import selective_scan, selective_state_update
 
-__all__ = ["fused_scan_available", "selective_scan_fused", "selective_state_update_fused"]
+__all__ = [
+    "fused_scan_available",
+    "mamba_mixer_step_fused",
+    "mixer_step_available",
+    "selective_scan_fused",
+    "selective_state_update_fused",
+]
 
 DISABLE_ENV = "QUINTET_DISABLE_FUSED_SCAN"
 EXTENSIONS_DIR_ENV = "QUINTET_EXTENSIONS_DIR"
@@ -348,3 +354,54 @@ def selective_state_update_fused(
     inputs = (_cast(u, dtype), _cast(delta, dtype), *(_contig(t, dtype) for t in (A, B, C, D)))
     ops.state_update(state_c, *inputs, _cast(z, dtype), _contig(delta_bias, dtype), delta_softplus, y, out)
     return _cast(y, u.dtype), out
+
+
+def mixer_step_available(*tensors: torch.Tensor) -> bool:
+    """True when `mamba_mixer_step_fused` can run on these tensors: the kernel is loaded, they are all on
+    the CPU in one dtype (float32 or float64), and autograd needs no gradient through them."""
+    dtype = tensors[0].dtype
+    if dtype not in (torch.float32, torch.float64):
+        return False
+    if any(t.device.type != "cpu" or t.dtype != dtype for t in tensors):
+        return False
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return False
+    return _loader.get() is not None
+
+
+def mamba_mixer_step_fused(
+    xz: torch.Tensor,
+    conv_state: torch.Tensor,
+    conv_weight: torch.Tensor,
+    conv_bias: torch.Tensor | None,
+    x_proj_weight: torch.Tensor,
+    dt_norm_weight: torch.Tensor,
+    b_norm_weight: torch.Tensor,
+    c_norm_weight: torch.Tensor,
+    eps: float,
+    dt_proj_weight: torch.Tensor,
+    dt_bias: torch.Tensor,
+    A_log: torch.Tensor,
+    D: torch.Tensor | None,
+    ssm_state: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A Jamba Mamba mixer's work for one token between `in_proj` and `out_proj`, in one kernel call.
+
+    xz (b, 2 d) is in_proj's output; conv_state (b, d, d_conv - 1) and ssm_state (b, d, n) are the
+    cached states (not modified). Returns `(y, new_conv_state, new_ssm_state)`, y (b, d) gated by
+    silu(z), ready for out_proj. conv_weight is the depthwise Conv1d weight (d, 1, d_conv) or (d, d_conv).
+    Inference only; check `mixer_step_available` first (the caller keeps the PyTorch path otherwise).
+    """
+    ops = _loader.get()
+    b, two_d = xz.shape
+    d = two_d // 2
+    y = xz.new_empty((b, d))
+    new_conv = conv_state.new_empty(conv_state.shape)
+    new_ssm = ssm_state.new_empty(ssm_state.shape)
+    ops.mixer_step(
+        xz.contiguous(), conv_state.contiguous(), conv_weight.reshape(d, -1).contiguous(), conv_bias,
+        x_proj_weight.contiguous(), dt_norm_weight, b_norm_weight, c_norm_weight, float(eps),
+        dt_proj_weight.contiguous(), dt_bias, A_log.contiguous(), D, ssm_state.contiguous(),
+        y, new_conv, new_ssm,
+    )  # fmt: skip
+    return y, new_conv, new_ssm

@@ -62,6 +62,10 @@ class JambaMambaMixer(nn.Module):
         reaches is exactly the state of its unpadded prompt.
         """
         b, L, _ = h.shape
+        if L == 1 and cache is not None and (token_mask is None or bool(token_mask.all())):
+            out = self._fused_step(h, cache)
+            if out is not None:
+                return out
         x, z = self.in_proj(h).chunk(2, dim=-1)
         if token_mask is not None:
             x = x * token_mask.unsqueeze(-1).to(x.dtype)
@@ -110,3 +114,42 @@ class JambaMambaMixer(nn.Module):
                 self.layer_idx, window[..., window.shape[-1] - (self.d_conv - 1) :], new_state
             )
         return self.out_proj(y)
+
+    def _fused_step(self, h: torch.Tensor, cache: HybridCache) -> torch.Tensor | None:
+        """One cached token through the fused mixer step (quintet.kernels), or None where it cannot run
+        (no state yet, autograd on, another dtype or device, or the kernel is unavailable)."""
+        conv_state, ssm_state = cache.mamba_state(self.layer_idx)
+        if conv_state is None or ssm_state is None:
+            return None
+        weights = (
+            self.conv1d.weight,
+            self.x_proj.weight,
+            self.dt_layernorm.weight,
+            self.b_layernorm.weight,
+            self.c_layernorm.weight,
+            self.dt_proj.weight,
+            self.dt_proj.bias,
+            self.A_log,
+            self.D,
+        )
+        if not fused.mixer_step_available(h, conv_state, ssm_state, *weights):
+            return None
+        xz = self.in_proj(h[:, 0])
+        y, conv_state, ssm_state = fused.mamba_mixer_step_fused(
+            xz,
+            conv_state,
+            self.conv1d.weight,
+            self.conv1d.bias,
+            self.x_proj.weight,
+            self.dt_layernorm.weight,
+            self.b_layernorm.weight,
+            self.c_layernorm.weight,
+            self.dt_layernorm.eps,
+            self.dt_proj.weight,
+            self.dt_proj.bias,
+            self.A_log,
+            self.D,
+            ssm_state,
+        )
+        cache.set_mamba_state(self.layer_idx, conv_state, ssm_state)
+        return self.out_proj(y).unsqueeze(1)
