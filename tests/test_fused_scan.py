@@ -289,7 +289,7 @@ def test_fused_mixer_step_equals_the_pytorch_mixer(
         old = caches[0].mamba_state(0)
         before = [t.clone() for t in old]
         weights = [mixer.conv1d.weight, mixer.x_proj.weight, mixer.A_log]
-        assert fused.mixer_step_available(token, *caches[0].mamba_state(0), *weights)
+        assert fused.inference_kernels_available(token, *caches[0].mamba_state(0), *weights)
         fast = mixer(token, cache=caches[0])
         for now, then in zip(old, before, strict=True):
             torch.testing.assert_close(now, then, rtol=0, atol=0)  # the cached state is not modified

@@ -45,8 +45,9 @@ from quintet.models.jamba.selective_scan import selective_scan, selective_state_
 
 __all__ = [
     "fused_scan_available",
+    "causal_conv1d_silu_fused",
+    "inference_kernels_available",
     "mamba_mixer_step_fused",
-    "mixer_step_available",
     "selective_scan_fused",
     "selective_state_update_fused",
 ]
@@ -356,9 +357,10 @@ def selective_state_update_fused(
     return _cast(y, u.dtype), out
 
 
-def mixer_step_available(*tensors: torch.Tensor) -> bool:
-    """True when `mamba_mixer_step_fused` can run on these tensors: the kernel is loaded, they are all on
-    the CPU in one dtype (float32 or float64), and autograd needs no gradient through them."""
+def inference_kernels_available(*tensors: torch.Tensor) -> bool:
+    """True when the inference-only kernels (`mamba_mixer_step_fused`, `causal_conv1d_silu_fused`) can run
+    on these tensors: the extension is loaded, they are all on the CPU in one dtype (float32 or float64),
+    and autograd needs no gradient through them."""
     dtype = tensors[0].dtype
     if dtype not in (torch.float32, torch.float64):
         return False
@@ -390,7 +392,7 @@ def mamba_mixer_step_fused(
     xz (b, 2 d) is in_proj's output; conv_state (b, d, d_conv - 1) and ssm_state (b, d, n) are the
     cached states (not modified). Returns `(y, new_conv_state, new_ssm_state)`, y (b, d) gated by
     silu(z), ready for out_proj. conv_weight is the depthwise Conv1d weight (d, 1, d_conv) or (d, d_conv).
-    Inference only; check `mixer_step_available` first (the caller keeps the PyTorch path otherwise).
+    Inference only; check `inference_kernels_available` first (the caller keeps the PyTorch path otherwise).
     """
     ops = _loader.get()
     b, two_d = xz.shape
@@ -405,3 +407,25 @@ def mamba_mixer_step_fused(
         y, new_conv, new_ssm,
     )  # fmt: skip
     return y, new_conv, new_ssm
+
+
+def causal_conv1d_silu_fused(
+    x: torch.Tensor,
+    conv_state: torch.Tensor | None,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    silu: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """silu(causal depthwise conv1d) of x (b, L, d) continuing from conv_state (b, d, K - 1) (zeros when
+    None), in x's (b, L, d) layout. Returns `(out (b, L, d) contiguous, new_conv_state (b, d, K - 1))`, the
+    state being the last K - 1 inputs (older state included when L < K - 1). `weight` is the Conv1d weight
+    (d, 1, K) or (d, K). Inference only; check `inference_kernels_available` first."""
+    b, L, d = x.shape
+    w = weight.reshape(d, -1).contiguous()
+    if x.stride(2) != 1:
+        x = x.contiguous()
+    out = x.new_empty((b, L, d))
+    new_state = x.new_empty((b, d, w.shape[1] - 1))
+    state = None if conv_state is None else conv_state.contiguous()
+    _loader.get().causal_conv(x, state, w, bias, silu, out, new_state)
+    return out, new_state

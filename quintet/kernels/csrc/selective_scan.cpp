@@ -872,6 +872,90 @@ void mixer_step(const at::Tensor& xz, const at::Tensor& conv_state, const at::Te
   }
 }
 
+// ---------------------------------------------------------------------------------------------------------
+// The Mamba mixer's causal depthwise convolution and SiLU over a whole prompt, read in the (b, L, d) layout
+// in_proj produces (channels contiguous, so each tap is one vectorised multiply-add across channels) and
+// written the same way. Going through Conv1d instead costs a transposing concatenation with the conv
+// state and a layout reorder, each as slow as the convolution itself (docs/kernels.md).
+//   out[b, t, c] = silu(bias[c] + sum_k w[c, k] * window[b, c, t + k]),  window = [state (K-1), x (L)]
+//   new_state    = the last K-1 columns of window
+// x: (b, L, d) with channel stride 1; state, new_state: (b, d, K-1); w: (d, K); out: (b, L, d) contiguous.
+
+template <typename T>
+void conv_impl(const T* x, int64_t sb, int64_t sl, const T* state, const T* w, const T* bias, bool silu,
+               int64_t batch, int64_t L, int64_t d, int64_t K, T* out, T* new_state) {
+  const int64_t W = K - 1, tile = 64, tiles = (L + tile - 1) / tile;
+  std::vector<T> wt(static_cast<size_t>(K * d));  // taps laid out (K, d): contiguous across channels
+  for (int64_t c = 0; c < d; ++c)
+    for (int64_t k = 0; k < K; ++k) wt[k * d + c] = w[c * K + k];
+  std::vector<T> zeros(static_cast<size_t>(d), T(0));
+  at::parallel_for(0, batch * tiles, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> past(static_cast<size_t>(d));
+    for (int64_t index = begin; index < end; ++index) {
+      const int64_t bi = index / tiles, t0 = (index % tiles) * tile, t1 = std::min(L, t0 + tile);
+      for (int64_t t = t0; t < t1; ++t) {
+        T* __restrict__ o = out + (bi * L + t) * d;
+#pragma omp simd
+        for (int64_t c = 0; c < d; ++c) o[c] = bias ? bias[c] : T(0);
+        for (int64_t k = 0; k < K; ++k) {
+          const int64_t src = t - W + k;  // time index into x; negative: into the state
+          const T* __restrict__ in;
+          if (src >= 0) {
+            in = x + bi * sb + src * sl;
+          } else if (state) {
+            for (int64_t c = 0; c < d; ++c) past[c] = state[(bi * d + c) * W + W + src];
+            in = past.data();
+          } else {
+            in = zeros.data();
+          }
+          const T* __restrict__ wk = wt.data() + k * d;
+#pragma omp simd
+          for (int64_t c = 0; c < d; ++c) o[c] += wk[c] * in[c];
+        }
+        if (silu) {
+#pragma omp simd
+          for (int64_t c = 0; c < d; ++c) o[c] = o[c] * sigmoid(o[c]);
+        }
+      }
+    }
+  });
+  for (int64_t bi = 0; bi < batch; ++bi)
+    for (int64_t c = 0; c < d; ++c)
+      for (int64_t j = 0; j < W; ++j) {
+        const int64_t pos = L + j;  // index into window
+        new_state[(bi * d + c) * W + j] =
+            pos >= W ? x[bi * sb + (pos - W) * sl + c] : (state ? state[(bi * d + c) * W + pos] : T(0));
+      }
+}
+
+void causal_conv(const at::Tensor& x, const std::optional<at::Tensor>& state, const at::Tensor& w,
+                 const std::optional<at::Tensor>& bias, bool silu, const at::Tensor& out,
+                 const at::Tensor& new_state) {
+  const auto dtype = x.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble, "quintet_scan: float32 or float64 only, got ", dtype);
+  check_cpu(x, "x", dtype);
+  TORCH_CHECK(x.dim() == 3 && x.stride(2) == 1, "quintet_scan: x must be (b, L, d) with contiguous channels, got ",
+              x.sizes(), " strides ", x.strides());
+  TORCH_CHECK(w.dim() == 2, "quintet_scan: conv weight must be (d, K), got ", w.sizes());
+  const int64_t b = x.size(0), L = x.size(1), d = x.size(2), K = w.size(1);
+  check_contiguous(w, "w", dtype, {d, K});
+  const bool has_state = state.has_value() && state->defined();
+  if (has_state) check_contiguous(*state, "state", dtype, {b, d, K - 1});
+  if (bias.has_value() && bias->defined()) check_contiguous(*bias, "bias", dtype, {d});
+  check_contiguous(out, "out", dtype, {b, L, d});
+  check_contiguous(new_state, "new_state", dtype, {b, d, K - 1});
+  auto run = [&](auto zero) {
+    using T = decltype(zero);
+    conv_impl<T>(x.data_ptr<T>(), x.stride(0), x.stride(1), has_state ? state->data_ptr<T>() : nullptr,
+                 w.data_ptr<T>(), opt_ptr<T>(bias), silu, b, L, d, K, out.data_ptr<T>(), new_state.data_ptr<T>());
+  };
+  if (dtype == at::kFloat) {
+    run(0.0f);
+  } else {
+    run(0.0);
+  }
+}
+
 }  // namespace
 
 TORCH_LIBRARY(quintet_scan, m) {
@@ -894,4 +978,8 @@ TORCH_LIBRARY(quintet_scan, m) {
       "Tensor b_norm_w, Tensor c_norm_w, float eps, Tensor dt_proj_w, Tensor dt_bias, Tensor A_log, Tensor? D, "
       "Tensor ssm_state, Tensor(a!) y, Tensor(b!) new_conv_state, Tensor(c!) new_ssm_state) -> ()",
       &mixer_step);
+  m.def(
+      "causal_conv(Tensor x, Tensor? state, Tensor w, Tensor? bias, bool silu, Tensor(a!) out, "
+      "Tensor(b!) new_state) -> ()",
+      &causal_conv);
 }

@@ -66,25 +66,17 @@ class JambaMambaMixer(nn.Module):
             out = self._fused_step(h, cache)
             if out is not None:
                 return out
-        x, z = self.in_proj(h).chunk(2, dim=-1)
+        x, z = self.in_proj(h).chunk(2, dim=-1)  # (b, L, d_inner) each
         if token_mask is not None:
             x = x * token_mask.unsqueeze(-1).to(x.dtype)
-        x = x.transpose(1, 2)  # (b, d_inner, L)
         conv_state, ssm_state = cache.mamba_state(self.layer_idx) if cache is not None else (None, None)
-        if conv_state is None:
-            conv_state = x.new_zeros(b, self.d_inner, self.d_conv - 1)
-        window = torch.cat([conv_state.to(x.dtype), x], dim=-1)  # (b, d_inner, d_conv - 1 + L)
-        if L == 1:  # one token: a dot product per channel (oneDNN's conv has a large fixed cost)
-            x = torch.einsum("bdk,dk->bd", window, self.conv1d.weight[:, 0]).unsqueeze(-1)
-            x = x if self.conv1d.bias is None else x + self.conv1d.bias.unsqueeze(-1)
-        else:
-            x = F.conv1d(window, self.conv1d.weight, self.conv1d.bias, groups=self.d_inner)
-        x = F.silu(x)
+        x, conv_state = self._causal_conv_silu(x, conv_state)
         if token_mask is not None:
-            x = x * token_mask.unsqueeze(1).to(x.dtype)
+            x = x * token_mask.unsqueeze(-1).to(x.dtype)
 
-        dt, B, C = torch.split(self.x_proj(x.transpose(1, 2)), [self.dt_rank, self.d_state, self.d_state], -1)
-        dt = self.dt_proj.weight @ self.dt_layernorm(dt).transpose(1, 2)  # (b, d_inner, L), bias in the scan
+        dt, B, C = torch.split(self.x_proj(x), [self.dt_rank, self.d_state, self.d_state], -1)
+        x = x.transpose(1, 2)  # (b, d_inner, L), a view: the scan reads any strides
+        dt = F.linear(self.dt_layernorm(dt), self.dt_proj.weight).transpose(1, 2)  # (b, d, L); bias: in scan
         B = self.b_layernorm(B)
         C = self.c_layernorm(C)
         A = -torch.exp(self.A_log.float())
@@ -110,10 +102,32 @@ class JambaMambaMixer(nn.Module):
             )
             y = y.transpose(1, 2)
         if cache is not None:
-            cache.set_mamba_state(
-                self.layer_idx, window[..., window.shape[-1] - (self.d_conv - 1) :], new_state
-            )
+            cache.set_mamba_state(self.layer_idx, conv_state, new_state)
         return self.out_proj(y)
+
+    def _causal_conv_silu(
+        self, x: torch.Tensor, conv_state: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """silu(causal depthwise conv) of x (b, L, d_inner), continuing from conv_state
+        (b, d_inner, d_conv - 1) or zeros. Returns the output in x's layout and the new conv state (the
+        last d_conv - 1 inputs)."""
+        weights = (
+            (self.conv1d.weight,) if self.conv1d.bias is None else (self.conv1d.weight, self.conv1d.bias)
+        )
+        state = () if conv_state is None else (conv_state,)
+        if fused.inference_kernels_available(x, *weights, *state):
+            return fused.causal_conv1d_silu_fused(x, conv_state, self.conv1d.weight, self.conv1d.bias)
+        b, L, _ = x.shape
+        x = x.transpose(1, 2)  # (b, d_inner, L)
+        if conv_state is None:
+            conv_state = x.new_zeros(b, self.d_inner, self.d_conv - 1)
+        window = torch.cat([conv_state.to(x.dtype), x], dim=-1)  # (b, d_inner, d_conv - 1 + L)
+        if L == 1:  # one token: a dot product per channel (oneDNN's conv has a large fixed cost)
+            x = torch.einsum("bdk,dk->bd", window, self.conv1d.weight[:, 0]).unsqueeze(-1)
+            x = x if self.conv1d.bias is None else x + self.conv1d.bias.unsqueeze(-1)
+        else:
+            x = F.conv1d(window, self.conv1d.weight, self.conv1d.bias, groups=self.d_inner)
+        return F.silu(x).transpose(1, 2), window[..., window.shape[-1] - (self.d_conv - 1) :]
 
     def _fused_step(self, h: torch.Tensor, cache: HybridCache) -> torch.Tensor | None:
         """One cached token through the fused mixer step (quintet.kernels), or None where it cannot run
@@ -132,7 +146,7 @@ class JambaMambaMixer(nn.Module):
             self.A_log,
             self.D,
         )
-        if not fused.mixer_step_available(h, conv_state, ssm_state, *weights):
+        if not fused.inference_kernels_available(h, conv_state, ssm_state, *weights):
             return None
         xz = self.in_proj(h[:, 0])
         y, conv_state, ssm_state = fused.mamba_mixer_step_fused(
