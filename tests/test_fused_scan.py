@@ -299,3 +299,29 @@ def test_fused_mixer_step_equals_the_pytorch_mixer(
     _close(fast, slow.detach())
     for a, b in zip(caches[0].mamba_state(0), caches[1].mamba_state(0), strict=True):
         _close(a, b.detach())
+
+
+@pytest.mark.parametrize(
+    "b,L,d,K,with_state,with_bias,dtype",
+    [
+        (1, 2048, 1024, 4, False, True, torch.float32),  # a jamba-small prompt
+        (3, 70, 37, 4, True, True, torch.float32),  # odd sizes, a partial time tile, a carried state
+        (2, 2, 19, 4, True, False, torch.float64),  # L < d_conv - 1: the new state keeps old columns
+        (1, 1, 8, 3, True, True, torch.float64),
+        (2, 5, 6, 1, False, True, torch.float64),  # d_conv 1: no state at all
+    ],
+)
+def test_fused_causal_conv_equals_conv1d(b, L, d, K, with_state, with_bias, dtype):
+    """silu(causal depthwise conv) in the (b, L, d) layout equals Conv1d over [state, x], state included."""
+    g = torch.Generator().manual_seed(b * 1000 + L + d + K)
+    xz = torch.randn(b, L, 2 * d, generator=g, dtype=dtype)
+    x = xz[..., :d]  # a strided view, as in_proj's output chunk is
+    weight = torch.randn(d, 1, K, generator=g, dtype=dtype)
+    bias = torch.randn(d, generator=g, dtype=dtype) if with_bias else None
+    state = torch.randn(b, d, K - 1, generator=g, dtype=dtype) if with_state else None
+    assert fused.inference_kernels_available(x, weight)
+    out, new_state = fused.causal_conv1d_silu_fused(x, state, weight, bias)
+    window = torch.cat([state if with_state else x.new_zeros(b, d, K - 1), x.transpose(1, 2)], dim=-1)
+    expected = torch.nn.functional.silu(torch.nn.functional.conv1d(window, weight, bias, groups=d))
+    _close(out, expected.transpose(1, 2))
+    torch.testing.assert_close(new_state, window[..., window.shape[-1] - (K - 1) :], rtol=0, atol=0)
