@@ -118,3 +118,9 @@ def run_deploy_demo(model_dir: pathlib.Path, out_dir: pathlib.Path) -> None:
     ratio = rows[1][1]["decode_tok_s"] / rows[0][1]["decode_tok_s"]
     same = sum(a == b for a, b in zip(rows[0][1]["tokens"], rows[1][1]["tokens"], strict=True))
     print(f"FP4 decode speed: {ratio:.2f}x float32; greedy tokens equal to float32's: {same}/32")
+    if before < 32 * 2**20:
+        print(
+            f"  ({before / 2**20:.0f} MiB of float32 weights fit in the CPU's cache, where reading 4 bits "
+            "instead of 32 saves little; FP4 pays on models that do not fit: docs/BENCHMARKS.md, "
+            "'Deployment: FP4 speed and size')"
+        )
