@@ -202,7 +202,19 @@ class EngineMamba(nn.Module):
             self.register_buffer("dt_norm_w", f32(mixer.dt_layernorm.weight), persistent=False)
             self.register_buffer("b_norm_w", f32(mixer.b_layernorm.weight), persistent=False)
             self.register_buffer("c_norm_w", f32(mixer.c_layernorm.weight), persistent=False)
+            # For the fused decode step (quintet.kernels.mamba_mixer_step_fused), float32 copies of the
+            # small tensors it reads; x_proj (dt_rank + 2 d_state rows) dequantized when it is FP4.
+            xp = mixer.x_proj
+            x_proj_w = xp.dequantized_weight(torch.float32) if isinstance(xp, M0E4Linear) else f32(xp.weight)
+            self.register_buffer("x_proj_w", x_proj_w.contiguous(), persistent=False)
+            self.register_buffer(
+                "conv_w", f32(mixer.conv1d.weight).reshape(self.d_inner, -1), persistent=False
+            )
+            bias = mixer.conv1d.bias
+            self.register_buffer("conv_b", None if bias is None else f32(bias), persistent=False)
+            self.register_buffer("A_log", f32(mixer.A_log), persistent=False)
         self.eps = (mixer.dt_layernorm.eps, mixer.b_layernorm.eps, mixer.c_layernorm.eps)
+        self.fused_step = len(set(self.eps)) == 1  # the kernel takes one eps for the three norms
 
     def _scan(self, *args) -> tuple[torch.Tensor, torch.Tensor]:
         if _TRACE.get() is not None:
@@ -230,7 +242,17 @@ class EngineMamba(nn.Module):
         conv_state, ssm_state = cache.mamba_state(self.layer_idx) if cache is not None else (None, None)
         b, L, _ = h.shape
         if L == 1 and ssm_state is not None:  # decode: new tokens are never padding
-            x, z = m.in_proj(h[:, 0]).split(self.d_inner, dim=-1)  # (b, d_inner) each
+            xz = m.in_proj(h[:, 0])
+            if self.fused_step and _TRACE.get() is None and fused_scan.fused_scan_available():
+                # conv, SiLU, x_proj, norms, dt_proj and the SSM step in one kernel call, in float32
+                y, new_conv, new_state = fused_scan.mamba_mixer_step_fused(
+                    xz.float(), conv_state.float(), self.conv_w, self.conv_b, self.x_proj_w,
+                    self.dt_norm_w, self.b_norm_w, self.c_norm_w, self.eps[0], self.dt_w, self.dt_bias,
+                    self.A_log, self.D, ssm_state,
+                )  # fmt: skip
+                cache.set_mamba_state(self.layer_idx, new_conv.to(conv_state.dtype), new_state)
+                return m.out_proj(y.to(xz.dtype)).unsqueeze(1)
+            x, z = xz.split(self.d_inner, dim=-1)  # (b, d_inner) each
             window = torch.cat([conv_state, x.unsqueeze(-1)], dim=-1)  # (b, d_inner, d_conv); same dtype
             x = torch.linalg.vecdot(window, m.conv1d.weight[:, 0])
             x = F.silu(x if m.conv1d.bias is None else x + m.conv1d.bias)
