@@ -8,7 +8,6 @@ row of `max_length` tokens (attention is not reset between them; only response t
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +17,7 @@ from tqdm import tqdm
 
 from quintet.align.loop import optimizer_step, scheduled_batches
 from quintet.align.sequences import Example, encode_example, pad_batch
+from quintet.io import iter_jsonl
 from quintet.tokenizer import TextTokenizer
 from quintet.train.schedule import SCHEDULES
 
@@ -73,14 +73,8 @@ def read_sft_examples(path: str | os.PathLike) -> list[tuple[str, str]]:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such SFT file")
     rows = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise SFTDataError(f"{path}:{number}: not valid JSON (column {err.colno}): {err.msg}") from None
-        rows.append(parse_sft_row(row, f"{path}:{number}"))
+    for where, _, row in iter_jsonl(path, SFTDataError):
+        rows.append(parse_sft_row(row, where))
     if not rows:
         raise SFTDataError(f"{path}: no examples in the file")
     return rows

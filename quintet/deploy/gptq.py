@@ -13,7 +13,6 @@ quantized mixer's output), as the GPTQ paper does.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -24,6 +23,7 @@ from tqdm import tqdm
 
 from quintet.deploy.m0e4 import M0E4Tensor, check_group_size, params_from_range, quantize_rtn
 from quintet.deploy.quantize import QuantConfig, quantizable_modules
+from quintet.io import iter_jsonl
 
 
 def gptq_quantize_weight(
@@ -175,19 +175,12 @@ def read_calibration(
         raise FileNotFoundError(f"{path}: no such calibration file")
     tokens: list[int] = []
     need = seq_len * num_samples
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{lineno}: not valid JSON ({err.msg})") from None
-            if not isinstance(row, dict) or not isinstance(row.get("text"), str):
-                raise ValueError(f"{path}:{lineno}: expected an object with a string 'text' field")
-            tokens.extend(encode(row["text"]))
-            if len(tokens) >= need:
-                break
+    for where, _, row in iter_jsonl(path):
+        if not isinstance(row, dict) or not isinstance(row.get("text"), str):
+            raise ValueError(f"{where}: expected an object with a string 'text' field")
+        tokens.extend(encode(row["text"]))
+        if len(tokens) >= need:
+            break
     if len(tokens) < seq_len:
         raise ValueError(f"{path}: only {len(tokens)} tokens; calibration needs at least seq_len = {seq_len}")
     ids = torch.tensor(tokens[: (len(tokens) // seq_len) * seq_len][:need], dtype=torch.long)

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from quintet.eval.perplexity import EvalDataError, load_model, prefix_token_id, score_windows
+from quintet.io import iter_jsonl
 from quintet.tokenizer import TextTokenizer
 
 
@@ -46,14 +47,7 @@ def read_mc_task(path: str | os.PathLike) -> list[MCItem]:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such multiple-choice task file")
     items = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        where = f"{path}:{number}"
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise EvalDataError(f"{where}: not valid JSON (column {err.colno}): {err.msg}") from None
+    for where, number, row in iter_jsonl(path, EvalDataError):
         if not isinstance(row, dict):
             raise EvalDataError(f"{where}: expected a JSON object, got {type(row).__name__}")
         context = row.get("question", row.get("context"))

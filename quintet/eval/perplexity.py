@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from quintet.io import iter_jsonl
 from quintet.models.jamba import JambaForCausalLM
 from quintet.tokenizer import TextTokenizer, load_tokenizer
 
@@ -157,14 +158,7 @@ def read_texts_jsonl(paths: Sequence[str | os.PathLike], lang: str | None = None
     for path in map(Path, paths):
         if not path.is_file():
             raise FileNotFoundError(f"{path}: no such text file")
-        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{number}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise EvalDataError(f"{where}: not valid JSON (column {err.colno}): {err.msg}") from None
+        for where, _, row in iter_jsonl(path, EvalDataError):
             if not isinstance(row, dict) or not isinstance(row.get("text"), str):
                 raise EvalDataError(
                     f"{where}: needs a string field 'text' (and 'lang'); got {str(row)[:80]!r}"
