@@ -5,10 +5,10 @@
 - residual + RMSNorm: `x + h` then Jamba's RMSNorm (five element-wise ops) against `add_rms_norm`;
 - SwiGLU: gate and up as two matmuls against one merged gate/up matmul (M0E4 weights, jamba-small MLP);
 - merged QKV: three projections against one (M0E4, jamba-small attention: 512 -> 512 + 128 + 128);
-- dequantization inside the matmul: the int4 kernel against dequantizing the M0E4 weight and a bfloat16
-  matmul, per call; and the int4 kernel against the cached bfloat16 prefill weight by rows (the
-  prefill / decode split and INT4_MAX_ROWS);
-- the whole FP4 decode step with fusions on and off, and with bfloat16 (the default) or float32 activations.
+- dequantization inside the matmul: quintet's M0E4 GEMV against dequantizing the weight and a float32
+  matmul, per call; and the GEMV against the dequantized-tiles path by rows (the decode / prefill split,
+  `quintet.kernels.m0e4_cpu.GEMV_MAX_ROWS`);
+- the whole FP4 decode step with fusions on and off, and with float32 (the default) or bfloat16 activations.
 Decode = 1 row, prefill = 512 rows. Times are medians of --runs; "speedup" = unfused time / fused time.
 """
 
@@ -28,17 +28,16 @@ from timing import markdown_table, median_seconds, set_threads, write_results  #
 from quintet.deploy.engine import load_quantized  # noqa: E402
 from quintet.deploy.fusions import add_rms_norm, merge_linears  # noqa: E402
 from quintet.deploy.m0e4 import quantize_rtn  # noqa: E402
-from quintet.deploy.qlinear import M0E4Linear, matmul_path  # noqa: E402
+from quintet.deploy.qlinear import M0E4Linear  # noqa: E402
 from quintet.deploy.quantize import quantize_folder  # noqa: E402
+from quintet.kernels.m0e4_cpu import m0e4_matmul, matmul_path  # noqa: E402
 from quintet.models.jamba import JambaConfig  # noqa: E402
 from quintet.models.jamba.create import create_model  # noqa: E402
 from quintet.models.jamba.norm import RMSNorm  # noqa: E402
 
 
 def _m0e4(n: int, k: int, group: int = 64) -> M0E4Linear:
-    layer = M0E4Linear.from_quantized(quantize_rtn(torch.randn(n, k) * 0.02, group))
-    layer.prepare()
-    return layer
+    return M0E4Linear.from_quantized(quantize_rtn(torch.randn(n, k) * 0.02, group))
 
 
 def _row(rows: list, name: str, shape: str, unfused, fused, runs: int) -> None:
@@ -83,7 +82,7 @@ def main() -> None:
         gate_up = merge_linears([gate, up])
         q, k, v = _m0e4(h, h), _m0e4(128, h), _m0e4(128, h)
         qkv = merge_linears([q, k, v])
-        for m, path in ((1, "int4"), (512, "bf16")):
+        for m, path in ((1, "gemv"), (512, "tiles")):
             x = torch.randn(m, h)
             with matmul_path(path):
                 _row(
@@ -105,26 +104,25 @@ def main() -> None:
         # dequantization inside the matmul
         for n, kk in ((2 * inter, h), (h, inter), (cfg.vocab_size, h)):
             layer = _m0e4(n, kk)
-            x = torch.randn(1, kk).to(torch.bfloat16)
+            x = torch.randn(1, kk)
             _row(
                 rows,
-                "dequant in the matmul (int4 kernel)",
+                "dequant in the matmul (M0E4 GEMV)",
                 f"(1, {kk}) x ({n}, {kk})",
-                lambda layer=layer, x=x: F.linear(x, layer.dequantized_weight(torch.bfloat16)),
-                lambda layer=layer, x=x: torch.ops.aten._weight_int4pack_mm_for_cpu(
-                    x, layer._int4[0], layer.group_size, layer._int4[1]
-                ),
+                lambda layer=layer, x=x: F.linear(x, layer.dequantized_weight(torch.float32)),
+                lambda layer=layer, x=x: layer(x),
                 args.runs,
             )
         layer = _m0e4(2 * inter, h)
         for m in (1, 2, 4, 8, 16, 32, 128, 512):
-            x = torch.randn(m, h).to(torch.bfloat16)
+            x = torch.randn(m, h)
+            args_ = (x, layer.qweight, layer.scales, layer.offsets, layer.group_size)
             _row(
                 rows,
-                "int4 kernel vs bf16 prefill weight",
+                "M0E4 GEMV vs dequantized tiles",
                 f"({m}, {h}) x ({2 * inter}, {h})",
-                lambda x=x: F.linear(x, layer._prefill_weight),
-                lambda x=x: torch.ops.aten._weight_int4pack_mm_for_cpu(x, layer._int4[0], 64, layer._int4[1]),
+                lambda args_=args_: m0e4_matmul(*args_, path="tiles"),
+                lambda args_=args_: m0e4_matmul(*args_, path="gemv"),
                 args.runs,
             )
         # whole decode steps
@@ -134,7 +132,7 @@ def main() -> None:
             engines = {
                 "fused": load_quantized(Path(tmp) / "q"),
                 "unfused": load_quantized(Path(tmp) / "q", fuse=False),
-                "float32 activations": load_quantized(Path(tmp) / "q", dtype=torch.float32),
+                "bfloat16 activations": load_quantized(Path(tmp) / "q", dtype=torch.bfloat16),
             }
             prompt = torch.randint(3, cfg.vocab_size, (1, 128), generator=torch.Generator().manual_seed(0))
             steps = {}
@@ -155,9 +153,9 @@ def main() -> None:
             )
             _row(
                 rows,
-                "engine decode step: bf16 activations (vs float32)",
+                "engine decode step: float32 activations (vs bf16)",
                 "jamba-small FP4, past 128",
-                steps["float32 activations"],
+                steps["bfloat16 activations"],
                 steps["fused"],
                 args.runs,
             )

@@ -12,6 +12,7 @@ from quintet.deploy.engine import to_engine
 from quintet.deploy.memory_plan import MemoryPlan, check_plan, parse_sizes, plan_memory
 from quintet.deploy.quantize import QuantConfig, quantize
 from quintet.deploy.shapes import ShapeGraph, StorageRecord, compare, guards_hold, record_step, trace_step
+from quintet.kernels.m0e4_cpu import gemv_max_rows
 from quintet.models.jamba import JambaConfig, JambaForCausalLM
 from quintet.models.jamba.create import create_model
 
@@ -58,10 +59,10 @@ def test_symbolic_shapes_equal_actual_shapes_over_a_grid(engine, graphs, key):
 
 
 def test_guards_say_where_a_trace_holds(graphs):
-    """Batched decode runs the int4 kernel up to INT4_MAX_ROWS rows: beyond, the step is another graph."""
+    """Decode steps run the 4-bit GEMV up to gemv_max_rows() tokens: beyond, the step is another graph."""
     graph = graphs[("decode", None)]
-    assert guards_hold(graph, {"b": 4, "P": 10})
-    assert not guards_hold(graph, {"b": 5, "P": 10})
+    assert guards_hold(graph, {"b": gemv_max_rows(), "P": 10})
+    assert not guards_hold(graph, {"b": gemv_max_rows() + 1, "P": 10})
     assert not guards_hold(graph, {"b": 2, "P": 600})  # past the cache's 512 slots
 
 
@@ -80,7 +81,7 @@ def test_shapes_are_formulas_in_the_step_sizes(graphs):
 def test_quantized_engine_decode_shapes(engine):
     q = _engine(quantized=True)
     graph = trace_step(q, "decode", 1)
-    assert any("int4pack" in op.name for op in graph.ops)
+    assert any("quintet_m0e4.gemv" in op.name for op in graph.ops)  # the 4-bit GEMV, no float weight
     for P in (3, 64, 90):
         actual = record_step(q, "decode", 1, 1, P)
         assert compare(graph, actual) == []

@@ -221,7 +221,7 @@ def test_decode_steps_continue_the_scan():
 def test_fallback_when_disabled(monkeypatch):
     """QUINTET_DISABLE_FUSED_SCAN=1 takes the real fallback path: one warning, PyTorch results."""
     monkeypatch.setenv(fused.DISABLE_ENV, "1")
-    monkeypatch.setattr(fused, "_loader", fused._Loader())  # a fresh process's loader: nothing warned yet
+    monkeypatch.setattr(fused._loader, "warned", False)  # as in a fresh process: nothing warned yet
     assert not fused_scan_available()
     x = _inputs(2, 5, 6, 3)
     with warnings.catch_warnings(record=True) as caught:

@@ -1,17 +1,18 @@
-"""The deployment engine for Jamba: FP4 (M0E4) weights, int4 / bf16 matmuls, a sub-tensor KV cache, fusions.
+"""The deployment engine for Jamba: FP4 (M0E4) weights multiplied as stored, a sub-tensor KV cache, fusions.
 
     engine = load_quantized("runs/jamba-fp4")          # a folder written by `quantize_folder`
     generate(engine, prompts, max_new_tokens=32)         # quintet.generation works on it unchanged
 
 `JambaEngine` wraps a `JambaForCausalLM` whose modules were swapped (module swaps only; the model's own
 forward runs):
-- M0E4 Linear / Embedding (`qlinear.py`): the int4 kernel for decode-sized matmuls, bfloat16 for prefill;
+- M0E4 Linear / Embedding (`qlinear.py`): 4-bit weights, multiplied by quintet's M0E4 kernels (a register
+  GEMV for decode, dequantized tiles in a reused scratch buffer for prefill; `quintet.kernels.m0e4_cpu`);
 - `EngineDecoderLayer`: the decoder layer with merged q/k/v, merged gate/up SwiGLU and residual + RMSNorm
   fused (`fusions.py`);
 - `EngineAttention`: attention over the views a `SubTensorKVCache` returns, padded to a multiple of 64 and
   masked; grouped-query attention by folding the query heads of a group into the query length (so K/V are
   never repeated per head).
-`to_engine` builds the same engine on an unquantized model (the bfloat16 baseline).
+`to_engine` builds the same engine on an unquantized model (the float baseline).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from torch import nn
 
 from quintet.deploy.fusions import FusedSwiGLU, add_rms_norm, merge_linears, rms_norm
 from quintet.deploy.kv_cache import SubTensorKVCache
-from quintet.deploy.qlinear import INT4_MAX_ROWS, M0E4Embedding, M0E4Linear, matmul_path
+from quintet.deploy.qlinear import M0E4Embedding, M0E4Linear
 from quintet.deploy.quantize import (
     QuantizedCheckpointError,
     build_skeleton,
@@ -39,6 +40,7 @@ from quintet.deploy.quantize import (
     swap_to_m0e4,
 )
 from quintet.kernels import selective_scan_cpu as fused_scan
+from quintet.kernels.m0e4_cpu import gemv_max_rows, matmul_dtype, matmul_path
 from quintet.models.jamba import JambaConfig, JambaForCausalLM
 from quintet.models.jamba.attention import JambaAttention
 from quintet.models.jamba.mamba import JambaMambaMixer
@@ -202,11 +204,12 @@ class EngineMamba(nn.Module):
             self.register_buffer("dt_norm_w", f32(mixer.dt_layernorm.weight), persistent=False)
             self.register_buffer("b_norm_w", f32(mixer.b_layernorm.weight), persistent=False)
             self.register_buffer("c_norm_w", f32(mixer.c_layernorm.weight), persistent=False)
-            # For the fused decode step (quintet.kernels.mamba_mixer_step_fused), float32 copies of the
-            # small tensors it reads; x_proj (dt_rank + 2 d_state rows) dequantized when it is FP4.
+            # For the fused decode step (quintet.kernels.mamba_mixer_step_fused), the small tensors it
+            # reads in float32. It needs x_proj in float: a folder that quantized x_proj (quantize keeps it
+            # in float since it is skipped by default) decodes unfused, x_proj through the M0E4 kernel.
             xp = mixer.x_proj
-            x_proj_w = xp.dequantized_weight(torch.float32) if isinstance(xp, M0E4Linear) else f32(xp.weight)
-            self.register_buffer("x_proj_w", x_proj_w.contiguous(), persistent=False)
+            x_proj_w = None if isinstance(xp, M0E4Linear) else f32(xp.weight).contiguous()
+            self.register_buffer("x_proj_w", x_proj_w, persistent=False)
             self.register_buffer(
                 "conv_w", f32(mixer.conv1d.weight).reshape(self.d_inner, -1), persistent=False
             )
@@ -214,7 +217,8 @@ class EngineMamba(nn.Module):
             self.register_buffer("conv_b", None if bias is None else f32(bias), persistent=False)
             self.register_buffer("A_log", f32(mixer.A_log), persistent=False)
         self.eps = (mixer.dt_layernorm.eps, mixer.b_layernorm.eps, mixer.c_layernorm.eps)
-        self.fused_step = len(set(self.eps)) == 1  # the kernel takes one eps for the three norms
+        # the kernel takes one eps for the three norms, and x_proj in float
+        self.fused_step = len(set(self.eps)) == 1 and self.x_proj_w is not None
 
     def _scan(self, *args) -> tuple[torch.Tensor, torch.Tensor]:
         if _TRACE.get() is not None:
@@ -242,7 +246,7 @@ class EngineMamba(nn.Module):
         conv_state, ssm_state = cache.mamba_state(self.layer_idx) if cache is not None else (None, None)
         b, L, _ = h.shape
         if L == 1 and ssm_state is not None:  # decode: new tokens are never padding
-            xz = m.in_proj(h[:, 0])
+            xz = m.in_proj(h.select(1, 0))
             if self.fused_step and _TRACE.get() is None and fused_scan.fused_scan_available():
                 # conv, SiLU, x_proj, norms, dt_proj and the SSM step in one kernel call, in float32
                 y, new_conv, new_state = fused_scan.mamba_mixer_step_fused(
@@ -384,7 +388,7 @@ class JambaEngine(nn.Module):
     def __init__(
         self,
         lm: JambaForCausalLM,
-        dtype: torch.dtype = torch.bfloat16,
+        dtype: torch.dtype = torch.float32,
         fuse: bool = True,
         max_cache_length: int = DEFAULT_MAX_CACHE,
         pad_multiple: int = DEFAULT_PAD,
@@ -403,9 +407,8 @@ class JambaEngine(nn.Module):
             for p in module.parameters(recurse=False):
                 if p.is_floating_point():
                     p.data = p.data.to(dtype)
-        for module in lm.modules():
-            if isinstance(module, (M0E4Linear, M0E4Embedding)) and not module.prepared:
-                module.prepare()
+        if any(isinstance(m, M0E4Linear) for m in lm.modules()):
+            matmul_dtype()  # measured here, at load, once per process
         self.lm = lm.eval()
         self.config: JambaConfig = lm.config
         self.compute_dtype = dtype
@@ -422,11 +425,12 @@ class JambaEngine(nn.Module):
         logits_to_keep: int = 0,
         **kwargs,
     ) -> CausalLMOutput:
-        """The model's forward. Decode steps (one new token per row, batch <= INT4_MAX_ROWS) run every
-        quantized matmul through the int4 kernel, other calls through the bfloat16 weights. Without a
-        padding mask or labels the engine's own forward runs (no input checks that read the data)."""
+        """The model's forward. Decode steps (one new token per row, batch <= `gemv_max_rows()`) run every
+        quantized matmul through the 4-bit GEMV, other steps through dequantized tiles: chosen by the
+        step's shape, never by data. Without a padding mask or labels the engine's own forward runs (no
+        input checks that read the data)."""
         b, L = input_ids.shape
-        with matmul_path("int4" if L == 1 and b <= INT4_MAX_ROWS else "bf16"):
+        with matmul_path("gemv" if L == 1 and b <= gemv_max_rows() else "tiles"):
             if attention_mask is not None or labels is not None or kwargs:
                 return self.lm(
                     input_ids,
@@ -472,7 +476,7 @@ class JambaEngine(nn.Module):
 
 
 def to_engine(
-    model: JambaForCausalLM, dtype: torch.dtype = torch.bfloat16, fuse: bool = True, **kw
+    model: JambaForCausalLM, dtype: torch.dtype = torch.float32, fuse: bool = True, **kw
 ) -> JambaEngine:
     """The engine around a float (or already quantized) Jamba model; the model's modules are reused."""
     return JambaEngine(model, dtype=dtype, fuse=fuse, **kw)
@@ -498,27 +502,17 @@ def load_quantized_model(directory: str | os.PathLike, dtype: torch.dtype = torc
 
 def load_quantized(
     directory: str | os.PathLike,
-    prefill_weight: bool = True,
     fuse: bool = True,
-    dtype: torch.dtype | None = None,
+    dtype: torch.dtype = torch.float32,
     **engine_kwargs,
 ) -> nn.Module:
     """A quantized folder ready to run: a `JambaEngine` for Jamba, the quantized model for ViTAR / ViT.
 
-    `dtype`: the activations between matmuls and the KV cache; default bfloat16 for Jamba (the type of the
-    int4 kernel and of the prefill weights, so no conversion around any matmul, and prefill runs the very
-    ops of the bfloat16 engine), float32 for vision models. float32 keeps the residual stream exact to
-    float32 rounding at the cost of a conversion around each quantized matmul.
-    `prefill_weight`: keep a bfloat16 copy of each quantized Linear for prefill-sized matmuls (fast
-    prefill; 2 bytes per weight of memory more), or run every matmul through the int4 kernel.
+    The weights stay in 4 bits; every quantized matmul runs from them in float32 (the M0E4 kernels, see
+    `quintet.kernels.m0e4_cpu`). `dtype`: the activations between matmuls and the KV cache (float32 by
+    default: exact to float32 rounding, and fastest on CPUs without native bfloat16).
     """
-    if dtype is None:
-        base, _ = read_config(directory)
-        dtype = torch.bfloat16 if base.get("model_type") == "jamba" else torch.float32
     model = load_quantized_model(directory, dtype)
-    for module in model.modules():
-        if isinstance(module, M0E4Linear):
-            module.prepare(prefill_weight=prefill_weight)
     if isinstance(model, JambaForCausalLM):
         return JambaEngine(
             model, dtype=dtype, fuse=fuse, quantization_config=model.quantization_config, **engine_kwargs

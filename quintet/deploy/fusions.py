@@ -6,7 +6,7 @@
 - SwiGLU: `down(silu(a) * b)` on the two halves of the merged gate/up output.
 - residual + RMSNorm: `x = x + h; n = rmsnorm(x)` in one call, normalising with PyTorch's native
   `rms_norm` kernel (one op instead of the five of the eager formula).
-- dequantization inside the matmul: the CPU int4 kernel (see `qlinear.M0E4Linear`).
+- dequantization inside the matmul: quintet's M0E4 kernels (see `quintet.kernels.m0e4_cpu`).
 """
 
 from __future__ import annotations
@@ -52,9 +52,6 @@ def merge_linears(modules: list[nn.Module]) -> nn.Module:
         merged.offsets = torch.cat([m.offsets for m in modules])
         if has_bias:
             merged.bias = nn.Parameter(torch.cat([m.bias for m in modules]))
-        merged.int4_max_rows = first.int4_max_rows
-        if first.prepared:
-            merged.prepare(prefill_weight=first._prefill_weight is not None)
         return merged
     if any(not isinstance(m, nn.Linear) for m in modules):
         raise ValueError("merge_linears: expected nn.Linear or M0E4Linear modules")

@@ -7,19 +7,14 @@ A 4-bit code q in 0..15 becomes a float16 with two bitwise operations and no int
 
 and a weight of group j of a row is `w = (h - c_j) * S_j`, with a per-group float16 scale S and float16
 offset c. In the usual asymmetric form `w = (q - z) * s` this is `s = S / 16` and `z = 16 (c - 1)`, a float
-zero point: a 16-level affine grid, the grid of GPTQ / AWQ and of PyTorch's CPU int4 kernel.
+zero point: a 16-level affine grid, the grid of GPTQ / AWQ and of llama.cpp's Q4_1.
 
 Shapes: a Linear weight W is (N, K) = (out_features, in_features); groups run along K, so codes are
 (N, K), scales and offsets (N, K / group_size). Codes are stored two per byte along K: byte k // 2 holds
 code 2i in its low nibble and code 2i + 1 in its high nibble.
 
-PyTorch's CPU int4 kernel (`_weight_int4pack_mm_for_cpu`) computes with `w = (q - 8) * scale + zero`,
-scale and zero in bfloat16, (K / group_size, N, 2). From M0E4:
-
-    scale = S / 16,    zero = S * (1.5 - c)        [(q - 8) S/16 + S (1.5 - c) = (1 + q/16 - c) S]
-
-The codes carry over bit for bit; scale and zero are computed exactly (float64) and rounded once each to
-bfloat16, the kernel's parameter type: a relative change of at most 2^-9 of a group's scale and zero.
+quintet's CPU kernels (`quintet.kernels.m0e4_cpu`) multiply straight from these codes: in float32 the same
+trick reads `0x3F800000 | q << 19` as 1 + q/16.
 """
 
 from __future__ import annotations
@@ -31,7 +26,6 @@ import torch
 GROUP_SIZES = (32, 64, 128)
 M0E4_ONE = 0x3C00  # float16 bits of 1.0: the exponent field at its bias, mantissa 0
 CODE_SHIFT = 6  # 10 mantissa bits - 4 code bits: q lands in the top 4 mantissa bits
-INT4_MIN_GROUP = 32  # the CPU int4 kernel's smallest supported group
 
 
 class QuantizationError(ValueError):
@@ -186,58 +180,3 @@ def unpack_codes(packed: torch.Tensor) -> torch.Tensor:
     lo = packed & 0x0F
     hi = packed >> 4
     return torch.stack([lo, hi], dim=-1).flatten(-2)
-
-
-# ------------------------------------------------------------------------------------------- CPU int4 layout
-def int4_scale_zero(scales: torch.Tensor, offsets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The int4 kernel's (scale, zero) of each group, exact in float64: S / 16 and S (1.5 - c)."""
-    S, c = scales.double(), offsets.double()
-    return S / 16.0, S * (1.5 - c)
-
-
-def to_cpu_int4(
-    codes: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor, group_size: int, inner_k_tiles: int = 2
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Codes and parameters in the layout of `torch.ops.aten._weight_int4pack_mm_for_cpu`.
-
-    Returns (packed weight, scale_and_zeros (K / group_size, N, 2) bfloat16). The packing is PyTorch's own
-    op (its byte order depends on the CPU's instruction set, so it is made at load time, never stored).
-    """
-    _check_params(codes, scales, offsets, group_size)
-    if group_size < INT4_MIN_GROUP:
-        raise QuantizationError(f"group_size = {group_size}: the CPU int4 kernel needs >= {INT4_MIN_GROUP}")
-    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(
-        codes.to(torch.int32).contiguous(), inner_k_tiles
-    )
-    scale, zero = int4_scale_zero(scales, offsets)
-    scale_and_zeros = torch.stack([scale.float().t(), zero.float().t()], dim=-1).to(torch.bfloat16)
-    return packed, scale_and_zeros.contiguous()
-
-
-def int4_matmul(
-    x: torch.Tensor, packed: torch.Tensor, scale_and_zeros: torch.Tensor, group_size: int
-) -> torch.Tensor:
-    """x (M, K) bfloat16 @ W^T with W held by the CPU int4 kernel: (M, N) bfloat16."""
-    return torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, group_size, scale_and_zeros)
-
-
-def codes_from_int4(packed: torch.Tensor, k: int, group_size: int) -> torch.Tensor:
-    """Read the codes back out of the int4 kernel's packed weight, through the kernel itself.
-
-    With unit scale and zero 8 the kernel computes w = q exactly (small integers are exact in bfloat16),
-    so multiplying the identity returns W^T. Slow (a K x K x N matmul): for tests and checks.
-    """
-    n = packed.shape[0]
-    sz = torch.zeros(k // group_size, n, 2, dtype=torch.bfloat16)
-    sz[..., 0] = 1.0
-    sz[..., 1] = 8.0
-    eye = torch.eye(k, dtype=torch.bfloat16)
-    return int4_matmul(eye, packed, sz, group_size).t().to(torch.uint8)
-
-
-def int4_dequantize(
-    packed: torch.Tensor, scale_and_zeros: torch.Tensor, k: int, group_size: int
-) -> torch.Tensor:
-    """The weight (N, K) as the int4 kernel sees it, in float32 (through the kernel: for tests)."""
-    eye = torch.eye(k, dtype=torch.bfloat16)
-    return int4_matmul(eye, packed, scale_and_zeros, group_size).t().float()

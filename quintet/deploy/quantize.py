@@ -2,8 +2,9 @@
 
 `quantize(model, QuantConfig(group_size=64))` replaces every `nn.Linear` (and `nn.Embedding`) of any
 `nn.Module` by its M0E4 counterpart in place, the contract of gpt-fast's `quantize.py`. Modules whose names
-match `skip` stay in floating point (for Jamba: `dt_proj`, whose weight the Mamba mixer reads directly,
-and the MoE `router`, whose few weights decide routing), as do those whose input width is not a multiple
+match `skip` stay in floating point (for Jamba: `dt_proj` and `x_proj`, whose weights the Mamba mixer's
+fused decode step reads directly in float (1-2% of a Mamba layer), and the MoE `router`, whose few weights
+decide routing), as do those whose input width is not a multiple
 of the group size.
 
 A quantized folder is the model folder of the float model with:
@@ -39,7 +40,7 @@ from quintet.io import atomic_path, atomic_write_text
 QUANT_METHOD = "m0e4"
 FORMAT_VERSION = 1
 WEIGHTS_NAME = "model.safetensors"
-DEFAULT_SKIP = ("*dt_proj", "*router")
+DEFAULT_SKIP = ("*dt_proj", "*x_proj", "*router")
 CALIBRATIONS = ("rtn", "gptq")
 _FLOAT_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 

@@ -17,30 +17,23 @@ one 32-step chunk at a time from those checkpoints and walks it in reverse. Inpu
 dtypes are computed in float32; y is returned in u's dtype. The backward pass is not itself
 differentiable (no double backward). See docs/kernels.md for the design and the measurements.
 
-The extension is compiled on first use with `torch.utils.cpp_extension.load` (needs a C++ compiler and
-`ninja`; about 10 s) into a cache folder, `$QUINTET_EXTENSIONS_DIR` or `~/.cache/quintet/extensions`,
-one sub-folder per torch version, Python version and CPU, so later processes load it in milliseconds.
+The extension is compiled on first use by `quintet.kernels.build.load_extension` (needs a C++ compiler
+and `ninja`; 10-30 s) into a cache folder, `$QUINTET_EXTENSIONS_DIR` or `~/.cache/quintet/extensions`,
+keyed by the source, flags, torch, Python, CPU and virtualenv, so later processes load it in milliseconds.
 If it cannot be built, or `QUINTET_DISABLE_FUSED_SCAN=1` is set, the functions here warn once and
 run the plain PyTorch implementations instead. Tensors on other devices always take the PyTorch path.
 """
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import logging
-import os
-import platform
-import shutil
-import sys
-import warnings
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch.autograd.function import once_differentiable
 
+from quintet.kernels.build import LazyExtension
 from quintet.models.jamba.selective_scan import selective_scan, selective_state_update
 
 __all__ = [
@@ -53,7 +46,6 @@ __all__ = [
 ]
 
 DISABLE_ENV = "QUINTET_DISABLE_FUSED_SCAN"
-EXTENSIONS_DIR_ENV = "QUINTET_EXTENSIONS_DIR"
 _SOURCE = Path(__file__).resolve().parent / "csrc" / "selective_scan.cpp"
 _CHUNK = 32  # steps between saved states; must equal kChunk in the C++ source
 _LANES = 16  # channels per block; must equal kLanes in the C++ source
@@ -62,98 +54,15 @@ _CFLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=fast"]
 log = logging.getLogger(__name__)
 
 
-class _Loader:
-    """Builds and loads the extension once per process and remembers why it could not, if it could not."""
-
-    def __init__(self) -> None:
-        self.tried = False
-        self.ops: Any = None
-        self.reason = ""
-        self.warned = False
-
-    def get(self) -> Any:
-        if os.environ.get(DISABLE_ENV, "").strip() not in ("", "0"):
-            self.reason = f"{DISABLE_ENV} is set"
-            return None
-        if not self.tried:
-            self.tried = True
-            try:
-                self.ops = _build()
-            except Exception as err:  # a missing compiler or ninja, a failed build: fall back, never crash
-                lines = str(err).strip().splitlines() or [""]
-                self.reason = f"{type(err).__name__}: {lines[-1][:300]}"
-                log.debug("building the fused CPU selective scan failed:\n%s", err)
-                self.ops = None
-        return self.ops
-
-    def warn_fallback(self) -> None:
-        if not self.warned:
-            self.warned = True
-            warnings.warn(
-                f"quintet: the fused CPU selective scan is unavailable ({self.reason}); "
-                "using the PyTorch implementation",
-                RuntimeWarning,
-                stacklevel=3,
-            )
-
-
-_loader = _Loader()
-
-
-def _cpu_tag() -> str:
-    """A short hash of the CPU model and flags: the build uses -march=native, so caches are per CPU."""
-    text = platform.machine() + platform.processor()
-    with contextlib.suppress(OSError):
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-        wanted = (line for line in lines if line.startswith(("model name", "flags", "Features")))
-        text += "".join(dict.fromkeys(wanted))  # the first CPU's lines; the others repeat them
-    return hashlib.sha1(text.encode()).hexdigest()[:10]
-
-
-def build_dir() -> Path:
-    """The folder the extension is compiled into and loaded from."""
-    root = os.environ.get(EXTENSIONS_DIR_ENV)
-    cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    base = Path(root) if root else Path(cache) / "quintet" / "extensions"
-    torch_tag = torch.__version__.replace("+", "_")
-    return base / f"selective_scan-torch{torch_tag}-py{sys.version_info[0]}{sys.version_info[1]}-{_cpu_tag()}"
-
-
-@contextlib.contextmanager
-def _ninja_on_path() -> Iterator[None]:
-    """torch's JIT build runs `ninja` from PATH; a venv used without activation has it only in its bin."""
-    old = os.environ.get("PATH", "")
-    extra = [str(Path(sys.executable).parent)]
-    with contextlib.suppress(ImportError):
-        import ninja  # the PyPI package ships the binary
-
-        extra.insert(0, ninja.BIN_DIR)
-    if shutil.which("ninja") is None:
-        os.environ["PATH"] = os.pathsep.join([*extra, old])
-    try:
-        yield
-    finally:
-        os.environ["PATH"] = old
-
-
-def _build() -> Any:
-    from torch.utils.cpp_extension import load
-
-    folder = build_dir()
-    folder.mkdir(parents=True, exist_ok=True)
-    if not (folder / "quintet_scan_ops.so").exists():
-        log.info("compiling the fused CPU selective scan into %s (first use only, ~10 s)", folder)
-    with _ninja_on_path():
-        load(
-            name="quintet_scan_ops",
-            sources=[str(_SOURCE)],
-            extra_cflags=_CFLAGS,
-            extra_ldflags=["-fopenmp"],
-            build_directory=str(folder),
-            is_python_module=False,
-            verbose=False,
-        )
-    return torch.ops.quintet_scan
+_loader = LazyExtension(
+    "quintet_scan_ops",
+    "quintet_scan",
+    [_SOURCE],
+    _CFLAGS,
+    ["-fopenmp"],
+    DISABLE_ENV,
+    "the fused CPU selective scan",
+)
 
 
 def fused_scan_available() -> bool:
@@ -310,7 +219,7 @@ def selective_scan_fused(
         return selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state)
     ops = _loader.get()
     if ops is None:
-        _loader.warn_fallback()
+        _loader.warn_fallback("using the PyTorch implementation")
         return selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state)
     tensors = (u, delta, A, B, C, D, z, delta_bias, initial_state)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
@@ -344,7 +253,7 @@ def selective_state_update_fused(
     ops = None if needs_grad or state.device.type != "cpu" else _loader.get()
     if ops is None:
         if not needs_grad and state.device.type == "cpu":
-            _loader.warn_fallback()
+            _loader.warn_fallback("using the PyTorch implementation")
         return selective_state_update(state, u, delta, A, B, C, D, z, delta_bias, delta_softplus)
     dtype = state.dtype
     if dtype not in (torch.float32, torch.float64):

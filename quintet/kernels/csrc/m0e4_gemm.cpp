@@ -1,0 +1,507 @@
+// Matmuls straight from M0E4 4-bit weights on CPU (Transformer-Lite, arXiv 2403.20041).
+//
+// A weight W (N, K) is held as packed codes (N, K/2) uint8 (byte i of a row: code 2i in the low nibble,
+// code 2i+1 in the high nibble), and per group of `gs` codes along K a float16 scale S and offset c:
+//
+//     w = (h - c) * S,   h = float32 bits (0x3F800000 | q << 19) = 1 + q/16   (the M0E4 bit trick)
+//
+// The code lands in the top four mantissa bits of 1.0f with one shift and one and/or: no int->float
+// conversion. We compute w = h * S - c * S with one fused multiply-add per vector of weights.
+//
+// Ops (namespace quintet_m0e4):
+//   gemv(x, qweight, scales, offsets, gs, isa) -> y     y (M, N) = x (M, K) W^T, float32; for decode-sized M
+//       Each output row's codes are read once and unpacked in registers, then used for every row of x
+//       (in blocks of up to 4 rows). Output rows are split over threads.
+//   dequantize_rows(qweight, scales, offsets, gs, row0, out, isa)
+//       Rows row0 .. row0 + out.size(0) of W into out (float32 or bfloat16), with K in the *permuted*
+//       order below: the prefill path multiplies them with a permuted x, which gives the same product.
+//   permute_k(x) -> xp    x (M, K) with K reordered per 32-chunk: the 16 even positions, then the 16 odd.
+//   best_isa() -> int     0 scalar, 1 AVX2 (+FMA, F16C), 2 AVX-512 (F, BW, VL): what this CPU runs.
+//
+// The permuted order lets a vector of unpacked low nibbles (codes 2i) meet x[2i] without any shuffle:
+// per 32 codes (16 bytes), the low nibbles pair with xp[0..15], the high nibbles with xp[16..31].
+//
+// Vector paths are compiled with per-function target attributes and chosen at run time (`isa`, checked
+// against the CPU), so one binary runs on any x86-64 CPU; other architectures get the scalar path.
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+#include <vector>
+
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#define QUINTET_X86 1
+#else
+#define QUINTET_X86 0
+#endif
+
+namespace {
+
+constexpr uint32_t kOne = 0x3F800000u;  // float32 bits of 1.0f
+constexpr int kShift = 19;               // 23 mantissa bits - 4 code bits
+constexpr int kChunk = 32;               // codes per 16-byte chunk, the unit of the permuted order
+
+enum Isa : int64_t { kScalar = 0, kAvx2 = 1, kAvx512 = 2 };
+
+int64_t cpu_isa() {
+#if QUINTET_X86
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+      __builtin_cpu_supports("avx512vl"))
+    return kAvx512;
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c"))
+    return kAvx2;
+#endif
+  return kScalar;
+}
+
+inline float code_to_float(uint32_t q) {
+  const uint32_t bits = kOne | (q << kShift);
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
+
+struct Problem {
+  const float* xp;       // (M, K) permuted activations
+  const uint8_t* qw;     // (N, K/2)
+  const at::Half* S;     // (N, G)
+  const at::Half* C;     // (N, G)
+  float* y;              // (M, N)
+  int64_t M, N, K, gs;
+};
+
+// Per row: S and -c*S of each group, in float32.
+inline void row_params(const Problem& p, int64_t n, float* s, float* ncs) {
+  const int64_t G = p.K / p.gs;
+  for (int64_t g = 0; g < G; ++g) {
+    const float sv = static_cast<float>(p.S[n * G + g]);
+    s[g] = sv;
+    ncs[g] = -static_cast<float>(p.C[n * G + g]) * sv;
+  }
+}
+
+// ------------------------------------------------------------------------------------------ scalar
+void gemv_rows_scalar(const Problem& p, int64_t n0, int64_t n1) {
+  const int64_t G = p.K / p.gs, chunks = p.gs / kChunk, half = p.K / 2;
+  std::vector<float> s(G), ncs(G), w(p.K), acc(p.M);
+  for (int64_t n = n0; n < n1; ++n) {
+    row_params(p, n, s.data(), ncs.data());
+    const uint8_t* row = p.qw + n * half;
+    for (int64_t g = 0; g < G; ++g) {
+      for (int64_t c = 0; c < chunks; ++c) {
+        const int64_t base = (g * chunks + c) * kChunk;
+        const uint8_t* b = row + base / 2;
+        for (int i = 0; i < 16; ++i) {
+          w[base + i] = code_to_float(b[i] & 0xF) * s[g] + ncs[g];
+          w[base + 16 + i] = code_to_float(b[i] >> 4) * s[g] + ncs[g];
+        }
+      }
+    }
+    for (int64_t m = 0; m < p.M; ++m) {
+      const float* x = p.xp + m * p.K;
+      float a = 0.f;
+      for (int64_t k = 0; k < p.K; ++k) a += w[k] * x[k];
+      p.y[m * p.N + n] = a;
+    }
+  }
+}
+
+template <typename Out>
+void dequant_rows_scalar(const Problem& p, int64_t r0, int64_t r1, int64_t row_base, Out* out) {
+  const int64_t G = p.K / p.gs, chunks = p.gs / kChunk, half = p.K / 2;
+  std::vector<float> s(G), ncs(G);
+  for (int64_t r = r0; r < r1; ++r) {
+    const int64_t n = row_base + r;
+    row_params(p, n, s.data(), ncs.data());
+    const uint8_t* row = p.qw + n * half;
+    Out* o = out + r * p.K;
+    for (int64_t g = 0; g < G; ++g)
+      for (int64_t c = 0; c < chunks; ++c) {
+        const int64_t base = (g * chunks + c) * kChunk;
+        const uint8_t* b = row + base / 2;
+        for (int i = 0; i < 16; ++i) {
+          o[base + i] = static_cast<Out>(code_to_float(b[i] & 0xF) * s[g] + ncs[g]);
+          o[base + 16 + i] = static_cast<Out>(code_to_float(b[i] >> 4) * s[g] + ncs[g]);
+        }
+      }
+  }
+}
+
+#if QUINTET_X86
+// ------------------------------------------------------------------------------------------ AVX2
+#define QUINTET_AVX2 __attribute__((target("avx2,fma,f16c")))
+
+QUINTET_AVX2 inline void row_params_f16c(const Problem& p, int64_t n, float* s, float* ncs) {
+  const int64_t G = p.K / p.gs;
+  const uint16_t* S = reinterpret_cast<const uint16_t*>(p.S) + n * G;
+  const uint16_t* C = reinterpret_cast<const uint16_t*>(p.C) + n * G;
+  int64_t g = 0;
+  for (; g + 8 <= G; g += 8) {
+    const __m256 sv = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(S + g)));
+    const __m256 cv = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(C + g)));
+    _mm256_storeu_ps(s + g, sv);
+    _mm256_storeu_ps(ncs + g, _mm256_mul_ps(_mm256_sub_ps(_mm256_setzero_ps(), cv), sv));
+  }
+  for (; g < G; ++g) {
+    const float sv = _cvtsh_ss(S[g]);
+    s[g] = sv;
+    ncs[g] = -_cvtsh_ss(C[g]) * sv;
+  }
+}
+
+QUINTET_AVX2 inline float hsum256(__m256 v) {
+  __m128 x = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  x = _mm_add_ps(x, _mm_movehl_ps(x, x));
+  x = _mm_add_ss(x, _mm_movehdup_ps(x));
+  return _mm_cvtss_f32(x);
+}
+
+// Unpacks 8 bytes (16 codes) into the weights of the low nibbles (lo) and of the high nibbles (hi).
+QUINTET_AVX2 inline void unpack8_avx2(const uint8_t* b, __m256 vs, __m256 vncs, __m256& lo, __m256& hi) {
+  const __m256i mask = _mm256_set1_epi32(static_cast<int>(0xFu << kShift));
+  const __m256i one = _mm256_set1_epi32(static_cast<int>(kOne));
+  const __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(b)));
+  const __m256i l = _mm256_or_si256(_mm256_and_si256(_mm256_slli_epi32(v, kShift), mask), one);
+  const __m256i h = _mm256_or_si256(_mm256_and_si256(_mm256_slli_epi32(v, kShift - 4), mask), one);
+  lo = _mm256_fmadd_ps(_mm256_castsi256_ps(l), vs, vncs);
+  hi = _mm256_fmadd_ps(_mm256_castsi256_ps(h), vs, vncs);
+}
+
+// MB rows of x at a time, NA accumulators per row, CH chunks of 32 codes per group: all compile-time, so
+// every accumulator index is a constant and the accumulators stay in registers.
+template <int CH, int MB, int NA>
+QUINTET_AVX2 void gemv_block_avx2(const Problem& p, int64_t n, int64_t m0, const float* s, const float* ncs) {
+  const int64_t G = p.K / p.gs;
+  const uint8_t* row = p.qw + n * (p.K / 2);
+  __m256 acc[MB][NA];
+#pragma GCC unroll 16
+  for (int m = 0; m < MB; ++m)
+#pragma GCC unroll 16
+    for (int a = 0; a < NA; ++a) acc[m][a] = _mm256_setzero_ps();
+  for (int64_t g = 0; g < G; ++g) {
+    const __m256 vs = _mm256_set1_ps(s[g]), vncs = _mm256_set1_ps(ncs[g]);
+#pragma GCC unroll 4
+    for (int c = 0; c < CH; ++c) {
+      const int64_t base = (g * CH + c) * kChunk;
+      __m256 w[4];
+      unpack8_avx2(row + base / 2, vs, vncs, w[0], w[2]);
+      unpack8_avx2(row + base / 2 + 8, vs, vncs, w[1], w[3]);
+#pragma GCC unroll 4
+      for (int m = 0; m < MB; ++m) {
+        const float* x = p.xp + (m0 + m) * p.K + base;
+#pragma GCC unroll 4
+        for (int j = 0; j < 4; ++j)
+          acc[m][(4 * c + j) % NA] = _mm256_fmadd_ps(w[j], _mm256_loadu_ps(x + 8 * j), acc[m][(4 * c + j) % NA]);
+      }
+    }
+  }
+#pragma GCC unroll 4
+  for (int m = 0; m < MB; ++m) {
+    __m256 t = acc[m][0];
+#pragma GCC unroll 8
+    for (int a = 1; a < NA; ++a) t = _mm256_add_ps(t, acc[m][a]);
+    p.y[(m0 + m) * p.N + n] = hsum256(t);
+  }
+}
+
+template <int CH>
+QUINTET_AVX2 void gemv_row_avx2(const Problem& p, int64_t n, const float* s, const float* ncs) {
+  int64_t m = 0;
+  for (; m + 4 <= p.M; m += 4) gemv_block_avx2<CH, 4, 2>(p, n, m, s, ncs);
+  for (; m + 2 <= p.M; m += 2) gemv_block_avx2<CH, 2, 4>(p, n, m, s, ncs);
+  for (; m < p.M; ++m) gemv_block_avx2<CH, 1, 4>(p, n, m, s, ncs);
+}
+
+QUINTET_AVX2 void gemv_rows_avx2(const Problem& p, int64_t n0, int64_t n1) {
+  const int64_t G = p.K / p.gs;
+  std::vector<float> s(G), ncs(G);
+  for (int64_t n = n0; n < n1; ++n) {
+    row_params_f16c(p, n, s.data(), ncs.data());
+    switch (p.gs / kChunk) {
+      case 1: gemv_row_avx2<1>(p, n, s.data(), ncs.data()); break;
+      case 2: gemv_row_avx2<2>(p, n, s.data(), ncs.data()); break;
+      default: gemv_row_avx2<4>(p, n, s.data(), ncs.data()); break;
+    }
+  }
+}
+
+QUINTET_AVX2 inline __m256i bf16_bits_avx2(__m256 v) {
+  // float32 -> bfloat16 bits in the low half of each lane, round to nearest even (finite inputs)
+  const __m256i bits = _mm256_castps_si256(v);
+  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+  return _mm256_srli_epi32(_mm256_add_epi32(bits, _mm256_add_epi32(_mm256_set1_epi32(0x7FFF), lsb)), 16);
+}
+
+QUINTET_AVX2 inline __m256i bf16_round_avx2(__m256 a, __m256 b) {
+  // packus per 128-bit lane gives a0..3 b0..3 | a4..7 b4..7; the permute puts them in order
+  const __m256i packed = _mm256_packus_epi32(bf16_bits_avx2(a), bf16_bits_avx2(b));
+  return _mm256_permute4x64_epi64(packed, 0xD8);  // a0..7 b0..7
+}
+
+template <typename Out>
+QUINTET_AVX2 void dequant_rows_avx2(const Problem& p, int64_t r0, int64_t r1, int64_t row_base, Out* out) {
+  const int64_t G = p.K / p.gs, chunks = p.gs / kChunk;
+  std::vector<float> s(G), ncs(G);
+  for (int64_t r = r0; r < r1; ++r) {
+    const int64_t n = row_base + r;
+    row_params_f16c(p, n, s.data(), ncs.data());
+    const uint8_t* row = p.qw + n * (p.K / 2);
+    Out* o = out + r * p.K;
+    for (int64_t g = 0; g < G; ++g) {
+      const __m256 vs = _mm256_set1_ps(s[g]), vncs = _mm256_set1_ps(ncs[g]);
+      for (int64_t c = 0; c < chunks; ++c) {
+        const int64_t base = (g * chunks + c) * kChunk;
+        __m256 w[4];
+        unpack8_avx2(row + base / 2, vs, vncs, w[0], w[2]);
+        unpack8_avx2(row + base / 2 + 8, vs, vncs, w[1], w[3]);
+        if constexpr (std::is_same_v<Out, float>) {
+          for (int j = 0; j < 4; ++j) _mm256_storeu_ps(o + base + 8 * j, w[j]);
+        } else {
+          uint16_t* ob = reinterpret_cast<uint16_t*>(o + base);
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(ob), bf16_round_avx2(w[0], w[1]));
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(ob + 16), bf16_round_avx2(w[2], w[3]));
+        }
+      }
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------------------ AVX-512
+#define QUINTET_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx2,fma,f16c")))
+
+// The 16 weights a group's codes stand for: lane q holds (h_q - c) * S, h_q = 1 + q/16 by the bit trick.
+QUINTET_AVX512 inline __m512 group_table_avx512(float s, float ncs) {
+  const __m512i q = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  const __m512 h = _mm512_castsi512_ps(_mm512_or_si512(_mm512_slli_epi32(q, kShift), _mm512_set1_epi32(kOne)));
+  return _mm512_fmadd_ps(h, _mm512_set1_ps(s), _mm512_set1_ps(ncs));
+}
+
+// Unpacks 16 bytes (32 codes): lo holds the weights of codes 2i, hi those of codes 2i+1. With 16 lanes a
+// whole group's weights fit one register, so each code is a lane index: vpermps reads only the low four
+// bits of each index, so the low nibble needs no mask and the high nibble one shift.
+QUINTET_AVX512 inline void unpack16_avx512(const uint8_t* b, __m512 table, __m512& lo, __m512& hi) {
+  const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b)));
+  lo = _mm512_permutexvar_ps(v, table);
+  hi = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), table);
+}
+
+template <int CH, int MB, int NA>
+QUINTET_AVX512 void gemv_block_avx512(const Problem& p, int64_t n, int64_t m0, const float* s,
+                                      const float* ncs) {
+  const int64_t G = p.K / p.gs;
+  const uint8_t* row = p.qw + n * (p.K / 2);
+  __m512 acc[MB][NA];
+#pragma GCC unroll 16
+  for (int m = 0; m < MB; ++m)
+#pragma GCC unroll 16
+    for (int a = 0; a < NA; ++a) acc[m][a] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < G; ++g) {
+    const __m512 table = group_table_avx512(s[g], ncs[g]);
+#pragma GCC unroll 4
+    for (int c = 0; c < CH; ++c) {
+      const int64_t base = (g * CH + c) * kChunk;
+      __m512 lo, hi;
+      unpack16_avx512(row + base / 2, table, lo, hi);
+#pragma GCC unroll 4
+      for (int m = 0; m < MB; ++m) {
+        const float* x = p.xp + (m0 + m) * p.K + base;
+        acc[m][(2 * c) % NA] = _mm512_fmadd_ps(lo, _mm512_loadu_ps(x), acc[m][(2 * c) % NA]);
+        acc[m][(2 * c + 1) % NA] = _mm512_fmadd_ps(hi, _mm512_loadu_ps(x + 16), acc[m][(2 * c + 1) % NA]);
+      }
+    }
+  }
+#pragma GCC unroll 4
+  for (int m = 0; m < MB; ++m) {
+    __m512 t = acc[m][0];
+#pragma GCC unroll 8
+    for (int a = 1; a < NA; ++a) t = _mm512_add_ps(t, acc[m][a]);
+    p.y[(m0 + m) * p.N + n] = _mm512_reduce_add_ps(t);
+  }
+}
+
+template <int CH>
+QUINTET_AVX512 void gemv_row_avx512(const Problem& p, int64_t n, const float* s, const float* ncs) {
+  int64_t m = 0;
+  for (; m + 4 <= p.M; m += 4) gemv_block_avx512<CH, 4, 2>(p, n, m, s, ncs);
+  for (; m + 2 <= p.M; m += 2) gemv_block_avx512<CH, 2, 2 * CH < 4 ? 2 * CH : 4>(p, n, m, s, ncs);
+  for (; m < p.M; ++m) gemv_block_avx512<CH, 1, 2 * CH < 8 ? 2 * CH : 8>(p, n, m, s, ncs);
+}
+
+QUINTET_AVX512 void gemv_rows_avx512(const Problem& p, int64_t n0, int64_t n1) {
+  const int64_t G = p.K / p.gs;
+  std::vector<float> s(G), ncs(G);
+  for (int64_t n = n0; n < n1; ++n) {
+    row_params_f16c(p, n, s.data(), ncs.data());
+    switch (p.gs / kChunk) {
+      case 1: gemv_row_avx512<1>(p, n, s.data(), ncs.data()); break;
+      case 2: gemv_row_avx512<2>(p, n, s.data(), ncs.data()); break;
+      default: gemv_row_avx512<4>(p, n, s.data(), ncs.data()); break;
+    }
+  }
+}
+
+QUINTET_AVX512 inline __m256i bf16_round_avx512(__m512 v) {
+  const __m512i bits = _mm512_castps_si512(v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+  const __m512i r = _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(_mm512_set1_epi32(0x7FFF), lsb)), 16);
+  return _mm512_cvtepi32_epi16(r);
+}
+
+template <typename Out>
+QUINTET_AVX512 void dequant_rows_avx512(const Problem& p, int64_t r0, int64_t r1, int64_t row_base, Out* out) {
+  const int64_t G = p.K / p.gs, chunks = p.gs / kChunk;
+  std::vector<float> s(G), ncs(G);
+  for (int64_t r = r0; r < r1; ++r) {
+    const int64_t n = row_base + r;
+    row_params_f16c(p, n, s.data(), ncs.data());
+    const uint8_t* row = p.qw + n * (p.K / 2);
+    Out* o = out + r * p.K;
+    for (int64_t g = 0; g < G; ++g) {
+      const __m512 table = group_table_avx512(s[g], ncs[g]);
+      for (int64_t c = 0; c < chunks; ++c) {
+        const int64_t base = (g * chunks + c) * kChunk;
+        __m512 lo, hi;
+        unpack16_avx512(row + base / 2, table, lo, hi);
+        if constexpr (std::is_same_v<Out, float>) {
+          _mm512_storeu_ps(o + base, lo);
+          _mm512_storeu_ps(o + base + 16, hi);
+        } else {
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + base), bf16_round_avx512(lo));
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + base + 16), bf16_round_avx512(hi));
+        }
+      }
+    }
+  }
+}
+#endif  // QUINTET_X86
+
+// ------------------------------------------------------------------------------------------ ops
+void check_weights(const at::Tensor& qw, const at::Tensor& S, const at::Tensor& C, int64_t gs) {
+  TORCH_CHECK(qw.device().is_cpu() && qw.scalar_type() == at::kByte && qw.dim() == 2 && qw.is_contiguous(),
+              "m0e4: qweight must be a contiguous (N, K/2) uint8 CPU tensor");
+  TORCH_CHECK(gs == 32 || gs == 64 || gs == 128, "m0e4: group size must be 32, 64 or 128, got ", gs);
+  const int64_t N = qw.size(0), K = qw.size(1) * 2;
+  TORCH_CHECK(K % gs == 0, "m0e4: K = ", K, " is not a multiple of the group size ", gs);
+  for (const auto* t : {&S, &C}) {
+    TORCH_CHECK(t->scalar_type() == at::kHalf && t->is_contiguous() && t->dim() == 2 && t->size(0) == N &&
+                    t->size(1) == K / gs,
+                "m0e4: scales and offsets must be contiguous (N, K / group) float16 tensors");
+  }
+}
+
+int64_t resolve_isa(int64_t isa) {
+  const int64_t best = cpu_isa();
+  if (isa < 0) return best;
+  TORCH_CHECK(isa <= best, "m0e4: instruction set ", isa, " requested, this CPU runs at most ", best);
+  return isa;
+}
+
+at::Tensor permute_k(const at::Tensor& x_in) {
+  const at::Tensor x = x_in.to(at::kFloat).contiguous();
+  TORCH_CHECK(x.dim() == 2 && x.size(1) % kChunk == 0, "m0e4: x must be (M, K) with K a multiple of 32");
+  const int64_t M = x.size(0), K = x.size(1);
+  at::Tensor xp = at::empty({M, K}, x.options());
+  const float* src = x.data_ptr<float>();
+  float* dst = xp.data_ptr<float>();
+  at::parallel_for(0, M, 64, [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; ++m)
+      for (int64_t b = 0; b < K; b += kChunk)
+        for (int i = 0; i < 16; ++i) {
+          dst[m * K + b + i] = src[m * K + b + 2 * i];
+          dst[m * K + b + 16 + i] = src[m * K + b + 2 * i + 1];
+        }
+  });
+  return xp;
+}
+
+Problem make_problem(const at::Tensor& qw, const at::Tensor& S, const at::Tensor& C, int64_t gs) {
+  Problem p{};
+  p.qw = qw.data_ptr<uint8_t>();
+  p.S = S.data_ptr<at::Half>();
+  p.C = C.data_ptr<at::Half>();
+  p.N = qw.size(0);
+  p.K = qw.size(1) * 2;
+  p.gs = gs;
+  return p;
+}
+
+at::Tensor gemv(const at::Tensor& x, const at::Tensor& qw, const at::Tensor& S, const at::Tensor& C, int64_t gs,
+                int64_t isa) {
+  check_weights(qw, S, C, gs);
+  Problem p = make_problem(qw, S, C, gs);
+  TORCH_CHECK(x.dim() == 2 && x.size(1) == p.K, "m0e4 gemv: x must be (M, ", p.K, "), got ", x.sizes());
+  const at::Tensor xp = permute_k(x);
+  at::Tensor y = at::empty({x.size(0), p.N}, x.options().dtype(at::kFloat));
+  p.M = x.size(0);
+  p.xp = xp.data_ptr<float>();
+  p.y = y.data_ptr<float>();
+  if (p.M == 0 || p.N == 0) return y;
+  const int64_t which = resolve_isa(isa);
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, p.K * p.M));
+  at::parallel_for(0, p.N, grain, [&](int64_t n0, int64_t n1) {
+#if QUINTET_X86
+    if (which == kAvx512) return gemv_rows_avx512(p, n0, n1);
+    if (which == kAvx2) return gemv_rows_avx2(p, n0, n1);
+#endif
+    gemv_rows_scalar(p, n0, n1);
+  });
+  return y;
+}
+
+void dequantize_rows(const at::Tensor& qw, const at::Tensor& S, const at::Tensor& C, int64_t gs, int64_t row0,
+                     at::Tensor out, int64_t isa) {
+  check_weights(qw, S, C, gs);
+  Problem p = make_problem(qw, S, C, gs);
+  TORCH_CHECK(out.dim() == 2 && out.size(1) == p.K && out.is_contiguous() &&
+                  (out.scalar_type() == at::kFloat || out.scalar_type() == at::kBFloat16),
+              "m0e4 dequantize_rows: out must be a contiguous (R, ", p.K, ") float32 or bfloat16 tensor");
+  const int64_t R = out.size(0);
+  TORCH_CHECK(row0 >= 0 && row0 + R <= p.N, "m0e4 dequantize_rows: rows ", row0, "..", row0 + R,
+              " outside the weight's ", p.N, " rows");
+  const int64_t which = resolve_isa(isa);
+  const bool f32 = out.scalar_type() == at::kFloat;
+  void* base = out.data_ptr();
+  at::parallel_for(0, R, std::max<int64_t>(1, 16384 / p.K), [&](int64_t r0, int64_t r1) {
+    if (f32) {
+      float* o = static_cast<float*>(base);
+#if QUINTET_X86
+      if (which == kAvx512) return dequant_rows_avx512<float>(p, r0, r1, row0, o);
+      if (which == kAvx2) return dequant_rows_avx2<float>(p, r0, r1, row0, o);
+#endif
+      dequant_rows_scalar<float>(p, r0, r1, row0, o);
+    } else {
+      at::BFloat16* o = static_cast<at::BFloat16*>(base);
+#if QUINTET_X86
+      if (which == kAvx512) return dequant_rows_avx512<at::BFloat16>(p, r0, r1, row0, o);
+      if (which == kAvx2) return dequant_rows_avx2<at::BFloat16>(p, r0, r1, row0, o);
+#endif
+      dequant_rows_scalar<at::BFloat16>(p, r0, r1, row0, o);
+    }
+  });
+}
+
+int64_t best_isa() { return cpu_isa(); }
+
+}  // namespace
+
+TORCH_LIBRARY(quintet_m0e4, m) {
+  m.def("gemv(Tensor x, Tensor qweight, Tensor scales, Tensor offsets, int group_size, int isa) -> Tensor");
+  m.def(
+      "dequantize_rows(Tensor qweight, Tensor scales, Tensor offsets, int group_size, int row0, Tensor(a!) out, "
+      "int isa) -> ()");
+  m.def("permute_k(Tensor x) -> Tensor");
+  m.def("best_isa() -> int", &best_isa);
+}
+
+TORCH_LIBRARY_IMPL(quintet_m0e4, CPU, m) {
+  m.impl("gemv", &gemv);
+  m.impl("dequantize_rows", &dequantize_rows);
+  m.impl("permute_k", &permute_k);
+}

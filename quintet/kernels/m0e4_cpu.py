@@ -1,0 +1,261 @@
+"""Matmuls straight from M0E4 4-bit weights on CPU: y = x W^T with W held as codes, scales and offsets.
+
+    y = m0e4_matmul(x, qweight, scales, offsets, group_size)     # x (..., K) -> (..., N), x's dtype
+
+Weights as `quintet.deploy.qlinear.M0E4Linear` stores them: qweight (N, K/2) uint8 (two codes per byte),
+scales and offsets (N, K / group) float16, w = (fp(1 + q/16) - c) * S. Two paths, chosen by the number of
+rows of x (`gemv_max_rows()`):
+
+- decode (few rows): `csrc/m0e4_gemm.cpp`'s GEMV / small GEMM. Each output row's bytes are read once and
+  unpacked in registers (AVX-512: each group's 16 weights form one register and the codes index it; AVX2
+  and scalar: the M0E4 bit trick, `0x3F800000 | q << 19` is the float 1 + q/16), accumulated in float32,
+  output rows split over `torch.get_num_threads()` threads.
+- prefill (more rows): tiles of `TILE_BYTES` of the weight are dequantized into one reused scratch buffer
+  and multiplied by PyTorch's matmul in `matmul_dtype()`: float32 or bfloat16, whichever this CPU runs
+  faster, measured once per process (bfloat16 only pays where the CPU has native bf16 dot products).
+
+No float copy of a weight is ever kept. The instruction set is chosen at run time from what the CPU has
+(`isa()`); `QUINTET_M0E4_ISA=scalar|avx2|avx512` forces a lower one (tests run each). The extension is
+built on first use by `quintet.kernels.build` (cached per machine); if it cannot be, or
+`QUINTET_DISABLE_M0E4_KERNEL=1` is set, a PyTorch fallback (dequantize a tile, `F.linear`) runs after
+one warning. `QUINTET_MATMUL_DTYPE=float32|bfloat16` skips the prefill measurement.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import time
+from collections.abc import Iterator
+from contextvars import ContextVar
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from quintet.kernels.build import LazyExtension
+
+__all__ = [
+    "ISAS",
+    "gemv_max_rows",
+    "isa",
+    "m0e4_kernels_available",
+    "m0e4_matmul",
+    "matmul_dtype",
+    "matmul_path",
+]
+
+DISABLE_ENV = "QUINTET_DISABLE_M0E4_KERNEL"
+ISA_ENV = "QUINTET_M0E4_ISA"
+DTYPE_ENV = "QUINTET_MATMUL_DTYPE"
+ISAS = ("scalar", "avx2", "avx512")  # index = the kernel's isa code
+GEMV_MAX_ROWS = 4  # more rows go through dequantized tiles (benchmarks/m0e4_matmul.py measures the split)
+TILE_BYTES = 1 << 19  # scratch per tile: fits the L2 cache of the CPUs we run on
+PATHS = ("auto", "gemv", "tiles")
+_PATH: ContextVar[str] = ContextVar("m0e4_matmul_path", default="auto")
+_SOURCE = Path(__file__).resolve().parent / "csrc" / "m0e4_gemm.cpp"
+_CFLAGS = ["-O3", "-fopenmp", "-ffp-contract=fast"]  # no -march: the source picks its ISA per function
+
+log = logging.getLogger(__name__)
+
+
+class _Kernel(LazyExtension):
+    """The extension, and what this process measured or allocated for it."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            "quintet_m0e4_ops",
+            "quintet_m0e4",
+            [_SOURCE],
+            _CFLAGS,
+            ["-fopenmp"],
+            DISABLE_ENV,
+            "the M0E4 CPU kernel library",
+        )
+        self.best = 0
+        self.dtype: torch.dtype | None = None
+        self.scratch: dict[torch.dtype, torch.Tensor] = {}
+
+    def loaded(self, ops: Any) -> None:
+        self.best = int(ops.best_isa())
+        _register_fakes()
+
+
+_kernel = _Kernel()
+
+
+def _register_fakes() -> None:
+    """Shape functions of the ops, so that symbolic tracing (`quintet.deploy.shapes`) sees through them."""
+
+    @torch.library.register_fake("quintet_m0e4::gemv")
+    def _(x, qweight, scales, offsets, group_size, code):
+        return x.new_empty(x.shape[0], qweight.shape[0], dtype=torch.float32)
+
+    @torch.library.register_fake("quintet_m0e4::permute_k")
+    def _(x):
+        return x.new_empty(x.shape, dtype=torch.float32)
+
+    @torch.library.register_fake("quintet_m0e4::dequantize_rows")
+    def _(qweight, scales, offsets, group_size, row0, out, code):
+        return None
+
+
+def m0e4_kernels_available() -> bool:
+    """True when the C++ kernels are built and loaded (builds them on the first call in a fresh cache)."""
+    return _kernel.get() is not None
+
+
+def isa() -> str:
+    """The instruction set the kernels run: the best this CPU has, or lower if `QUINTET_M0E4_ISA` says."""
+    if _kernel.get() is None:
+        return "pytorch"
+    wanted = os.environ.get(ISA_ENV, "").strip().lower()
+    if not wanted:
+        return ISAS[_kernel.best]
+    if wanted not in ISAS:
+        raise ValueError(f"{ISA_ENV} = {wanted!r}: must be one of {', '.join(ISAS)}")
+    if ISAS.index(wanted) > _kernel.best:
+        raise ValueError(f"{ISA_ENV} = {wanted!r}: this CPU runs at most {ISAS[_kernel.best]!r}")
+    return wanted
+
+
+@contextlib.contextmanager
+def matmul_path(path: str) -> Iterator[None]:
+    """Choose the path of every `m0e4_matmul` called inside: "gemv", "tiles" or "auto" (by each call's
+    rows). An engine step chooses by its own shape, so that the choice never depends on data (how many
+    tokens the router sent to an expert) and a traced step is the step that runs."""
+    if path not in PATHS:
+        raise ValueError(f"matmul_path = {path!r}: must be one of {', '.join(PATHS)}")
+    token = _PATH.set(path)
+    try:
+        yield
+    finally:
+        _PATH.reset(token)
+
+
+def gemv_max_rows() -> int:
+    """Matmuls with at most this many rows of x run the register GEMV; more rows, dequantized tiles."""
+    return GEMV_MAX_ROWS
+
+
+def _time_mm(dtype: torch.dtype) -> float:
+    a = torch.randn(256, 512).to(dtype)
+    b = torch.randn(256, 512).to(dtype)
+    best = float("inf")
+    for _ in range(5):
+        t = time.perf_counter()
+        torch.mm(a, b.t())
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def matmul_dtype() -> torch.dtype:
+    """The dtype of the prefill matmuls: float32 or bfloat16, whichever is faster here (measured once,
+    a few milliseconds; `QUINTET_MATMUL_DTYPE` overrides)."""
+    wanted = os.environ.get(DTYPE_ENV, "").strip().lower()
+    if wanted:
+        choices = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+        if wanted not in choices:
+            raise ValueError(f"{DTYPE_ENV} = {wanted!r}: must be float32 or bfloat16")
+        return choices[wanted]
+    if _kernel.dtype is None:
+        from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+        with unset_fake_temporarily(), torch.inference_mode():  # real tensors, even inside a tracer
+            f32 = min(_time_mm(torch.float32) for _ in range(2))
+            bf16 = min(_time_mm(torch.bfloat16) for _ in range(2))
+        _kernel.dtype = torch.bfloat16 if bf16 < 0.8 * f32 else torch.float32
+        log.debug("prefill matmuls in %s (fp32 %.2e s, bf16 %.2e s)", _kernel.dtype, f32, bf16)
+    return _kernel.dtype
+
+
+def _scratch(rows: int, k: int, dtype: torch.dtype) -> torch.Tensor:
+    buf = _kernel.scratch.get(dtype)
+    if buf is None or buf.numel() < rows * k:
+        buf = torch.empty(rows * k, dtype=dtype)
+        if type(buf) is torch.Tensor:  # never keep a tracer's fake tensor for real runs
+            _kernel.scratch[dtype] = buf
+    return buf[: rows * k].view(rows, k)
+
+
+def _tile_rows(n: int, k: int, dtype: torch.dtype) -> int:
+    rows = max(16, TILE_BYTES // (k * torch.tensor([], dtype=dtype).element_size()) // 16 * 16)
+    return min(rows, n)
+
+
+def _fallback(
+    x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor, group_size: int
+) -> torch.Tensor:
+    from quintet.deploy.m0e4 import dequantize, unpack_codes
+
+    n, k = qweight.shape[0], qweight.shape[1] * 2
+    x = x.float()
+    step = _tile_rows(n, k, torch.float32)
+    pieces = []
+    for n0 in range(0, n, step):
+        n1 = min(n, n0 + step)
+        w = dequantize(unpack_codes(qweight[n0:n1]), scales[n0:n1], offsets[n0:n1], group_size)
+        pieces.append(F.linear(x, w))
+    return torch.cat(pieces, dim=-1) if len(pieces) != 1 else pieces[0]
+
+
+def _tiles(
+    ops: Any,
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    offsets: torch.Tensor,
+    group_size: int,
+    code: int,
+) -> torch.Tensor:
+    dtype = matmul_dtype()
+    n, k = qweight.shape[0], qweight.shape[1] * 2
+    xp = ops.permute_k(x)  # the kernel writes tiles with K in its permuted order; x follows it
+    if dtype != torch.float32:
+        xp = xp.to(dtype)
+    out = xp.new_empty(x.shape[0], n)
+    step = _tile_rows(n, k, dtype)
+    for n0 in range(0, n, step):
+        rows = min(step, n - n0)
+        tile = _scratch(rows, k, dtype)
+        ops.dequantize_rows(qweight, scales, offsets, group_size, n0, tile, code)
+        torch.mm(xp, tile.t(), out=out[:, n0 : n0 + rows])
+    return out if dtype == torch.float32 else out.float()
+
+
+def m0e4_matmul(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    offsets: torch.Tensor,
+    group_size: int,
+    bias: torch.Tensor | None = None,
+    path: str | None = None,
+) -> torch.Tensor:
+    """x (..., K) @ W^T (+ bias) with W in M0E4; computed in float32, returned in x's dtype.
+
+    `path`: "auto" (by the number of rows), "gemv" or "tiles"; default: the one `matmul_path` set."""
+    path = _PATH.get() if path is None else path
+    if path not in PATHS:
+        raise ValueError(f"path = {path!r}: must be one of {', '.join(PATHS)}")
+    shape = x.shape
+    x2 = x.reshape(-1, shape[-1])
+    ops = _kernel.get() if x.device.type == "cpu" else None
+    if ops is None or (x.requires_grad and torch.is_grad_enabled()):
+        if ops is None and x.device.type == "cpu":
+            _kernel.warn_fallback("FP4 matmuls dequantize tiles in PyTorch instead (slower)")
+        y = _fallback(x2, qweight, scales, offsets, group_size)  # differentiable in x
+    else:
+        code = ISAS.index(isa())
+        rows = x2.shape[0]
+        if path == "gemv" or (path == "auto" and rows <= GEMV_MAX_ROWS):
+            y = ops.gemv(x2, qweight, scales, offsets, group_size, code)
+        else:
+            y = _tiles(ops, x2, qweight, scales, offsets, group_size, code)
+    if bias is not None:
+        y = y + bias
+    if y.dtype != x.dtype:
+        y = y.to(x.dtype)
+    return y.view(*shape[:-1], y.shape[-1])
