@@ -31,14 +31,42 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
-    from quintet.deploy.memory_plan import format_plan, parse_sizes, plan_model
+    from quintet.deploy.memory_plan import (
+        format_plan,
+        format_weights,
+        load_engine_for_plan,
+        parse_sizes,
+        plan_model,
+        weight_bytes,
+        weight_bytes_per_token,
+    )
+    from quintet.deploy.quantize import file_bytes
 
     sizes = [parse_sizes(s) for s in args.at] if args.at else None
-    plans = plan_model(args.model, kinds=tuple(args.kind or ("decode", "prefill")), batch=args.batch)
+    engine = load_engine_for_plan(args.model)
+    kinds = tuple(args.kind or ("decode", "prefill"))
+    plans = plan_model(args.model, kinds=kinds, batch=args.batch, engine=engine)
     if args.json:
-        print(json.dumps([p.to_dict(sizes) for p in plans], indent=2))
+        weights = {
+            "in_memory": weight_bytes(engine),
+            "files": file_bytes(args.model),
+            "read_per_token": weight_bytes_per_token(engine),
+        }
+        print(json.dumps({"weights": weights, "steps": [p.to_dict(sizes) for p in plans]}, indent=2))
     else:
+        print(format_weights(engine, args.model))
         print("\n\n".join(format_plan(p, sizes, verbose=args.verbose) for p in plans))
+    return 0
+
+
+def _cmd_export_gguf(args: argparse.Namespace) -> int:
+    from quintet.deploy.gguf_export import export_gguf
+
+    summary = export_gguf(args.model, args.out, type=args.type)
+    print(
+        f"wrote {summary['path']}: {summary['tensors']} tensors ({summary['quantized_tensors']} in "
+        f"{summary['type']}), {summary['bytes'] / 2**20:.1f} MiB, vocabulary {summary['vocab']}"
+    )
     return 0
 
 
@@ -78,6 +106,14 @@ def add_deploy_parser(subparsers: argparse._SubParsersAction) -> argparse.Argume
     p.add_argument("--verbose", action="store_true", help="list every buffer and every op's shapes")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=_cmd_plan)
+
+    g = sub.add_parser("export-gguf", help="write a GGUF file of a Jamba model for llama.cpp and Ollama")
+    g.add_argument("model", help="Jamba model folder (float, or FP4: dequantized to float first)")
+    g.add_argument("--out", required=True, metavar="FILE.gguf", help="GGUF file to write")
+    g.add_argument(
+        "--type", default="f32", help="f32 (default), q8_0 or q4_0: the type of the weight matrices"
+    )
+    g.set_defaults(func=_cmd_export_gguf)
     return deploy
 
 

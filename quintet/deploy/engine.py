@@ -195,7 +195,7 @@ class EngineMamba(nn.Module):
         self.layer_idx, self.d_inner, self.d_conv = mixer.layer_idx, mixer.d_inner, mixer.d_conv
         self.splits = [mixer.dt_rank, mixer.d_state, mixer.d_state]
         with torch.no_grad():
-            f32 = lambda t: t.detach().to(torch.float32, copy=True)  # noqa: E731 (copies: never the parameter)
+            f32 = lambda t: t.detach().to(torch.float32)  # noqa: E731 (a float32 parameter itself: no copy)
             self.register_buffer("A", -torch.exp(f32(mixer.A_log)), persistent=False)
             self.register_buffer("D", f32(mixer.D), persistent=False)
             self.register_buffer("dt_bias", f32(mixer.dt_proj.bias), persistent=False)
@@ -302,7 +302,7 @@ class EngineMoE(nn.Module):
         self.block, self.layer_idx = block, layer_idx
         router = block.router
         weight = router.dequantized_weight() if isinstance(router, M0E4Linear) else router.weight.detach()
-        self.register_buffer("router_w", weight.to(torch.float32, copy=True), persistent=False)  # in float32
+        self.register_buffer("router_w", weight.to(torch.float32), persistent=False)  # float32, shared if so
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         blk, trace = self.block, _TRACE.get()

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import sympy
+import torch
 
 from quintet.deploy.shapes import KINDS, ShapeGraph, StorageRecord, trace_step
 
@@ -176,7 +177,7 @@ def check_plan(plan: MemoryPlan, sizes: dict[str, int]) -> list[str]:
 
 # ---------------------------------------------------------------------------------------------- models
 def load_engine_for_plan(model_dir: str | os.PathLike):
-    """The engine a folder runs with: the FP4 engine for a quantized folder, else bfloat16."""
+    """The engine a folder runs with: the FP4 engine for a quantized folder, else the float32 engine."""
     from quintet.deploy.engine import is_quantized_folder, load_quantized, to_engine
     from quintet.models.jamba import JambaForCausalLM
 
@@ -185,12 +186,59 @@ def load_engine_for_plan(model_dir: str | os.PathLike):
     return to_engine(JambaForCausalLM.from_pretrained(model_dir))
 
 
+def _tensors(model: torch.nn.Module) -> dict[int, tuple[str, torch.Tensor]]:
+    """Every parameter and buffer the model holds, once per storage (merged or shared tensors count once)."""
+    out: dict[int, tuple[str, torch.Tensor]] = {}
+    for name, t in [
+        *model.named_parameters(remove_duplicate=False),
+        *model.named_buffers(remove_duplicate=False),
+    ]:
+        if t is not None and t.device.type != "meta":
+            out.setdefault(t.untyped_storage().data_ptr(), (name, t))
+    return out
+
+
+def weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes of the weights a loaded model holds in memory (parameters and buffers, each storage once)."""
+    return sum(t.untyped_storage().nbytes() for _, t in _tensors(model).values())
+
+
+def weight_bytes_per_token(model: torch.nn.Module) -> int:
+    """Bytes of weights one decoded token reads: every tensor, but only the chosen experts' share of the
+    expert weights (top-k of the experts) and one row of the token embedding."""
+    config = model.config
+    share = config.num_experts_per_tok / max(config.num_experts, 1)
+    total = 0.0
+    for name, t in _tensors(model).values():
+        n = t.untyped_storage().nbytes()
+        if ".experts." in name:
+            n *= share
+        elif "embed_tokens" in name:
+            n /= t.shape[0]
+        total += n
+    return int(total)
+
+
+def format_weights(model: torch.nn.Module, model_dir: str | os.PathLike) -> str:
+    """Weights in memory against the folder's weight files, and the bytes a decoded token reads."""
+    from quintet.deploy.quantize import file_bytes
+
+    held, on_disk = weight_bytes(model), file_bytes(model_dir)
+    return (
+        f"weights: {_mib(held)} in memory, {_mib(on_disk)} in the folder's files ({held / on_disk:.2f}x); "
+        f"a decoded token reads {_mib(weight_bytes_per_token(model))} of them"
+    )
+
+
 def plan_model(
-    model_dir: str | os.PathLike, kinds: tuple[str, ...] = ("decode", "prefill"), batch: int | None = None
+    model_dir: str | os.PathLike,
+    kinds: tuple[str, ...] = ("decode", "prefill"),
+    batch: int | None = None,
+    engine: torch.nn.Module | None = None,
 ) -> list[MemoryPlan]:
-    """Trace and plan each step kind of the model in `model_dir`. Decode fixes b = 1 unless `batch` is
-    given; prefill and chunk keep b symbolic unless `batch` is given."""
-    engine = load_engine_for_plan(model_dir)
+    """Trace and plan each step kind of the model in `model_dir` (or of `engine`, loaded from it). Decode
+    fixes b = 1 unless `batch` is given; prefill and chunk keep b symbolic unless `batch` is given."""
+    engine = load_engine_for_plan(model_dir) if engine is None else engine
     plans = []
     for kind in kinds:
         if kind not in KINDS:

@@ -75,18 +75,20 @@ class M0E4Linear(nn.Module):
         return m0e4_matmul(x, self.qweight, self.scales, self.offsets, self.group_size, self.bias)
 
 
-_BYTE_TABLES: dict[torch.device, torch.Tensor] = {}
+def _make_byte_table(device: torch.device) -> torch.Tensor:
+    """byte -> the two h = 1 + q/16 it packs (by the bit trick), (256, 2) float32: 2 KiB."""
+    every_byte = torch.arange(256, dtype=torch.uint8, device=device)
+    return code_to_fp16(unpack_codes(every_byte.view(256, 1))).float()
+
+
+# made at import, so that no lookup (nor a tracer recording one) ever builds it
+_BYTE_TABLES: dict[torch.device, torch.Tensor] = {torch.device("cpu"): _make_byte_table(torch.device("cpu"))}
 
 
 def _byte_table(device: torch.device) -> torch.Tensor:
-    """byte -> the two h = 1 + q/16 it packs (by the bit trick), (256, 2) float32: 2 KiB per device."""
     table = _BYTE_TABLES.get(device)
     if table is None:
-        from torch._subclasses.fake_tensor import unset_fake_temporarily
-
-        with unset_fake_temporarily():  # a real constant, even when first asked for inside a tracer
-            every_byte = torch.arange(256, dtype=torch.uint8, device=device)
-            table = _BYTE_TABLES[device] = code_to_fp16(unpack_codes(every_byte.view(256, 1))).float()
+        table = _BYTE_TABLES[device] = _BYTE_TABLES[torch.device("cpu")].to(device)
     return table
 
 

@@ -347,10 +347,13 @@ def load_quantized_state(
             f"{path}: the weights do not match config.json (group_size {qc['group_size']}):\n"
             + "\n".join(lines)
         )
+    # copies in ordinary memory, not views of the file's mapping: the engine merges some modules (q/k/v,
+    # gate/up) into new tensors, and a dropped original still mapped would stay resident beside its copy
     state = {
-        name: t if name in m0e4_names or not t.is_floating_point() else t.to(dtype)
+        name: t.clone() if name in m0e4_names or not t.is_floating_point() else t.to(dtype, copy=True)
         for name, t in tensors.items()
     }
+    del tensors
     for name, source in tied.items():
         state[name] = state[source]
     model.load_state_dict(state, strict=True, assign=True)
