@@ -114,3 +114,19 @@ def test_disabled_kernel_falls_back_with_one_warning(monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         m0e4_matmul(x, pack_codes(codes), scales, offsets, 32)  # no second warning
+
+
+@pytest.mark.parametrize("isa", ["scalar", "avx2", "avx512"])
+def test_float_gemv_equals_linear(monkeypatch, isa):
+    if isa not in runnable_isas():
+        pytest.skip(f"this CPU has no {isa}")
+    monkeypatch.setenv(m0e4_cpu.ISA_ENV, isa)
+    g = torch.Generator().manual_seed(1)
+    for n, k in ((37, 100), (64, 512), (5, 17)):  # ragged rows (not a multiple of 4) and K tails
+        w, b = torch.randn(n, k, generator=g), torch.randn(n, generator=g)
+        for rows in (1, 2, 4):
+            x = torch.randn(rows, k, generator=g)
+            check_close(torch.ops.quintet_m0e4.gemv_f32(x, w, ISAS.index(isa)), x, w, 2e-6)
+            with torch.inference_mode(), m0e4_cpu.matmul_path("gemv"):
+                y = m0e4_cpu.float_linear(x, w, b)
+            torch.testing.assert_close(y, torch.nn.functional.linear(x, w, b), rtol=1e-5, atol=1e-5)

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from quintet.deploy.fusions import FusedSwiGLU, add_rms_norm, merge_linears, rms_norm
+from quintet.deploy.fusions import FusedSwiGLU, add_rms_norm, merge_linears, rms_norm, use_engine_linears
 from quintet.deploy.kv_cache import SubTensorKVCache
 from quintet.deploy.qlinear import M0E4Embedding, M0E4Linear
 from quintet.deploy.quantize import (
@@ -407,6 +407,7 @@ class JambaEngine(nn.Module):
             for p in module.parameters(recurse=False):
                 if p.is_floating_point():
                     p.data = p.data.to(dtype)
+        use_engine_linears(lm)  # float Linears (after the merges): decode matmuls by quintet's GEMV
         if any(isinstance(m, M0E4Linear) for m in lm.modules()):
             matmul_dtype()  # measured here, at load, once per process
         self.lm = lm.eval()

@@ -16,6 +16,28 @@ import torch.nn.functional as F
 from torch import nn
 
 from quintet.deploy.qlinear import M0E4Linear
+from quintet.kernels.m0e4_cpu import float_linear
+
+
+class EngineLinear(nn.Module):
+    """A float `nn.Linear` in the engine: the same weight and bias tensors, decode-sized matmuls through
+    quintet's float GEMV (`float_linear`)."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight, self.bias = linear.weight, linear.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return float_linear(x, self.weight, self.bias)
+
+
+def use_engine_linears(model: nn.Module) -> None:
+    """Swap every float `nn.Linear` of `model` for an `EngineLinear` over the same tensors, in place."""
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is nn.Linear:
+                setattr(parent, name, EngineLinear(child))
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -53,8 +75,8 @@ def merge_linears(modules: list[nn.Module]) -> nn.Module:
         if has_bias:
             merged.bias = nn.Parameter(torch.cat([m.bias for m in modules]))
         return merged
-    if any(not isinstance(m, nn.Linear) for m in modules):
-        raise ValueError("merge_linears: expected nn.Linear or M0E4Linear modules")
+    if any(not isinstance(m, (nn.Linear, EngineLinear)) for m in modules):
+        raise ValueError("merge_linears: expected nn.Linear, EngineLinear or M0E4Linear modules")
     w = first.weight
     merged = nn.Linear(first.in_features, n, bias=has_bias, dtype=w.dtype, device=w.device)
     merged.weight.copy_(torch.cat([m.weight for m in modules]))

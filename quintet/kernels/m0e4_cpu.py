@@ -45,6 +45,7 @@ __all__ = [
     "m0e4_matmul",
     "matmul_dtype",
     "matmul_path",
+    "float_linear",
 ]
 
 DISABLE_ENV = "QUINTET_DISABLE_M0E4_KERNEL"
@@ -96,6 +97,10 @@ def _register_fakes() -> None:
     @torch.library.register_fake("quintet_m0e4::permute_k")
     def _(x):
         return x.new_empty(x.shape, dtype=torch.float32)
+
+    @torch.library.register_fake("quintet_m0e4::gemv_f32")
+    def _(x, weight, code):
+        return x.new_empty(x.shape[0], weight.shape[0], dtype=torch.float32)
 
     @torch.library.register_fake("quintet_m0e4::dequantize_rows")
     def _(qweight, scales, offsets, group_size, row0, out, code):
@@ -259,3 +264,29 @@ def m0e4_matmul(
     if y.dtype != x.dtype:
         y = y.to(x.dtype)
     return y.view(*shape[:-1], y.shape[-1])
+
+
+def float_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """`F.linear` for a float32 weight, by quintet's GEMV where a step has decode-sized matmuls (the
+    `matmul_path` "gemv", or "auto" with at most `GEMV_MAX_ROWS` rows): it streams the weight at the
+    memory's speed, which PyTorch's CPU matmul does not reach for one row on every CPU."""
+    shape = x.shape
+    rows = x.numel() // shape[-1] if shape[-1] else 0
+    path = _PATH.get()
+    if (
+        weight.dtype != torch.float32
+        or x.dtype != torch.float32
+        or x.device.type != "cpu"
+        or path == "tiles"
+        or (path == "auto" and rows > GEMV_MAX_ROWS)
+        or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
+        or not weight.is_contiguous()
+    ):
+        return F.linear(x, weight, bias)
+    ops = _kernel.get()
+    if ops is None:
+        return F.linear(x, weight, bias)
+    y = ops.gemv_f32(x.reshape(-1, shape[-1]), weight, ISAS.index(isa()))
+    if bias is not None:
+        y = y + bias
+    return y.view(*shape[:-1], weight.shape[0])

@@ -334,9 +334,64 @@ QUINTET_AVX512 void gemv_row_avx512(const Problem& p, int64_t n, const float* s,
   for (; m < p.M; ++m) gemv_block_avx512<CH, 1, 2 * CH < 8 ? 2 * CH : 8>(p, n, m, s, ncs);
 }
 
+// One row of x (decode) against NR output rows at once: each vector of x is loaded once for the NR rows,
+// and NR independent accumulator chains keep the FMA units busy where K is short.
+template <int CH, int NR>
+QUINTET_AVX512 void gemv_x1_avx512(const Problem& p, int64_t n, const float* s, const float* ncs) {
+  const int64_t G = p.K / p.gs;
+  const uint8_t* rows[NR];
+  __m512 acc[NR][2];
+#pragma GCC unroll 8
+  for (int r = 0; r < NR; ++r) {
+    rows[r] = p.qw + (n + r) * (p.K / 2);
+    acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+  }
+  for (int64_t g = 0; g < G; ++g) {
+    __m512 table[NR];
+#pragma GCC unroll 8
+    for (int r = 0; r < NR; ++r) table[r] = group_table_avx512(s[r * G + g], ncs[r * G + g]);
+#pragma GCC unroll 4
+    for (int c = 0; c < CH; ++c) {
+      const int64_t base = (g * CH + c) * kChunk;
+      const __m512 x0 = _mm512_loadu_ps(p.xp + base), x1 = _mm512_loadu_ps(p.xp + base + 16);
+#pragma GCC unroll 8
+      for (int r = 0; r < NR; ++r) {
+        __m512 lo, hi;
+        unpack16_avx512(rows[r] + base / 2, table[r], lo, hi);
+        acc[r][0] = _mm512_fmadd_ps(lo, x0, acc[r][0]);
+        acc[r][1] = _mm512_fmadd_ps(hi, x1, acc[r][1]);
+      }
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < NR; ++r) p.y[n + r] = _mm512_reduce_add_ps(_mm512_add_ps(acc[r][0], acc[r][1]));
+}
+
+template <int CH>
+QUINTET_AVX512 void gemv_rows_x1_avx512(const Problem& p, int64_t n0, int64_t n1, float* s, float* ncs) {
+  constexpr int NR = 4;
+  const int64_t G = p.K / p.gs;
+  int64_t n = n0;
+  for (; n + NR <= n1; n += NR) {
+    for (int r = 0; r < NR; ++r) row_params_f16c(p, n + r, s + r * G, ncs + r * G);
+    gemv_x1_avx512<CH, NR>(p, n, s, ncs);
+  }
+  for (; n < n1; ++n) {
+    row_params_f16c(p, n, s, ncs);
+    gemv_x1_avx512<CH, 1>(p, n, s, ncs);
+  }
+}
+
 QUINTET_AVX512 void gemv_rows_avx512(const Problem& p, int64_t n0, int64_t n1) {
   const int64_t G = p.K / p.gs;
-  std::vector<float> s(G), ncs(G);
+  std::vector<float> s(4 * G), ncs(4 * G);
+  if (p.M == 1) {
+    switch (p.gs / kChunk) {
+      case 1: return gemv_rows_x1_avx512<1>(p, n0, n1, s.data(), ncs.data());
+      case 2: return gemv_rows_x1_avx512<2>(p, n0, n1, s.data(), ncs.data());
+      default: return gemv_rows_x1_avx512<4>(p, n0, n1, s.data(), ncs.data());
+    }
+  }
   for (int64_t n = n0; n < n1; ++n) {
     row_params_f16c(p, n, s.data(), ncs.data());
     switch (p.gs / kChunk) {
@@ -378,6 +433,88 @@ QUINTET_AVX512 void dequant_rows_avx512(const Problem& p, int64_t r0, int64_t r1
         }
       }
     }
+  }
+}
+#endif  // QUINTET_X86
+
+// ------------------------------------------------------------------------------------------ float GEMV
+// y (M, N) = x (M, K) W^T for a float32 W (N, K), M small: each row of W streamed once for all rows of x,
+// four rows of W at a time (four independent accumulators per row of x). PyTorch's CPU matmul reaches a
+// fraction of the memory bandwidth for M = 1 on some CPUs (BLAS libraries' generic code paths); this
+// is the float engine's decode matmul.
+struct FloatProblem {
+  const float* x;
+  const float* w;
+  float* y;
+  int64_t M, N, K;
+};
+
+void gemv_f32_scalar(const FloatProblem& p, int64_t n0, int64_t n1) {
+  for (int64_t n = n0; n < n1; ++n)
+    for (int64_t m = 0; m < p.M; ++m) {
+      const float* w = p.w + n * p.K;
+      const float* x = p.x + m * p.K;
+      float a = 0.f;
+      for (int64_t k = 0; k < p.K; ++k) a += w[k] * x[k];
+      p.y[m * p.N + n] = a;
+    }
+}
+
+#if QUINTET_X86
+QUINTET_AVX2 void gemv_f32_avx2(const FloatProblem& p, int64_t n0, int64_t n1) {
+  const int64_t K8 = p.K / 8 * 8;
+  for (int64_t m = 0; m < p.M; ++m) {
+    const float* x = p.x + m * p.K;
+    int64_t n = n0;
+    for (; n + 4 <= n1; n += 4) {
+      const float* w = p.w + n * p.K;
+      __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+      for (int64_t k = 0; k < K8; k += 8) {
+        const __m256 xv = _mm256_loadu_ps(x + k);
+        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(w + k), xv, a0);
+        a1 = _mm256_fmadd_ps(_mm256_loadu_ps(w + p.K + k), xv, a1);
+        a2 = _mm256_fmadd_ps(_mm256_loadu_ps(w + 2 * p.K + k), xv, a2);
+        a3 = _mm256_fmadd_ps(_mm256_loadu_ps(w + 3 * p.K + k), xv, a3);
+      }
+      float t[4] = {hsum256(a0), hsum256(a1), hsum256(a2), hsum256(a3)};
+      for (int64_t k = K8; k < p.K; ++k)
+        for (int r = 0; r < 4; ++r) t[r] += w[r * p.K + k] * x[k];
+      for (int r = 0; r < 4; ++r) p.y[m * p.N + n + r] = t[r];
+    }
+    FloatProblem rest = p;
+    rest.x = x;
+    rest.M = 1;
+    rest.y = p.y + m * p.N;
+    gemv_f32_scalar(rest, n, n1);
+  }
+}
+
+QUINTET_AVX512 void gemv_f32_avx512(const FloatProblem& p, int64_t n0, int64_t n1) {
+  const int64_t K16 = p.K / 16 * 16;
+  for (int64_t m = 0; m < p.M; ++m) {
+    const float* x = p.x + m * p.K;
+    int64_t n = n0;
+    for (; n + 4 <= n1; n += 4) {
+      const float* w = p.w + n * p.K;
+      __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+      for (int64_t k = 0; k < K16; k += 16) {
+        const __m512 xv = _mm512_loadu_ps(x + k);
+        a0 = _mm512_fmadd_ps(_mm512_loadu_ps(w + k), xv, a0);
+        a1 = _mm512_fmadd_ps(_mm512_loadu_ps(w + p.K + k), xv, a1);
+        a2 = _mm512_fmadd_ps(_mm512_loadu_ps(w + 2 * p.K + k), xv, a2);
+        a3 = _mm512_fmadd_ps(_mm512_loadu_ps(w + 3 * p.K + k), xv, a3);
+      }
+      float t[4] = {_mm512_reduce_add_ps(a0), _mm512_reduce_add_ps(a1), _mm512_reduce_add_ps(a2),
+                    _mm512_reduce_add_ps(a3)};
+      for (int64_t k = K16; k < p.K; ++k)
+        for (int r = 0; r < 4; ++r) t[r] += w[r * p.K + k] * x[k];
+      for (int r = 0; r < 4; ++r) p.y[m * p.N + n + r] = t[r];
+    }
+    FloatProblem rest = p;
+    rest.x = x;
+    rest.M = 1;
+    rest.y = p.y + m * p.N;
+    gemv_f32_scalar(rest, n, n1);
   }
 }
 #endif  // QUINTET_X86
@@ -487,6 +624,28 @@ void dequantize_rows(const at::Tensor& qw, const at::Tensor& S, const at::Tensor
   });
 }
 
+at::Tensor gemv_f32(const at::Tensor& x_in, const at::Tensor& w, int64_t isa) {
+  TORCH_CHECK(w.device().is_cpu() && w.scalar_type() == at::kFloat && w.dim() == 2 && w.is_contiguous(),
+              "gemv_f32: the weight must be a contiguous (N, K) float32 CPU tensor");
+  const at::Tensor x = x_in.to(at::kFloat).contiguous();
+  TORCH_CHECK(x.dim() == 2 && x.size(1) == w.size(1), "gemv_f32: x must be (M, ", w.size(1), "), got ",
+              x.sizes());
+  at::Tensor y = at::empty({x.size(0), w.size(0)}, x.options());
+  FloatProblem p{x.data_ptr<float>(), w.data_ptr<float>(), y.data_ptr<float>(), x.size(0), w.size(0), w.size(1)};
+  if (p.M == 0 || p.N == 0) return y;
+  const int64_t which = resolve_isa(isa);
+  const int64_t grain = std::max<int64_t>(4, 32768 / std::max<int64_t>(1, p.K * p.M)) / 4 * 4;
+  at::parallel_for(0, (p.N + 3) / 4, std::max<int64_t>(1, grain / 4), [&](int64_t b0, int64_t b1) {
+    const int64_t n0 = b0 * 4, n1 = std::min(p.N, b1 * 4);
+#if QUINTET_X86
+    if (which == kAvx512) return gemv_f32_avx512(p, n0, n1);
+    if (which == kAvx2) return gemv_f32_avx2(p, n0, n1);
+#endif
+    gemv_f32_scalar(p, n0, n1);
+  });
+  return y;
+}
+
 int64_t best_isa() { return cpu_isa(); }
 
 }  // namespace
@@ -497,6 +656,7 @@ TORCH_LIBRARY(quintet_m0e4, m) {
       "dequantize_rows(Tensor qweight, Tensor scales, Tensor offsets, int group_size, int row0, Tensor(a!) out, "
       "int isa) -> ()");
   m.def("permute_k(Tensor x) -> Tensor");
+  m.def("gemv_f32(Tensor x, Tensor weight, int isa) -> Tensor");
   m.def("best_isa() -> int", &best_isa);
 }
 
@@ -504,4 +664,5 @@ TORCH_LIBRARY_IMPL(quintet_m0e4, CPU, m) {
   m.impl("gemv", &gemv);
   m.impl("dequantize_rows", &dequantize_rows);
   m.impl("permute_k", &permute_k);
+  m.impl("gemv_f32", &gemv_f32);
 }
