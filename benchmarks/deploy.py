@@ -8,7 +8,7 @@
 speed, per model (the same seed-0 weights for all, one process):
 - transformers fp32: `transformers.JambaForCausalLM` in float32, its `generate`;
 - quintet fp32: `JambaForCausalLM` in float32, `quintet.generation.generate`;
-- engine bf16: `to_engine` (bfloat16, sub-tensor KV cache, fusions), unquantized;
+- engine bf16: `to_engine(dtype=bfloat16)` (sub-tensor KV cache, fusions), unquantized;
 - engine FP4: the model quantized to M0E4 (group 64, round to nearest) and loaded with `load_quantized`.
 Prefill: tokens/s of one --prompt-token prompt into an empty cache (last-token logits). Decode: tokens/s of
 the decode steps of --new-tokens greedy tokens after that prompt, timed inside each system's own generation
@@ -19,7 +19,8 @@ interleaved within each run (after one warm-up each), so that a drift in the mac
 
 quality: held-out perplexity of a model in float32 and in FP4 (round to nearest and GPTQ, groups of 32,
 64, 128): "perplexity" with the dequantized weights in float32 (the quantization alone), "engine
-perplexity" through the engine (FP4: int4 / bfloat16 matmuls; the float32 row: the bfloat16 engine), and
+perplexity" through the engine (FP4: quintet's M0E4 kernels, float32 activations; the float32 row: the
+float32 engine), and
 "layer error", the mean over quantized Linears of ||X W^T - X Q^T|| / ||X W^T|| on held-out inputs X.
 The model is --quality-model if given, else a Jamba (jamba-tiny's shape, byte vocabulary) trained here for
 --train-steps on Python standard-library modules (files shipped with Python; every 10th module held out
@@ -65,7 +66,7 @@ def _systems(folder: Path, fp4: Path) -> dict[str, object]:
             folder, dtype=torch.float32
         ).eval(),
         "quintet fp32": JambaForCausalLM.from_pretrained(folder),
-        "engine bf16": to_engine(JambaForCausalLM.from_pretrained(folder)),
+        "engine bf16": to_engine(JambaForCausalLM.from_pretrained(folder), dtype=torch.bfloat16),
         "engine FP4": load_quantized(fp4),
     }
 
