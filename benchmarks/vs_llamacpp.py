@@ -9,7 +9,10 @@ One process. The model is --model's preset with seed-0 weights (or --model-dir, 
 is quantized to M0E4 (group 64, round to nearest) and exported to GGUF F32, Q8_0 and Q4_0 with
 `quintet deploy export-gguf`, so all five systems hold the same weights:
 - quintet fp32: the float model in quintet's engine (`to_engine`, float32);
-- quintet FP4: the M0E4 folder (`load_quantized`: 4-bit weights, quintet's M0E4 kernels);
+- quintet FP4: the M0E4 folder (`load_quantized`: 4-bit weights, quintet's M0E4 kernels, float32
+  activations: exact to float32 rounding);
+- quintet FP4 int8-act: the same, decode matmuls on int8 activations (`activations="int8"`: llama.cpp's
+  own trade for Q4_0, whose matmuls quantize activations to Q8_0);
 - llama.cpp F32 / Q8_0 / Q4_0: llama-cpp-python's `Llama` on the GGUF files, `eval` of token lists and
   the last row's logits read straight from the context (no sampler, no Python per vocabulary entry).
 For each --threads and --prompts: prefill = tokens/s of one prompt into an empty cache; decode = tokens/s of
@@ -226,14 +229,17 @@ def main() -> None:
     n_ctx = max(args.prompts) + args.new_tokens + 64
     fp4_engine = load_quantized(fp4_dir, max_cache_length=n_ctx)
     fp32_engine = to_engine(float_model, dtype=torch.float32, max_cache_length=n_ctx)
+    int8_engine = load_quantized(fp4_dir, max_cache_length=n_ctx, activations="int8")
     per_token = {
         "quintet fp32": weight_bytes_per_token(fp32_engine),
         "quintet FP4": weight_bytes_per_token(fp4_engine),
+        "quintet FP4 int8-act": weight_bytes_per_token(int8_engine),
         **{f"llama.cpp {k.upper()}": gguf_bytes_per_token(p, experts, top_k) for k, p in ggufs.items()},
     }
     files = {
         "quintet fp32": file_bytes(float_dir),
         "quintet FP4": file_bytes(fp4_dir),
+        "quintet FP4 int8-act": file_bytes(fp4_dir),
         **{f"llama.cpp {k.upper()}": p.stat().st_size for k, p in ggufs.items()},
     }
     bandwidth = {t: bandwidth_probe(t) for t in sorted(set(args.threads))}
@@ -247,6 +253,7 @@ def main() -> None:
         systems = [
             QuintetSystem("quintet fp32", fp32_engine),
             QuintetSystem("quintet FP4", fp4_engine),
+            QuintetSystem("quintet FP4 int8-act", int8_engine),
             *(LlamaCppSystem(f"llama.cpp {k.upper()}", p, threads, n_ctx) for k, p in ggufs.items()),
         ]
         for prompt_len in args.prompts:
@@ -295,6 +302,9 @@ def main() -> None:
                     "prompt": prompt_len,
                     "FP4 / Q4_0 decode": ratio(
                         "quintet FP4", "llama.cpp Q4_0", "decode tok/s", threads, prompt_len
+                    ),
+                    "FP4 int8-act / Q4_0 decode": ratio(
+                        "quintet FP4 int8-act", "llama.cpp Q4_0", "decode tok/s", threads, prompt_len
                     ),
                     "FP4 / Q4_0 prefill": ratio(
                         "quintet FP4", "llama.cpp Q4_0", "prefill tok/s", threads, prompt_len

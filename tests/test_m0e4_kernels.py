@@ -130,3 +130,49 @@ def test_float_gemv_equals_linear(monkeypatch, isa):
             with torch.inference_mode(), m0e4_cpu.matmul_path("gemv"):
                 y = m0e4_cpu.float_linear(x, w, b)
             torch.testing.assert_close(y, torch.nn.functional.linear(x, w, b), rtol=1e-5, atol=1e-5)
+
+
+def int8_activation_reference(x, codes, scales, offsets, group_size):
+    """x rounded to int8 per block of 32 (dx = max|x| / 127), times the codes, scaled per group, plus the
+    offsets' term from the exact x: the int8-activation GEMV's definition, in float64."""
+    m, k = x.shape
+    blocks = x.view(m, k // 32, 32)
+    dx = blocks.abs().amax(-1, keepdim=True) / 127
+    xq = torch.where(dx > 0, torch.round(blocks / dx), torch.zeros_like(blocks))
+    xhat = (xq * dx).view(m, k).double()
+    s = scales.double().repeat_interleave(group_size, 1)
+    xsum = x.double().view(m, k // group_size, group_size).sum(-1)
+    return xhat @ (codes.double() * s / 16).t() + xsum @ (scales.double() * (1 - offsets.double())).t()
+
+
+@pytest.mark.parametrize("isa", ["scalar", "avx512"])
+def test_int8_activation_gemv_equals_its_definition(isa):
+    if isa not in runnable_isas():
+        pytest.skip(f"this CPU has no {isa}")
+    ops = torch.ops.quintet_m0e4
+    if isa == "avx512" and not ops.has_vnni():
+        pytest.skip("this CPU has no AVX-512 VNNI")
+    for group_size in (32, 64, 128):
+        codes, scales, offsets = every_code_weight(37, 384, group_size, seed=group_size)
+        w = dequantize(codes, scales, offsets, group_size)
+        for rows in (1, 3, 5):
+            x = torch.randn(rows, 384, generator=torch.Generator().manual_seed(rows))
+            y = ops.gemv_q8(x, pack_codes(codes), scales, offsets, group_size, ISAS.index(isa))
+            want = int8_activation_reference(x, codes, scales, offsets, group_size)
+            bound = x.double().abs() @ w.double().abs().t()
+            assert ((y.double() - want).abs() <= 2e-6 * bound + 1e-12).all()
+            # and it is near the float matmul: the error of 8-bit activations, no more
+            assert ((y.double() - x.double() @ w.double().t()).abs() <= 0.02 * bound).all()
+
+
+def test_int8_activations_only_when_asked():
+    q = quantize_rtn(torch.randn(64, 256), 64)
+    args = (torch.randn(1, 256), pack_codes(q.codes), q.scales, q.offsets, 64)
+    exact = m0e4_matmul(*args, path="gemv")
+    with m0e4_cpu.decode_activations("int8"):
+        approx = m0e4_matmul(*args, path="gemv")
+    if m0e4_cpu.isa() == "avx512" and m0e4_cpu._kernel.vnni:
+        assert not torch.equal(exact, approx)
+    torch.testing.assert_close(approx, exact, rtol=0.05, atol=0.05 * float(exact.abs().max()))
+    with pytest.raises(ValueError, match="must be one of float32, int8"), m0e4_cpu.decode_activations("int4"):
+        pass

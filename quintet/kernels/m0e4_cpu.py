@@ -46,6 +46,7 @@ __all__ = [
     "matmul_dtype",
     "matmul_path",
     "float_linear",
+    "decode_activations",
 ]
 
 DISABLE_ENV = "QUINTET_DISABLE_M0E4_KERNEL"
@@ -55,6 +56,8 @@ ISAS = ("scalar", "avx2", "avx512")  # index = the kernel's isa code
 GEMV_MAX_ROWS = 4  # more rows go through dequantized tiles (benchmarks/m0e4_matmul.py measures the split)
 TILE_BYTES = 1 << 19  # scratch per tile: fits the L2 cache of the CPUs we run on
 PATHS = ("auto", "gemv", "tiles")
+ACTIVATIONS = ("float32", "int8")
+_ACTIVATIONS: ContextVar[str] = ContextVar("m0e4_activations", default="float32")
 _PATH: ContextVar[str] = ContextVar("m0e4_matmul_path", default="auto")
 _SOURCE = Path(__file__).resolve().parent / "csrc" / "m0e4_gemm.cpp"
 _CFLAGS = ["-O3", "-fopenmp", "-ffp-contract=fast"]  # no -march: the source picks its ISA per function
@@ -76,11 +79,13 @@ class _Kernel(LazyExtension):
             "the M0E4 CPU kernel library",
         )
         self.best = 0
+        self.vnni = False
         self.dtype: torch.dtype | None = None
         self.scratch: dict[torch.dtype, torch.Tensor] = {}
 
     def loaded(self, ops: Any) -> None:
         self.best = int(ops.best_isa())
+        self.vnni = bool(ops.has_vnni())
         _register_fakes()
 
 
@@ -97,6 +102,10 @@ def _register_fakes() -> None:
     @torch.library.register_fake("quintet_m0e4::permute_k")
     def _(x):
         return x.new_empty(x.shape, dtype=torch.float32)
+
+    @torch.library.register_fake("quintet_m0e4::gemv_q8")
+    def _(x, qweight, scales, offsets, group_size, code):
+        return x.new_empty(x.shape[0], qweight.shape[0], dtype=torch.float32)
 
     @torch.library.register_fake("quintet_m0e4::gemv_f32")
     def _(x, weight, code):
@@ -138,6 +147,21 @@ def matmul_path(path: str) -> Iterator[None]:
         yield
     finally:
         _PATH.reset(token)
+
+
+@contextlib.contextmanager
+def decode_activations(kind: str) -> Iterator[None]:
+    """The activations of the decode GEMV inside: "float32" (exact to float32 rounding, the default) or
+    "int8" (x quantized per block of 32 to int8 and integer dot products, as llama.cpp's Q4_0 / Q8_0
+    matmuls do: about 2x faster here, and the error of 8-bit activations). "int8" needs AVX-512 VNNI
+    and K a multiple of 128; elsewhere the float32 GEMV runs."""
+    if kind not in ACTIVATIONS:
+        raise ValueError(f"decode activations = {kind!r}: must be one of {', '.join(ACTIVATIONS)}")
+    token = _ACTIVATIONS.set(kind)
+    try:
+        yield
+    finally:
+        _ACTIVATIONS.reset(token)
 
 
 def gemv_max_rows() -> int:
@@ -256,7 +280,10 @@ def m0e4_matmul(
         code = ISAS.index(isa())
         rows = x2.shape[0]
         if path == "gemv" or (path == "auto" and rows <= GEMV_MAX_ROWS):
-            y = ops.gemv(x2, qweight, scales, offsets, group_size, code)
+            if _ACTIVATIONS.get() == "int8" and code == 2 and _kernel.vnni and x2.shape[-1] % 128 == 0:
+                y = ops.gemv_q8(x2, qweight, scales, offsets, group_size, code)
+            else:
+                y = ops.gemv(x2, qweight, scales, offsets, group_size, code)
         else:
             y = _tiles(ops, x2, qweight, scales, offsets, group_size, code)
     if bias is not None:

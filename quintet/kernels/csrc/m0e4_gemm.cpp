@@ -29,6 +29,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
@@ -437,6 +438,116 @@ QUINTET_AVX512 void dequant_rows_avx512(const Problem& p, int64_t r0, int64_t r1
 }
 #endif  // QUINTET_X86
 
+// ------------------------------------------------------------------------------------------ int8 activations
+// The llama.cpp trade, opt-in: x quantized to int8 per block of 32 (dx = max|x| / 127, xq = round(x / dx)),
+// then integer dot products of codes and xq. Per group g of a row,
+//     sum_k w_k x_k = S_g ((1 - c_g) sum_k x_k + (1/16) sum_k q_k x_k)
+// with sum_k x_k exact (float) and sum_k q_k x_k ~ sum over blocks b of dx_b * sum_k q_k xq_k (int32).
+// AVX-512 VNNI: `vpdpbusd` multiplies 64 codes (u8) by 64 xq (s8) and sums them by fours in one
+// instruction; for that xq is laid out per 128 codes as the 64 even positions, then the 64 odd, so that
+// the low nibbles of 64 bytes meet the even ones. Lane j of an int32 accumulator then holds codes
+// 8j .. 8j+7 of the 128: a block of 32 is four lanes.
+struct Q8Problem {
+  const int8_t* xq;     // (M, K) permuted per 128: even positions, then odd
+  const float* lane_dx; // (M, K / 8) dx / 16 of the block of each group of 8 codes
+  const float* xsum;    // (M, G) exact sums of x per group
+  const uint8_t* qw;
+  const at::Half* S;
+  const at::Half* C;
+  float* y;
+  int64_t M, N, K, gs;
+};
+
+void q8_row_params(const Q8Problem& p, int64_t n, float* s, float* off) {
+  const int64_t G = p.K / p.gs;
+  for (int64_t g = 0; g < G; ++g) {
+    const float sv = static_cast<float>(p.S[n * G + g]);
+    s[g] = sv;
+    off[g] = sv * (1.f - static_cast<float>(p.C[n * G + g]));
+  }
+}
+
+void gemv_q8_scalar(const Q8Problem& p, int64_t n0, int64_t n1) {
+  const int64_t G = p.K / p.gs;
+  std::vector<float> s(G), off(G);
+  for (int64_t n = n0; n < n1; ++n) {
+    q8_row_params(p, n, s.data(), off.data());
+    const uint8_t* row = p.qw + n * (p.K / 2);
+    for (int64_t m = 0; m < p.M; ++m) {
+      const int8_t* xq = p.xq + m * p.K;
+      float acc = 0.f;
+      for (int64_t c = 0; c < p.K / 128; ++c)
+        for (int j = 0; j < 16; ++j) {  // lane j: bytes 4j .. 4j+3 of the chunk, codes 8j .. 8j+7
+          int32_t isum = 0;
+          for (int t = 0; t < 4; ++t) {
+            const int64_t byte = c * 64 + 4 * j + t;
+            isum += (row[byte] & 0xF) * xq[c * 128 + 4 * j + t] + (row[byte] >> 4) * xq[c * 128 + 64 + 4 * j + t];
+          }
+          const int64_t g = (c * 128 + 8 * j) / p.gs;
+          acc += static_cast<float>(isum) * s[g] * p.lane_dx[m * (p.K / 8) + c * 16 + j];
+        }
+      for (int64_t g = 0; g < G; ++g) acc += off[g] * p.xsum[m * G + g];
+      p.y[m * p.N + n] = acc;
+    }
+  }
+}
+
+#if QUINTET_X86
+#define QUINTET_VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")))
+
+// Parameters straight from their float16 storage: n halves from p (n <= 16), as floats, the rest zero.
+QUINTET_VNNI inline __m512 load_halves(const at::Half* p, int64_t n) {
+  const __mmask16 m = static_cast<__mmask16>((1u << n) - 1u);
+  return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, p));
+}
+
+template <int NR>
+QUINTET_VNNI void gemv_q8_rows_vnni(const Q8Problem& p, int64_t n, int64_t m, __m512i lane_group, int64_t gpc) {
+  const int64_t G = p.K / p.gs, chunks = p.K / 128;
+  const __m512i low = _mm512_set1_epi8(0x0F);
+  const int8_t* xq = p.xq + m * p.K;
+  const float* ldx = p.lane_dx + m * (p.K / 8);
+  __m512 acc[NR];
+  for (int r = 0; r < NR; ++r) acc[r] = _mm512_setzero_ps();
+  for (int64_t c = 0; c < chunks; ++c) {
+    const __m512i xe = _mm512_loadu_si512(xq + c * 128), xo = _mm512_loadu_si512(xq + c * 128 + 64);
+    const __m512 dx = _mm512_loadu_ps(ldx + c * 16);
+#pragma GCC unroll 4
+    for (int r = 0; r < NR; ++r) {
+      const __m512i v = _mm512_loadu_si512(p.qw + (n + r) * (p.K / 2) + c * 64);
+      __m512i isum = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_and_si512(v, low), xe);
+      isum = _mm512_dpbusd_epi32(isum, _mm512_and_si512(_mm512_srli_epi16(v, 4), low), xo);
+      const __m512 sl = _mm512_permutexvar_ps(lane_group, load_halves(p.S + (n + r) * G + c * gpc, gpc));
+      acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), _mm512_mul_ps(sl, dx), acc[r]);
+    }
+  }
+  const float* xs = p.xsum + m * G;
+#pragma GCC unroll 4
+  for (int r = 0; r < NR; ++r) {  // + sum_g S_g (1 - c_g) xsum_g, sixteen groups at a time
+    for (int64_t g = 0; g < G; g += 16) {
+      const int64_t k = std::min<int64_t>(16, G - g);
+      const __m512 sv = load_halves(p.S + (n + r) * G + g, k), cv = load_halves(p.C + (n + r) * G + g, k);
+      const __m512 xv = _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << k) - 1u), xs + g);
+      acc[r] = _mm512_fmadd_ps(_mm512_sub_ps(sv, _mm512_mul_ps(sv, cv)), xv, acc[r]);
+    }
+    p.y[m * p.N + n + r] = _mm512_reduce_add_ps(acc[r]);
+  }
+}
+
+QUINTET_VNNI void gemv_q8_vnni(const Q8Problem& p, int64_t n0, int64_t n1) {
+  const int per = static_cast<int>(p.gs / 8);  // lanes (8 codes each) per group
+  alignas(64) int32_t idx[16];
+  for (int j = 0; j < 16; ++j) idx[j] = j / per;
+  const __m512i lane_group = _mm512_load_si512(idx);
+  const int64_t gpc = 128 / p.gs;  // groups per chunk of 128 codes
+  for (int64_t m = 0; m < p.M; ++m) {
+    int64_t n = n0;
+    for (; n + 4 <= n1; n += 4) gemv_q8_rows_vnni<4>(p, n, m, lane_group, gpc);
+    for (; n < n1; ++n) gemv_q8_rows_vnni<1>(p, n, m, lane_group, gpc);
+  }
+}
+#endif  // QUINTET_X86
+
 // ------------------------------------------------------------------------------------------ float GEMV
 // y (M, N) = x (M, K) W^T for a float32 W (N, K), M small: one row of W at a time, streamed once for all
 // rows of x (in blocks of up to four), with several accumulators per row of x. One sequential stream is
@@ -654,6 +765,65 @@ at::Tensor gemv_f32(const at::Tensor& x_in, const at::Tensor& w, int64_t isa) {
   return y;
 }
 
+bool cpu_has_vnni() {
+#if QUINTET_X86
+  __builtin_cpu_init();
+  return cpu_isa() == kAvx512 && __builtin_cpu_supports("avx512vnni");
+#else
+  return false;
+#endif
+}
+
+// x (M, K) -> int8 per block of 32, permuted per 128 (even positions, then odd); lane_dx (M, K/8): the
+// block's dx / 16 for each group of 8 codes; xsum (M, G): exact sums per weight group.
+at::Tensor gemv_q8(const at::Tensor& x_in, const at::Tensor& qw, const at::Tensor& S, const at::Tensor& C,
+                   int64_t gs, int64_t isa) {
+  check_weights(qw, S, C, gs);
+  const at::Tensor x = x_in.to(at::kFloat).contiguous();
+  const int64_t M = x.size(0), K = qw.size(1) * 2, N = qw.size(0), G = K / gs;
+  TORCH_CHECK(x.dim() == 2 && x.size(1) == K, "m0e4 gemv_q8: x must be (M, ", K, "), got ", x.sizes());
+  TORCH_CHECK(K % 128 == 0, "m0e4 gemv_q8: K = ", K, " must be a multiple of 128");
+  at::Tensor xq = at::empty({M, K}, x.options().dtype(at::kChar));
+  at::Tensor lane_dx = at::empty({M, K / 8}, x.options());
+  at::Tensor xsum = at::empty({M, G}, x.options());
+  at::Tensor y = at::empty({M, N}, x.options());
+  const float* xs = x.data_ptr<float>();
+  int8_t* q = xq.data_ptr<int8_t>();
+  float* ld = lane_dx.data_ptr<float>();
+  float* sums = xsum.data_ptr<float>();
+  for (int64_t m = 0; m < M; ++m) {
+    const float* xr = xs + m * K;
+    for (int64_t g = 0; g < G; ++g) {
+      float t = 0.f;
+      for (int64_t k = g * gs; k < (g + 1) * gs; ++k) t += xr[k];
+      sums[m * G + g] = t;
+    }
+    for (int64_t b = 0; b < K / 32; ++b) {
+      float amax = 0.f;
+      for (int k = 0; k < 32; ++k) amax = std::max(amax, std::abs(xr[b * 32 + k]));
+      const float dx = amax / 127.f, inv = amax > 0.f ? 127.f / amax : 0.f;
+      for (int k = 0; k < 32; ++k) {
+        const int64_t pos = b * 32 + k, chunk = pos / 128, within = pos % 128;
+        const int64_t dst = chunk * 128 + (within % 2) * 64 + within / 2;
+        q[m * K + dst] = static_cast<int8_t>(std::nearbyint(xr[pos] * inv));
+      }
+      for (int j = 0; j < 4; ++j) ld[m * (K / 8) + b * 4 + j] = dx / 16.f;
+    }
+  }
+  Q8Problem p{q, ld, sums, qw.data_ptr<uint8_t>(), S.data_ptr<at::Half>(), C.data_ptr<at::Half>(),
+              y.data_ptr<float>(), M, N, K, gs};
+  if (M == 0 || N == 0) return y;
+  const bool vnni = resolve_isa(isa) == kAvx512 && cpu_has_vnni();
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, K * M));
+  at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
+#if QUINTET_X86
+    if (vnni) return gemv_q8_vnni(p, n0, n1);
+#endif
+    gemv_q8_scalar(p, n0, n1);
+  });
+  return y;
+}
+
 int64_t best_isa() { return cpu_isa(); }
 
 }  // namespace
@@ -665,6 +835,8 @@ TORCH_LIBRARY(quintet_m0e4, m) {
       "int isa) -> ()");
   m.def("permute_k(Tensor x) -> Tensor");
   m.def("gemv_f32(Tensor x, Tensor weight, int isa) -> Tensor");
+  m.def("gemv_q8(Tensor x, Tensor qweight, Tensor scales, Tensor offsets, int group_size, int isa) -> Tensor");
+  m.def("has_vnni() -> bool", &cpu_has_vnni);
   m.def("best_isa() -> int", &best_isa);
 }
 
@@ -673,4 +845,5 @@ TORCH_LIBRARY_IMPL(quintet_m0e4, CPU, m) {
   m.impl("dequantize_rows", &dequantize_rows);
   m.impl("permute_k", &permute_k);
   m.impl("gemv_f32", &gemv_f32);
+  m.impl("gemv_q8", &gemv_q8);
 }
