@@ -176,3 +176,24 @@ def test_int8_activations_only_when_asked():
     torch.testing.assert_close(approx, exact, rtol=0.05, atol=0.05 * float(exact.abs().max()))
     with pytest.raises(ValueError, match="must be one of float32, int8"), m0e4_cpu.decode_activations("int4"):
         pass
+
+
+def test_fused_swiglu_gemv_equals_the_three_ops(monkeypatch):
+    monkeypatch.setenv(m0e4_cpu.DTYPE_ENV, "float32")  # the unfused tiles, exact too
+    from quintet.deploy.fusions import FusedSwiGLU
+    from quintet.deploy.qlinear import M0E4Linear
+
+    def lin(n, k):
+        return M0E4Linear.from_quantized(quantize_rtn(torch.randn(n, k), 64))
+
+    ff = FusedSwiGLU(lin(256, 128), lin(256, 128), lin(128, 256))
+    x = torch.randn(3, 128)
+    w_gu, w_down = ff.gate_up_proj.dequantized_weight(), ff.down_proj.dequantized_weight()
+    gate, up = (x @ w_gu.t()).split(256, dim=-1)
+    want = (torch.nn.functional.silu(gate) * up) @ w_down.t()
+    with torch.inference_mode(), m0e4_cpu.matmul_path("gemv"):
+        got = ff(x)
+    tol = 1e-5 * float(want.abs().max())
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=tol)
+    with torch.inference_mode(), m0e4_cpu.matmul_path("tiles"):  # the unfused ops
+        torch.testing.assert_close(ff(x), want, rtol=1e-5, atol=tol)

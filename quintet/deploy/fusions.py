@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from quintet.deploy.qlinear import M0E4Linear
-from quintet.kernels.m0e4_cpu import float_linear
+from quintet.kernels.m0e4_cpu import float_linear, swiglu_gemv
 
 
 class EngineLinear(nn.Module):
@@ -95,5 +95,9 @@ class FusedSwiGLU(nn.Module):
         self.down_proj = down_proj
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if isinstance(self.gate_up_proj, M0E4Linear) and isinstance(self.down_proj, M0E4Linear):
+            y = swiglu_gemv(x, self.gate_up_proj, self.down_proj)  # decode: one kernel call
+            if y is not None:
+                return y
         gate, up = self.gate_up_proj(x).split(self.intermediate, dim=-1)
         return self.down_proj(F.silu(gate) * up)

@@ -47,6 +47,7 @@ __all__ = [
     "matmul_path",
     "float_linear",
     "decode_activations",
+    "swiglu_gemv",
 ]
 
 DISABLE_ENV = "QUINTET_DISABLE_M0E4_KERNEL"
@@ -80,6 +81,7 @@ class _Kernel(LazyExtension):
         )
         self.best = 0
         self.vnni = False
+        self.codes: dict[str, int] = {}  # QUINTET_M0E4_ISA's value -> the kernel's isa code
         self.dtype: torch.dtype | None = None
         self.scratch: dict[torch.dtype, torch.Tensor] = {}
 
@@ -106,6 +108,10 @@ def _register_fakes() -> None:
     @torch.library.register_fake("quintet_m0e4::gemv_q8")
     def _(x, qweight, scales, offsets, group_size, code):
         return x.new_empty(x.shape[0], qweight.shape[0], dtype=torch.float32)
+
+    @torch.library.register_fake("quintet_m0e4::swiglu_gemv")
+    def _(x, gu_q, gu_s, gu_o, dn_q, dn_s, dn_o, group_size, code, int8):
+        return x.new_empty(x.shape[0], dn_q.shape[0], dtype=torch.float32)
 
     @torch.library.register_fake("quintet_m0e4::gemv_f32")
     def _(x, weight, code):
@@ -254,6 +260,15 @@ def _tiles(
     return out if dtype == torch.float32 else out.float()
 
 
+def _isa_code() -> int:
+    """`isa()` as the kernel's code, with the environment read once per distinct value."""
+    wanted = os.environ.get(ISA_ENV, "")
+    code = _kernel.codes.get(wanted)
+    if code is None:
+        code = _kernel.codes[wanted] = ISAS.index(isa())
+    return code
+
+
 def m0e4_matmul(
     x: torch.Tensor,
     qweight: torch.Tensor,
@@ -270,17 +285,16 @@ def m0e4_matmul(
     if path not in PATHS:
         raise ValueError(f"path = {path!r}: must be one of {', '.join(PATHS)}")
     shape = x.shape
-    x2 = x.reshape(-1, shape[-1])
+    x2 = x if x.dim() == 2 else x.reshape(-1, shape[-1])
     ops = _kernel.get() if x.device.type == "cpu" else None
     if ops is None or (x.requires_grad and torch.is_grad_enabled()):
         if ops is None and x.device.type == "cpu":
             _kernel.warn_fallback("FP4 matmuls dequantize tiles in PyTorch instead (slower)")
         y = _fallback(x2, qweight, scales, offsets, group_size)  # differentiable in x
     else:
-        code = ISAS.index(isa())
-        rows = x2.shape[0]
-        if path == "gemv" or (path == "auto" and rows <= GEMV_MAX_ROWS):
-            if _ACTIVATIONS.get() == "int8" and code == 2 and _kernel.vnni and x2.shape[-1] % 128 == 0:
+        code = _isa_code()
+        if path == "gemv" or (path == "auto" and x2.shape[0] <= GEMV_MAX_ROWS):
+            if code == 2 and _kernel.vnni and _ACTIVATIONS.get() == "int8" and shape[-1] % 128 == 0:
                 y = ops.gemv_q8(x2, qweight, scales, offsets, group_size, code)
             else:
                 y = ops.gemv(x2, qweight, scales, offsets, group_size, code)
@@ -288,6 +302,33 @@ def m0e4_matmul(
             y = _tiles(ops, x2, qweight, scales, offsets, group_size, code)
     if bias is not None:
         y = y + bias
+    if y.dtype != x.dtype:
+        y = y.to(x.dtype)
+    return y if x.dim() == 2 else y.view(*shape[:-1], y.shape[-1])
+
+
+def swiglu_gemv(x: torch.Tensor, gate_up, down) -> torch.Tensor | None:
+    """`down(silu(a) * b)`, `[a | b] = gate_up(x)`, for two bias-free `M0E4Linear`s in one kernel call,
+    where the step runs the GEMV (`matmul_path` "gemv") and the kernels are loaded; else None (the caller
+    runs the three ops)."""
+    if (
+        _PATH.get() != "gemv"
+        or gate_up.bias is not None
+        or down.bias is not None
+        or gate_up.group_size != down.group_size
+        or x.device.type != "cpu"
+        or (x.requires_grad and torch.is_grad_enabled())
+    ):
+        return None
+    ops = _kernel.get()
+    if ops is None:
+        return None
+    shape = x.shape
+    int8 = _ACTIVATIONS.get() == "int8"
+    y = ops.swiglu_gemv(
+        x.reshape(-1, shape[-1]), gate_up.qweight, gate_up.scales, gate_up.offsets,
+        down.qweight, down.scales, down.offsets, down.group_size, _isa_code(), int8,
+    )  # fmt: skip
     if y.dtype != x.dtype:
         y = y.to(x.dtype)
     return y.view(*shape[:-1], y.shape[-1])
@@ -313,7 +354,7 @@ def float_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     ops = _kernel.get()
     if ops is None:
         return F.linear(x, weight, bias)
-    y = ops.gemv_f32(x.reshape(-1, shape[-1]), weight, ISAS.index(isa()))
+    y = ops.gemv_f32(x.reshape(-1, shape[-1]), weight, _isa_code())
     if bias is not None:
         y = y + bias
     return y.view(*shape[:-1], weight.shape[0])

@@ -50,7 +50,7 @@ constexpr int kChunk = 32;               // codes per 16-byte chunk, the unit of
 
 enum Isa : int64_t { kScalar = 0, kAvx2 = 1, kAvx512 = 2 };
 
-int64_t cpu_isa() {
+int64_t detect_isa() {
 #if QUINTET_X86
   __builtin_cpu_init();
   if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
@@ -60,6 +60,11 @@ int64_t cpu_isa() {
     return kAvx2;
 #endif
   return kScalar;
+}
+
+int64_t cpu_isa() {
+  static const int64_t isa = detect_isa();  // once per process
+  return isa;
 }
 
 inline float code_to_float(uint32_t q) {
@@ -689,26 +694,46 @@ Problem make_problem(const at::Tensor& qw, const at::Tensor& S, const at::Tensor
   return p;
 }
 
-at::Tensor gemv(const at::Tensor& x, const at::Tensor& qw, const at::Tensor& S, const at::Tensor& C, int64_t gs,
+// x (M, K) in the permuted K order, into a per-thread buffer reused across calls (decode calls are small:
+// an allocation and a parallel loop would cost more than the permutation).
+const float* permuted(const at::Tensor& x) {
+  thread_local std::vector<float> buf;
+  const int64_t M = x.size(0), K = x.size(1);
+  buf.resize(static_cast<size_t>(M * K));
+  const float* src = x.data_ptr<float>();
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t b = 0; b < K; b += kChunk)
+      for (int i = 0; i < 16; ++i) {
+        buf[m * K + b + i] = src[m * K + b + 2 * i];
+        buf[m * K + b + 16 + i] = src[m * K + b + 2 * i + 1];
+      }
+  return buf.data();
+}
+
+at::Tensor gemv(const at::Tensor& x_in, const at::Tensor& qw, const at::Tensor& S, const at::Tensor& C, int64_t gs,
                 int64_t isa) {
   check_weights(qw, S, C, gs);
   Problem p = make_problem(qw, S, C, gs);
-  TORCH_CHECK(x.dim() == 2 && x.size(1) == p.K, "m0e4 gemv: x must be (M, ", p.K, "), got ", x.sizes());
-  const at::Tensor xp = permute_k(x);
-  at::Tensor y = at::empty({x.size(0), p.N}, x.options().dtype(at::kFloat));
+  TORCH_CHECK(x_in.dim() == 2 && x_in.size(1) == p.K, "m0e4 gemv: x must be (M, ", p.K, "), got ", x_in.sizes());
+  const at::Tensor x = x_in.scalar_type() == at::kFloat && x_in.is_contiguous() ? x_in : x_in.to(at::kFloat).contiguous();
+  at::Tensor y = at::empty({x.size(0), p.N}, x.options());
   p.M = x.size(0);
-  p.xp = xp.data_ptr<float>();
   p.y = y.data_ptr<float>();
   if (p.M == 0 || p.N == 0) return y;
+  p.xp = permuted(x);
   const int64_t which = resolve_isa(isa);
-  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, p.K * p.M));
-  at::parallel_for(0, p.N, grain, [&](int64_t n0, int64_t n1) {
+  auto rows = [&](int64_t n0, int64_t n1) {
 #if QUINTET_X86
     if (which == kAvx512) return gemv_rows_avx512(p, n0, n1);
     if (which == kAvx2) return gemv_rows_avx2(p, n0, n1);
 #endif
     gemv_rows_scalar(p, n0, n1);
-  });
+  };
+  if (at::get_num_threads() == 1) {
+    rows(0, p.N);
+  } else {  // the workers read the caller's buffer: it outlives the loop
+    at::parallel_for(0, p.N, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, p.K * p.M)), rows);
+  }
   return y;
 }
 
@@ -824,6 +849,28 @@ at::Tensor gemv_q8(const at::Tensor& x_in, const at::Tensor& qw, const at::Tenso
   return y;
 }
 
+// down(silu(a) * b) with [a | b] = gate_up(x), both weights in M0E4: the decode step's SwiGLU in one call.
+at::Tensor swiglu_gemv(const at::Tensor& x, const at::Tensor& gu_q, const at::Tensor& gu_s, const at::Tensor& gu_o,
+                       const at::Tensor& dn_q, const at::Tensor& dn_s, const at::Tensor& dn_o, int64_t gs,
+                       int64_t isa, bool int8) {
+  const int64_t inter = gu_q.size(0) / 2;
+  TORCH_CHECK(gu_q.size(0) % 2 == 0 && dn_q.size(1) * 2 == inter,
+              "m0e4 swiglu_gemv: gate_up must have 2 I rows and down I inputs, got ", gu_q.sizes(), " and ",
+              dn_q.sizes());
+  const bool q8_up = int8 && x.size(1) % 128 == 0 && cpu_has_vnni() && resolve_isa(isa) == kAvx512;
+  const at::Tensor h = q8_up ? gemv_q8(x, gu_q, gu_s, gu_o, gs, isa) : gemv(x, gu_q, gu_s, gu_o, gs, isa);
+  at::Tensor act = at::empty({x.size(0), inter}, h.options());
+  const float* hp = h.data_ptr<float>();
+  float* ap = act.data_ptr<float>();
+  for (int64_t m = 0; m < x.size(0); ++m)
+    for (int64_t i = 0; i < inter; ++i) {
+      const float a = hp[m * 2 * inter + i], b = hp[m * 2 * inter + inter + i];
+      ap[m * inter + i] = a / (1.f + std::exp(-a)) * b;
+    }
+  const bool q8_down = int8 && inter % 128 == 0 && cpu_has_vnni() && resolve_isa(isa) == kAvx512;
+  return q8_down ? gemv_q8(act, dn_q, dn_s, dn_o, gs, isa) : gemv(act, dn_q, dn_s, dn_o, gs, isa);
+}
+
 int64_t best_isa() { return cpu_isa(); }
 
 }  // namespace
@@ -837,6 +884,9 @@ TORCH_LIBRARY(quintet_m0e4, m) {
   m.def("gemv_f32(Tensor x, Tensor weight, int isa) -> Tensor");
   m.def("gemv_q8(Tensor x, Tensor qweight, Tensor scales, Tensor offsets, int group_size, int isa) -> Tensor");
   m.def("has_vnni() -> bool", &cpu_has_vnni);
+  m.def(
+      "swiglu_gemv(Tensor x, Tensor gu_q, Tensor gu_s, Tensor gu_o, Tensor dn_q, Tensor dn_s, Tensor dn_o, "
+      "int group_size, int isa, bool int8) -> Tensor");
   m.def("best_isa() -> int", &best_isa);
 }
 
@@ -846,4 +896,5 @@ TORCH_LIBRARY_IMPL(quintet_m0e4, CPU, m) {
   m.impl("permute_k", &permute_k);
   m.impl("gemv_f32", &gemv_f32);
   m.impl("gemv_q8", &gemv_q8);
+  m.impl("swiglu_gemv", &swiglu_gemv);
 }
