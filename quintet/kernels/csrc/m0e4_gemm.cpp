@@ -378,7 +378,10 @@ QUINTET_AVX512 void gemv_rows_x1_avx512(const Problem& p, int64_t n0, int64_t n1
   constexpr int NR = 4;
   const int64_t G = p.K / p.gs;
   int64_t n = n0;
+  const int64_t block = NR * (p.K / 2);
   for (; n + NR <= n1; n += NR) {
+    const char* ahead = reinterpret_cast<const char*>(p.qw + (n + 2 * NR) * (p.K / 2));
+    for (int64_t b = 0; b < block; b += 64) _mm_prefetch(ahead + b, _MM_HINT_T0);  // as in gemv_q8_vnni
     for (int r = 0; r < NR; ++r) row_params_f16c(p, n + r, s + r * G, ncs + r * G);
     gemv_x1_avx512<CH, NR>(p, n, s, ncs);
   }
@@ -547,7 +550,14 @@ QUINTET_VNNI void gemv_q8_vnni(const Q8Problem& p, int64_t n0, int64_t n1) {
   const int64_t gpc = 128 / p.gs;  // groups per chunk of 128 codes
   for (int64_t m = 0; m < p.M; ++m) {
     int64_t n = n0;
-    for (; n + 4 <= n1; n += 4) gemv_q8_rows_vnni<4>(p, n, m, lane_group, gpc);
+    const int64_t block = 4 * (p.K / 2);  // bytes of four rows
+    for (; n + 4 <= n1; n += 4) {
+      // the hardware prefetcher alone leaves one core's loads waiting on memory here (9 GB/s against 20
+      // from cache): ask for the rows two blocks ahead (a prefetch past the end is harmless)
+      const char* ahead = reinterpret_cast<const char*>(p.qw + (n + 8) * (p.K / 2));
+      for (int64_t b = 0; b < block; b += 64) _mm_prefetch(ahead + b, _MM_HINT_T0);
+      gemv_q8_rows_vnni<4>(p, n, m, lane_group, gpc);
+    }
     for (; n < n1; ++n) gemv_q8_rows_vnni<1>(p, n, m, lane_group, gpc);
   }
 }
