@@ -252,7 +252,7 @@ class EngineMamba(nn.Module):
                 y, new_conv, new_state = fused_scan.mamba_mixer_step_fused(
                     xz.float(), conv_state.float(), self.conv_w, self.conv_b, self.x_proj_w,
                     self.dt_norm_w, self.b_norm_w, self.c_norm_w, self.eps[0], self.dt_w, self.dt_bias,
-                    self.A_log, self.D, ssm_state,
+                    self.A_log, self.D, ssm_state, A=self.A,
                 )  # fmt: skip
                 cache.set_mamba_state(self.layer_idx, new_conv.to(conv_state.dtype), new_state)
                 return m.out_proj(y.to(xz.dtype)).unsqueeze(1)

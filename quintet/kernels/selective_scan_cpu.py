@@ -295,8 +295,11 @@ def mamba_mixer_step_fused(
     A_log: torch.Tensor,
     D: torch.Tensor | None,
     ssm_state: torch.Tensor,
+    A: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """A Jamba Mamba mixer's work for one token between `in_proj` and `out_proj`, in one kernel call.
+
+    `A`: -exp(A_log), if the caller keeps it (an engine computes it once; else it is computed here).
 
     xz (b, 2 d) is in_proj's output; conv_state (b, d, d_conv - 1) and ssm_state (b, d, n) are the
     cached states (not modified). Returns `(y, new_conv_state, new_ssm_state)`, y (b, d) gated by
@@ -312,8 +315,8 @@ def mamba_mixer_step_fused(
     ops.mixer_step(
         xz.contiguous(), conv_state.contiguous(), conv_weight.reshape(d, -1).contiguous(), conv_bias,
         x_proj_weight.contiguous(), dt_norm_weight, b_norm_weight, c_norm_weight, float(eps),
-        dt_proj_weight.contiguous(), dt_bias, A_log.contiguous(), D, ssm_state.contiguous(),
-        y, new_conv, new_ssm,
+        dt_proj_weight.contiguous(), dt_bias, (-torch.exp(A_log) if A is None else A).contiguous(), D,
+        ssm_state.contiguous(), y, new_conv, new_ssm,
     )  # fmt: skip
     return y, new_conv, new_ssm
 

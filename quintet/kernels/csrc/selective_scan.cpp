@@ -770,7 +770,8 @@ void state_update(const at::Tensor& state, const at::Tensor& u, const at::Tensor
 //   y, h = step(h, x, delta, A = -exp(A_log), B, C, D, z, dt_bias)
 // At batch 1 the time of a decoded token is the time to read the weights, and these ops' fixed costs were
 // a quarter of it (docs/kernels.md). Shapes: xz (b, 2d); conv_state (b, d, K-1); conv_w (d, K);
-// x_proj_w (R + 2n, d); dt_proj_w (d, R); norm weights (R), (n), (n); A_log (d, n); ssm_state (b, d, n).
+// x_proj_w (R + 2n, d); dt_proj_w (d, R); norm weights (R), (n), (n); A = -exp(A_log) (d, n), computed once
+// by the caller; ssm_state (b, d, n).
 
 template <typename T>
 inline T dot(const T* __restrict__ a, const T* __restrict__ b, int64_t len) {
@@ -790,14 +791,12 @@ inline void rms_norm_inplace(T* v, const T* w, int64_t len, T eps) {
 template <typename T>
 void mixer_step_impl(const T* xz, const T* conv_state, const T* conv_w, const T* conv_b, const T* x_proj_w,
                      const T* dt_norm_w, const T* b_norm_w, const T* c_norm_w, T eps, const T* dt_proj_w,
-                     const T* dt_bias, const T* A_log, const T* D, const T* ssm_state, int64_t batch, int64_t d,
+                     const T* dt_bias, const T* A, const T* D, const T* ssm_state, int64_t batch, int64_t d,
                      int64_t K, int64_t R, int64_t n, T* y, T* new_conv_state, T* new_ssm_state) {
   const int64_t P = R + 2 * n, W = K - 1;
   std::vector<T> xc(static_cast<size_t>(batch * d)), delta(static_cast<size_t>(batch * d));
   std::vector<T> Bn(static_cast<size_t>(batch * n)), Cn(static_cast<size_t>(batch * n));
-  std::vector<T> A(static_cast<size_t>(d * n)), proj(static_cast<size_t>(P));
-#pragma omp simd
-  for (int64_t i = 0; i < d * n; ++i) A[i] = -fexp(A_log[i]);
+  std::vector<T> proj(static_cast<size_t>(P));
   for (int64_t bi = 0; bi < batch; ++bi) {
     const T* x = xz + bi * 2 * d;
     const T* cs = conv_state + bi * d * W;
@@ -824,21 +823,21 @@ void mixer_step_impl(const T* xz, const T* conv_state, const T* conv_w, const T*
   }
   const Seq<T> u2{xc.data(), d, 1, 0}, delta2{delta.data(), d, 1, 0}, z2{xz + d, 2 * d, 1, 0};
   auto fn = n == 16 ? step_impl<T, 16> : step_impl<T, 0>;
-  fn(ssm_state, u2, delta2, z2, A.data(), Bn.data(), Cn.data(), D, dt_bias, true, batch, d, n, y, new_ssm_state);
+  fn(ssm_state, u2, delta2, z2, A, Bn.data(), Cn.data(), D, dt_bias, true, batch, d, n, y, new_ssm_state);
 }
 
 void mixer_step(const at::Tensor& xz, const at::Tensor& conv_state, const at::Tensor& conv_w,
                 const std::optional<at::Tensor>& conv_b, const at::Tensor& x_proj_w, const at::Tensor& dt_norm_w,
                 const at::Tensor& b_norm_w, const at::Tensor& c_norm_w, double eps, const at::Tensor& dt_proj_w,
-                const at::Tensor& dt_bias, const at::Tensor& A_log, const std::optional<at::Tensor>& D,
+                const at::Tensor& dt_bias, const at::Tensor& A, const std::optional<at::Tensor>& D,
                 const at::Tensor& ssm_state, const at::Tensor& y, const at::Tensor& new_conv_state,
                 const at::Tensor& new_ssm_state) {
   const auto dtype = xz.scalar_type();
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble, "quintet_scan: float32 or float64 only, got ", dtype);
   TORCH_CHECK(xz.dim() == 2 && xz.size(1) % 2 == 0, "quintet_scan: xz must be (b, 2 d), got ", xz.sizes());
-  TORCH_CHECK(conv_w.dim() == 2 && x_proj_w.dim() == 2 && A_log.dim() == 2,
-              "quintet_scan: conv_w, x_proj_w and A_log must be 2-D");
-  const int64_t b = xz.size(0), d = xz.size(1) / 2, K = conv_w.size(1), n = A_log.size(1);
+  TORCH_CHECK(conv_w.dim() == 2 && x_proj_w.dim() == 2 && A.dim() == 2,
+              "quintet_scan: conv_w, x_proj_w and A must be 2-D");
+  const int64_t b = xz.size(0), d = xz.size(1) / 2, K = conv_w.size(1), n = A.size(1);
   const int64_t R = x_proj_w.size(0) - 2 * n;
   TORCH_CHECK(K >= 1 && R >= 1, "quintet_scan: need d_conv >= 1 and dt_rank >= 1");
   check_contiguous(xz, "xz", dtype, {b, 2 * d});
@@ -851,7 +850,7 @@ void mixer_step(const at::Tensor& xz, const at::Tensor& conv_state, const at::Te
   check_contiguous(c_norm_w, "c_norm_w", dtype, {n});
   check_contiguous(dt_proj_w, "dt_proj_w", dtype, {d, R});
   check_contiguous(dt_bias, "dt_bias", dtype, {d});
-  check_contiguous(A_log, "A_log", dtype, {d, n});
+  check_contiguous(A, "A", dtype, {d, n});
   if (D.has_value() && D->defined()) check_contiguous(*D, "D", dtype, {d});
   check_contiguous(ssm_state, "ssm_state", dtype, {b, d, n});
   check_contiguous(y, "y", dtype, {b, d});
@@ -862,7 +861,7 @@ void mixer_step(const at::Tensor& xz, const at::Tensor& conv_state, const at::Te
     mixer_step_impl<T>(xz.data_ptr<T>(), conv_state.data_ptr<T>(), conv_w.data_ptr<T>(), opt_ptr<T>(conv_b),
                        x_proj_w.data_ptr<T>(), dt_norm_w.data_ptr<T>(), b_norm_w.data_ptr<T>(),
                        c_norm_w.data_ptr<T>(), static_cast<T>(eps), dt_proj_w.data_ptr<T>(), dt_bias.data_ptr<T>(),
-                       A_log.data_ptr<T>(), opt_ptr<T>(D), ssm_state.data_ptr<T>(), b, d, K, R, n, y.data_ptr<T>(),
+                       A.data_ptr<T>(), opt_ptr<T>(D), ssm_state.data_ptr<T>(), b, d, K, R, n, y.data_ptr<T>(),
                        new_conv_state.data_ptr<T>(), new_ssm_state.data_ptr<T>());
   };
   if (dtype == at::kFloat) {
@@ -975,7 +974,7 @@ TORCH_LIBRARY(quintet_scan, m) {
       &state_update);
   m.def(
       "mixer_step(Tensor xz, Tensor conv_state, Tensor conv_w, Tensor? conv_b, Tensor x_proj_w, Tensor dt_norm_w, "
-      "Tensor b_norm_w, Tensor c_norm_w, float eps, Tensor dt_proj_w, Tensor dt_bias, Tensor A_log, Tensor? D, "
+      "Tensor b_norm_w, Tensor c_norm_w, float eps, Tensor dt_proj_w, Tensor dt_bias, Tensor A, Tensor? D, "
       "Tensor ssm_state, Tensor(a!) y, Tensor(b!) new_conv_state, Tensor(c!) new_ssm_state) -> ()",
       &mixer_step);
   m.def(
