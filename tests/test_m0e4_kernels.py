@@ -197,3 +197,16 @@ def test_fused_swiglu_gemv_equals_the_three_ops(monkeypatch):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=tol)
     with torch.inference_mode(), m0e4_cpu.matmul_path("tiles"):  # the unfused ops
         torch.testing.assert_close(ff(x), want, rtol=1e-5, atol=tol)
+
+
+def test_fused_add_rms_norm_equals_pytorch():
+    x, h, w = torch.randn(3, 1, 96), torch.randn(3, 1, 96), torch.randn(96)
+    with torch.inference_mode(), m0e4_cpu.matmul_path("gemv"):
+        total, normed = m0e4_cpu.fused_add_rms_norm(x, h, w, 1e-6)
+        same, alone = m0e4_cpu.fused_add_rms_norm(x, None, w, 1e-6)
+    torch.testing.assert_close(total, x + h)
+    torch.testing.assert_close(normed, torch.nn.functional.rms_norm(x + h, (96,), w, 1e-6))
+    assert same is x
+    torch.testing.assert_close(alone, torch.nn.functional.rms_norm(x, (96,), w, 1e-6))
+    with m0e4_cpu.matmul_path("tiles"):  # outside a decode step PyTorch's kernel runs
+        assert m0e4_cpu.fused_add_rms_norm(x, h, w, 1e-6) is None

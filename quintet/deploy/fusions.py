@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from quintet.deploy.qlinear import M0E4Linear
-from quintet.kernels.m0e4_cpu import float_linear, swiglu_gemv
+from quintet.kernels.m0e4_cpu import float_linear, fused_add_rms_norm, swiglu_gemv
 
 
 class EngineLinear(nn.Module):
@@ -41,11 +41,15 @@ def use_engine_linears(model: nn.Module) -> None:
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMSNorm, `weight * (x / sqrt(mean(x^2) + eps))`, by PyTorch's native kernel in one call.
+    """RMSNorm, `weight * (x / sqrt(mean(x^2) + eps))`: one call of quintet's kernel for decode-sized
+    float32 inputs, else PyTorch's native kernel.
 
-    The kernel accumulates in float32 whatever the input's dtype and applies the weight before rounding
-    to it (Jamba's eager RMSNorm rounds the normalised x first, then multiplies): identical in float32,
-    within one rounding in bfloat16."""
+    Both accumulate in float32 or better whatever the input's dtype and apply the weight before rounding
+    to it (Jamba's eager RMSNorm rounds the normalised x first, then multiplies): identical in float32
+    up to rounding, within one rounding in bfloat16."""
+    fused = fused_add_rms_norm(x, None, weight, eps)
+    if fused is not None:
+        return fused[1]
     return F.rms_norm(x, (x.shape[-1],), weight if weight.dtype == x.dtype else weight.to(x.dtype), eps)
 
 
@@ -53,6 +57,9 @@ def add_rms_norm(
     x: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(x + h, rmsnorm(x + h)): the residual add and the next layer norm in one call."""
+    fused = fused_add_rms_norm(x, h, weight, eps)
+    if fused is not None:
+        return fused
     x = x + h
     return x, rms_norm(x, weight, eps)
 

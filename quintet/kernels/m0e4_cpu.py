@@ -48,6 +48,7 @@ __all__ = [
     "float_linear",
     "decode_activations",
     "swiglu_gemv",
+    "fused_add_rms_norm",
 ]
 
 DISABLE_ENV = "QUINTET_DISABLE_M0E4_KERNEL"
@@ -113,6 +114,10 @@ def _register_fakes() -> None:
     @torch.library.register_fake("quintet_m0e4::swiglu_gemv")
     def _(x, gu_q, gu_s, gu_o, dn_q, dn_s, dn_o, group_size, code, int8):
         return x.new_empty(x.shape[0], dn_q.shape[0], dtype=torch.float32)
+
+    @torch.library.register_fake("quintet_m0e4::add_rms_norm")
+    def _(x, h, weight, eps):
+        return (x if h is None else torch.empty_like(x)), torch.empty_like(x)
 
     @torch.library.register_fake("quintet_m0e4::gemv_f32")
     def _(x, weight, code):
@@ -356,6 +361,27 @@ def swiglu_gemv(x: torch.Tensor, gate_up, down) -> torch.Tensor | None:
     if y.dtype != x.dtype:
         y = y.to(x.dtype)
     return y.view(*shape[:-1], y.shape[-1])
+
+
+def fused_add_rms_norm(
+    x: torch.Tensor, h: torch.Tensor | None, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(x + h, RMSNorm(x + h)) (h None: (x, RMSNorm(x))) in one kernel call, for float32 CPU tensors without
+    gradients in a decode step (`matmul_path` "gemv"); else None (the caller uses PyTorch's)."""
+    if (
+        _PATH.get() != "gemv"
+        or x.dtype != torch.float32
+        or weight.dtype != torch.float32
+        or x.device.type != "cpu"
+        or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
+        or (h is not None and (h.dtype != torch.float32 or h.shape != x.shape))
+        or not x.is_contiguous()
+    ):
+        return None
+    ops = _kernel.get()
+    if ops is None:
+        return None
+    return ops.add_rms_norm(x, None if h is None else h.contiguous(), weight, eps)
 
 
 def float_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

@@ -29,6 +29,8 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <optional>
+#include <tuple>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -881,6 +883,47 @@ at::Tensor swiglu_gemv(const at::Tensor& x, const at::Tensor& gu_q, const at::Te
   return q8_down ? gemv_q8(act, dn_q, dn_s, dn_o, gs, isa) : gemv(act, dn_q, dn_s, dn_o, gs, isa);
 }
 
+// RMSNorm of each row of x (+ h, when given: the residual add first), float32: the decode step calls it
+// twice per layer on one row, where PyTorch's composite rms_norm costs ~15 us of dispatching per call.
+// Returns (x + h, norm) (x itself when h is absent), norm = w * (r / sqrt(mean(r^2) + eps)).
+std::tuple<at::Tensor, at::Tensor> add_rms_norm(const at::Tensor& x, const std::optional<at::Tensor>& h,
+                                                const at::Tensor& w, double eps) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.is_contiguous() && w.scalar_type() == at::kFloat &&
+                  w.is_contiguous() && w.dim() == 1 && x.size(-1) == w.size(0),
+              "add_rms_norm: contiguous float32 x (..., D) and weight (D,)");
+  const bool add = h.has_value() && h->defined();
+  if (add)
+    TORCH_CHECK(h->scalar_type() == at::kFloat && h->is_contiguous() && h->sizes() == x.sizes(),
+                "add_rms_norm: h must be a contiguous float32 tensor shaped like x");
+  const int64_t D = w.size(0), rows = D ? x.numel() / D : 0;
+  at::Tensor sum = add ? at::empty_like(x) : x;
+  at::Tensor out = at::empty_like(x);
+  const float* xp = x.data_ptr<float>();
+  const float* hp = add ? h->data_ptr<float>() : nullptr;
+  const float* wp = w.data_ptr<float>();
+  float* sp = sum.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* a = xp + r * D;
+    float* t = sp + r * D;
+    double ss = 0.0;
+    if (add) {
+      const float* b = hp + r * D;
+      for (int64_t i = 0; i < D; ++i) {
+        t[i] = a[i] + b[i];
+        ss += static_cast<double>(t[i]) * t[i];
+      }
+    } else {
+      for (int64_t i = 0; i < D; ++i) ss += static_cast<double>(a[i]) * a[i];
+    }
+    const float inv = static_cast<float>(1.0 / std::sqrt(ss / static_cast<double>(D) + eps));
+    const float* src = add ? t : a;
+    float* o = op + r * D;
+    for (int64_t i = 0; i < D; ++i) o[i] = wp[i] * (src[i] * inv);
+  }
+  return {sum, out};
+}
+
 int64_t best_isa() { return cpu_isa(); }
 
 }  // namespace
@@ -894,6 +937,7 @@ TORCH_LIBRARY(quintet_m0e4, m) {
   m.def("gemv_f32(Tensor x, Tensor weight, int isa) -> Tensor");
   m.def("gemv_q8(Tensor x, Tensor qweight, Tensor scales, Tensor offsets, int group_size, int isa) -> Tensor");
   m.def("has_vnni() -> bool", &cpu_has_vnni);
+  m.def("add_rms_norm(Tensor x, Tensor? h, Tensor weight, float eps) -> (Tensor, Tensor)");
   m.def(
       "swiglu_gemv(Tensor x, Tensor gu_q, Tensor gu_s, Tensor gu_o, Tensor dn_q, Tensor dn_s, Tensor dn_o, "
       "int group_size, int isa, bool int8) -> Tensor");
@@ -907,4 +951,5 @@ TORCH_LIBRARY_IMPL(quintet_m0e4, CPU, m) {
   m.impl("gemv_f32", &gemv_f32);
   m.impl("gemv_q8", &gemv_q8);
   m.impl("swiglu_gemv", &swiglu_gemv);
+  m.impl("add_rms_norm", &add_rms_norm);
 }
