@@ -210,3 +210,17 @@ def test_fused_add_rms_norm_equals_pytorch():
     torch.testing.assert_close(alone, torch.nn.functional.rms_norm(x, (96,), w, 1e-6))
     with m0e4_cpu.matmul_path("tiles"):  # outside a decode step PyTorch's kernel runs
         assert m0e4_cpu.fused_add_rms_norm(x, h, w, 1e-6) is None
+
+
+def test_fused_float_swiglu_equals_the_three_ops():
+    from quintet.deploy.fusions import EngineLinear, FusedSwiGLU
+
+    torch.manual_seed(0)
+    gate, up = torch.nn.Linear(96, 160, bias=False), torch.nn.Linear(96, 160, bias=False)
+    down = torch.nn.Linear(160, 96, bias=False)
+    ff = FusedSwiGLU(gate, up, down)
+    ff.gate_up_proj, ff.down_proj = EngineLinear(ff.gate_up_proj), EngineLinear(down)
+    x = torch.randn(2, 96)
+    want = down(torch.nn.functional.silu(gate(x)) * up(x))
+    with torch.inference_mode(), m0e4_cpu.matmul_path("gemv"):
+        torch.testing.assert_close(ff(x), want, rtol=1e-5, atol=1e-5)

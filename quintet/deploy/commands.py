@@ -87,7 +87,7 @@ def add_deploy_parser(subparsers: argparse._SubParsersAction) -> argparse.Argume
     q.set_defaults(func=_cmd_quantize)
 
     p = sub.add_parser("plan", help="symbolic shapes and the memory plan of a Jamba model's engine steps")
-    p.add_argument("model", help="model folder (float: the bfloat16 engine; quantized: the FP4 engine)")
+    p.add_argument("model", help="model folder (float: the float32 engine; quantized: the FP4 engine)")
     p.add_argument(
         "--at",
         action="append",

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from quintet.deploy.qlinear import M0E4Linear
-from quintet.kernels.m0e4_cpu import float_linear, fused_add_rms_norm, swiglu_gemv
+from quintet.kernels.m0e4_cpu import float_linear, fused_add_rms_norm, measure_float_gemv, swiglu_gemv
 
 
 class EngineLinear(nn.Module):
@@ -34,10 +34,14 @@ class EngineLinear(nn.Module):
 
 def use_engine_linears(model: nn.Module) -> None:
     """Swap every float `nn.Linear` of `model` for an `EngineLinear` over the same tensors, in place."""
+    swapped = False
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if type(child) is nn.Linear:
                 setattr(parent, name, EngineLinear(child))
+                swapped = True
+    if swapped:
+        measure_float_gemv()
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -102,8 +106,9 @@ class FusedSwiGLU(nn.Module):
         self.down_proj = down_proj
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if isinstance(self.gate_up_proj, M0E4Linear) and isinstance(self.down_proj, M0E4Linear):
-            y = swiglu_gemv(x, self.gate_up_proj, self.down_proj)  # decode: one kernel call
+        pair = (self.gate_up_proj, self.down_proj)
+        if all(isinstance(m, M0E4Linear) for m in pair) or all(isinstance(m, EngineLinear) for m in pair):
+            y = swiglu_gemv(x, *pair)  # decode: one kernel call
             if y is not None:
                 return y
         gate, up = self.gate_up_proj(x).split(self.intermediate, dim=-1)

@@ -49,6 +49,7 @@ __all__ = [
     "decode_activations",
     "swiglu_gemv",
     "fused_add_rms_norm",
+    "measure_float_gemv",
 ]
 
 DISABLE_ENV = "QUINTET_DISABLE_M0E4_KERNEL"
@@ -118,6 +119,10 @@ def _register_fakes() -> None:
     @torch.library.register_fake("quintet_m0e4::add_rms_norm")
     def _(x, h, weight, eps):
         return (x if h is None else torch.empty_like(x)), torch.empty_like(x)
+
+    @torch.library.register_fake("quintet_m0e4::swiglu_f32")
+    def _(x, w_gu, w_dn, code):
+        return x.new_empty(x.shape[0], w_dn.shape[0], dtype=torch.float32)
 
     @torch.library.register_fake("quintet_m0e4::gemv_f32")
     def _(x, weight, code):
@@ -266,6 +271,13 @@ def _tiles(
     return out if dtype == torch.float32 else out.float()
 
 
+def measure_float_gemv() -> None:
+    """Measure the float GEMV's instruction set now (at a model's load) rather than at its first call,
+    which may be inside a tracer (see `_float_gemv_code`)."""
+    if _kernel.get() is not None:
+        _float_gemv_code()
+
+
 def _float_gemv_code() -> int:
     """The float GEMV's instruction set: on a CPU with AVX-512, AVX2 or AVX-512, whichever streams a
     weight from memory faster (measured once per process, ~20 ms: on AMD Zen 4, which runs 512-bit
@@ -337,14 +349,13 @@ def m0e4_matmul(
 
 
 def swiglu_gemv(x: torch.Tensor, gate_up, down) -> torch.Tensor | None:
-    """`down(silu(a) * b)`, `[a | b] = gate_up(x)`, for two bias-free `M0E4Linear`s in one kernel call,
-    where the step runs the GEMV (`matmul_path` "gemv") and the kernels are loaded; else None (the caller
-    runs the three ops)."""
+    """`down(silu(a) * b)`, `[a | b] = gate_up(x)`, in one kernel call where the step runs the GEMV
+    (`matmul_path` "gemv"), for two bias-free `M0E4Linear`s or two float32 Linears (anything with
+    `weight` and `bias`); else None (the caller runs the three ops)."""
     if (
         _PATH.get() != "gemv"
         or gate_up.bias is not None
         or down.bias is not None
-        or gate_up.group_size != down.group_size
         or x.device.type != "cpu"
         or (x.requires_grad and torch.is_grad_enabled())
     ):
@@ -353,11 +364,20 @@ def swiglu_gemv(x: torch.Tensor, gate_up, down) -> torch.Tensor | None:
     if ops is None:
         return None
     shape = x.shape
-    int8 = _ACTIVATIONS.get() == "int8"
-    y = ops.swiglu_gemv(
-        x.reshape(-1, shape[-1]), gate_up.qweight, gate_up.scales, gate_up.offsets,
-        down.qweight, down.scales, down.offsets, down.group_size, _isa_code(), int8,
-    )  # fmt: skip
+    x2 = x.reshape(-1, shape[-1])
+    if hasattr(gate_up, "qweight") and hasattr(down, "qweight"):
+        if gate_up.group_size != down.group_size:
+            return None
+        y = ops.swiglu_gemv(
+            x2, gate_up.qweight, gate_up.scales, gate_up.offsets, down.qweight, down.scales, down.offsets,
+            down.group_size, _isa_code(), _ACTIVATIONS.get() == "int8",
+        )  # fmt: skip
+    elif x.dtype == torch.float32 and gate_up.weight.dtype == down.weight.dtype == torch.float32:
+        if (gate_up.weight.requires_grad or down.weight.requires_grad) and torch.is_grad_enabled():
+            return None
+        y = ops.swiglu_f32(x2, gate_up.weight.contiguous(), down.weight.contiguous(), _float_gemv_code())
+    else:
+        return None
     if y.dtype != x.dtype:
         y = y.to(x.dtype)
     return y.view(*shape[:-1], y.shape[-1])

@@ -883,6 +883,23 @@ at::Tensor swiglu_gemv(const at::Tensor& x, const at::Tensor& gu_q, const at::Te
   return q8_down ? gemv_q8(act, dn_q, dn_s, dn_o, gs, isa) : gemv(act, dn_q, dn_s, dn_o, gs, isa);
 }
 
+// The same for float32 weights (the float engine's decode step).
+at::Tensor swiglu_f32(const at::Tensor& x, const at::Tensor& w_gu, const at::Tensor& w_dn, int64_t isa) {
+  const int64_t inter = w_gu.size(0) / 2;
+  TORCH_CHECK(w_gu.size(0) % 2 == 0 && w_dn.size(1) == inter,
+              "swiglu_f32: gate_up must have 2 I rows and down I inputs, got ", w_gu.sizes(), " and ", w_dn.sizes());
+  const at::Tensor h = gemv_f32(x, w_gu, isa);
+  at::Tensor act = at::empty({x.size(0), inter}, h.options());
+  const float* hp = h.data_ptr<float>();
+  float* ap = act.data_ptr<float>();
+  for (int64_t m = 0; m < x.size(0); ++m)
+    for (int64_t i = 0; i < inter; ++i) {
+      const float a = hp[m * 2 * inter + i], b = hp[m * 2 * inter + inter + i];
+      ap[m * inter + i] = a / (1.f + std::exp(-a)) * b;
+    }
+  return gemv_f32(act, w_dn, isa);
+}
+
 // RMSNorm of each row of x (+ h, when given: the residual add first), float32: the decode step calls it
 // twice per layer on one row, where PyTorch's composite rms_norm costs ~15 us of dispatching per call.
 // Returns (x + h, norm) (x itself when h is absent), norm = w * (r / sqrt(mean(r^2) + eps)).
@@ -938,6 +955,7 @@ TORCH_LIBRARY(quintet_m0e4, m) {
   m.def("gemv_q8(Tensor x, Tensor qweight, Tensor scales, Tensor offsets, int group_size, int isa) -> Tensor");
   m.def("has_vnni() -> bool", &cpu_has_vnni);
   m.def("add_rms_norm(Tensor x, Tensor? h, Tensor weight, float eps) -> (Tensor, Tensor)");
+  m.def("swiglu_f32(Tensor x, Tensor w_gu, Tensor w_dn, int isa) -> Tensor");
   m.def(
       "swiglu_gemv(Tensor x, Tensor gu_q, Tensor gu_s, Tensor gu_o, Tensor dn_q, Tensor dn_s, Tensor dn_o, "
       "int group_size, int isa, bool int8) -> Tensor");
@@ -952,4 +970,5 @@ TORCH_LIBRARY_IMPL(quintet_m0e4, CPU, m) {
   m.impl("gemv_q8", &gemv_q8);
   m.impl("swiglu_gemv", &swiglu_gemv);
   m.impl("add_rms_norm", &add_rms_norm);
+  m.impl("swiglu_f32", &swiglu_f32);
 }
