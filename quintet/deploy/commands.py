@@ -158,5 +158,5 @@ def run_deploy_demo(model_dir: pathlib.Path, out_dir: pathlib.Path) -> None:
         print(
             f"  ({before / 2**20:.0f} MiB of float32 weights fit in the CPU's cache, where reading 4 bits "
             "instead of 32 saves little; FP4 pays on models that do not fit: docs/BENCHMARKS.md, "
-            "'Deployment: FP4 speed and size')"
+            "'Deployment: against llama.cpp on the same weights')"
         )
