@@ -49,3 +49,35 @@ def iter_jsonl(path: Path, error: type[Exception] = ValueError) -> Iterator[tupl
                 yield where, number, json.loads(line)
             except json.JSONDecodeError as err:
                 raise error(f"{where}: not valid JSON (column {err.colno}): {err.msg}") from None
+
+
+# The files that travel with a model besides config.json and its weights: what transformers writes for a
+# tokenizer (5.x puts the chat template in chat_template.jinja), and the generation defaults. Every stage
+# that writes a model folder from another one copies them with `copy_model_files`.
+MODEL_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "chat_template.jinja",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "generation_config.json",
+)
+
+
+def copy_model_files(source_dir: str | os.PathLike, target_dir: str | os.PathLike) -> list[str]:
+    """Copy the `MODEL_FILES` that `source_dir` has into `target_dir`, each through a temporary name,
+    except those the target already holds (the writer's own, e.g. the generation_config.json it saved).
+    Returns the names copied."""
+    import shutil
+
+    source, target = Path(source_dir), Path(target_dir)
+    copied = []
+    for name in MODEL_FILES:
+        src = source / name
+        if src.is_file() and not (target / name).exists():
+            with atomic_path(target / name) as tmp:
+                shutil.copyfile(src, tmp)
+            copied.append(name)
+    return copied

@@ -49,32 +49,84 @@ class HFTokenizer:
             raise ValueError(f"{self.path}: not a readable tokenizer.json ({err})") from None
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
         config_path = self.path.parent / "tokenizer_config.json"
-        self.config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+        try:
+            self.config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise ValueError(f"{config_path}: not valid JSON ({err})") from None
+        self.chat_template, self.chat_template_source = read_chat_template(self.path.parent, self.config)
 
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text, add_special_tokens=False).ids
 
-    def render_chat_prompt(self, messages: list[dict[str, str]]) -> list[int]:
-        """Token ids of `messages` through the folder's chat template, ending where the answer starts.
-
-        The template (Jinja, from tokenizer_config.json, as transformers reads it) runs in a sandbox.
-        """
-        template = self.config.get("chat_template")
-        if not template:
-            raise ValueError(f"{self.path.parent / 'tokenizer_config.json'}: no chat_template")
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-        text = env.from_string(template).render(
-            messages=messages,
-            add_generation_prompt=True,
-            eos_token=self.config.get("eos_token", ""),
-            bos_token=self.config.get("bos_token", ""),
+    def render_chat_text(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        """`messages` through the folder's chat template, as text (transformers' `apply_chat_template`
+        with `tokenize=False`): the same sandboxed Jinja environment and variables."""
+        if not self.chat_template:
+            raise ValueError(
+                f"{self.path.parent}: no chat template (neither chat_template.jinja nor a chat_template in "
+                "tokenizer_config.json)"
+            )
+        special = {k: _token_text(self.config.get(k)) for k in ("bos_token", "eos_token", "pad_token")}
+        return _compile_template(self.chat_template, self.chat_template_source).render(
+            messages=messages, add_generation_prompt=add_generation_prompt, **special
         )
-        return self.encode(text)
+
+    def render_chat_prompt(self, messages: list[dict[str, str]]) -> list[int]:
+        """Token ids of `messages` through the folder's chat template, ending where the answer starts."""
+        return self.encode(self.render_chat_text(messages))
 
     def decode(self, ids: list[int]) -> str:
         return self._tok.decode(ids, skip_special_tokens=True)
+
+
+def _token_text(value: object) -> str:
+    """A special token as tokenizer_config.json gives it: a string, or transformers' {"content": ...}."""
+    if isinstance(value, dict):
+        return str(value.get("content", ""))
+    return "" if value is None else str(value)
+
+
+def _raise_exception(message: str) -> None:
+    from jinja2.exceptions import TemplateError
+
+    raise TemplateError(message)
+
+
+def _compile_template(template: str, source: str):
+    """A chat template compiled in a sandbox the way transformers compiles it (trim_blocks, lstrip_blocks,
+    loop controls, `raise_exception`); a template that does not compile is named with its file."""
+    from jinja2.exceptions import TemplateError
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    env = ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
+    )
+    env.globals["raise_exception"] = _raise_exception
+    try:
+        return env.from_string(template)
+    except TemplateError as err:
+        raise ValueError(f"{source}: the chat template does not compile ({err})") from None
+
+
+def read_chat_template(folder: str | os.PathLike, config: dict | None = None) -> tuple[str | None, str]:
+    """A folder's chat template as transformers 5 reads it: `chat_template.jinja` if present, else the
+    `chat_template` field of tokenizer_config.json; checked to compile. Returns (template or None, the
+    file it came from)."""
+    folder = Path(folder)
+    jinja = folder / "chat_template.jinja"
+    if jinja.is_file():
+        try:
+            template, source = jinja.read_text(encoding="utf-8"), str(jinja)
+        except UnicodeDecodeError as err:
+            raise ValueError(f"{jinja}: not UTF-8 text ({err})") from None
+    else:
+        template, source = (config or {}).get("chat_template"), str(folder / "tokenizer_config.json")
+        if isinstance(template, list):  # transformers' named templates: the "default" one
+            named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+            template = named.get("default")
+    if template:
+        _compile_template(template, source)
+    return template or None, source
 
 
 def load_tokenizer(model_dir: str | os.PathLike, vocab_size: int | None = None) -> TextTokenizer:

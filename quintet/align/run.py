@@ -26,7 +26,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
 import sys
 from pathlib import Path
 from typing import Any
@@ -35,7 +34,7 @@ from quintet.align.dpo import DPOConfig, preference_accuracy, train_dpo
 from quintet.align.preference_data import read_preferences
 from quintet.align.sdpo import SPLITS, split_steps, train_sdpo
 from quintet.align.sft import SFTConfig, read_sft_examples, train_sft
-from quintet.io import atomic_write_text
+from quintet.io import atomic_write_text, copy_model_files
 from quintet.models.jamba import JambaForCausalLM
 from quintet.tokenizer import load_tokenizer
 
@@ -43,8 +42,6 @@ if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
     import tomli as tomllib
-
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 
 class AlignConfigError(ValueError):
@@ -84,9 +81,7 @@ def _section(data: dict[str, Any], name: str, cls: type) -> Any:
 def _save(model: JambaForCausalLM, source_dir: str, out_dir: Path) -> Path:
     target = out_dir / "model"
     model.save_pretrained(target)
-    for name in TOKENIZER_FILES:
-        if (Path(source_dir) / name).is_file():
-            shutil.copyfile(Path(source_dir) / name, target / name)
+    copy_model_files(source_dir, target)
     return target
 
 

@@ -18,7 +18,7 @@ PLAIN_TEMPLATE = ("<|user|>\n", "\n<|assistant|>\n")
 
 def render_prompt(tokenizer: TextTokenizer, prompt: str) -> list[int]:
     """Token ids of a one-turn chat prompt, ending where the assistant's answer starts."""
-    if getattr(tokenizer, "config", {}).get("chat_template"):
+    if getattr(tokenizer, "chat_template", None):
         return tokenizer.render_chat_prompt([{"role": "user", "content": prompt}])
     head, tail = PLAIN_TEMPLATE
     return tokenizer.encode(head + prompt + tail)

@@ -15,7 +15,8 @@ A quantized folder is the model folder of the float model with:
     model.safetensors  per quantized module `NAME.qweight` (uint8, N x K/2), `NAME.scales` and
                        `NAME.offsets` (float16, N x K/G), `NAME.bias` if any; every other tensor in
                        `float_dtype`
-    tokenizer.json, generation_config.json   copied from the source folder when it has them
+    tokenizer.json, tokenizer_config.json, chat_template.jinja, generation_config.json, ...
+                       the source folder's `quintet.io.MODEL_FILES`, copied when it has them
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ from __future__ import annotations
 import fnmatch
 import json
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,7 +35,7 @@ from torch import nn
 
 from quintet.deploy.m0e4 import GROUP_SIZES, M0E4Tensor, quantize_rtn
 from quintet.deploy.qlinear import M0E4Embedding, M0E4Linear
-from quintet.io import atomic_path, atomic_write_text
+from quintet.io import atomic_path, atomic_write_text, copy_model_files
 
 QUANT_METHOD = "m0e4"
 FORMAT_VERSION = 1
@@ -204,11 +204,7 @@ def save_quantized(
     config["quantization_config"] = quantization_config
     atomic_write_text(directory / "config.json", json.dumps(config, indent=2) + "\n")
     if source_dir is not None:
-        for fname in ("tokenizer.json", "generation_config.json"):
-            src = Path(source_dir) / fname
-            if src.is_file():
-                with atomic_path(directory / fname) as tmp:
-                    shutil.copyfile(src, tmp)
+        copy_model_files(source_dir, directory)
     return directory
 
 

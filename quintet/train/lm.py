@@ -13,7 +13,6 @@ import contextlib
 import json
 import logging
 import math
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +27,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from tqdm import tqdm
 
+from quintet.io import copy_model_files
 from quintet.models.jamba import JambaConfig, JambaForCausalLM
 from quintet.models.jamba.checkpoint import save_state_dict
 from quintet.train.curriculum import Stage
@@ -301,9 +301,7 @@ def copy_tokenizer_files(shards: str | list[str], model_dir: Path) -> None:
     """Put the shards' tokenizer beside the trained weights, so the folder generates text on its own."""
     first = Path(shards[0] if isinstance(shards, list) else shards)
     folder = first if first.is_dir() else first.parent
-    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-        if (folder / name).is_file():
-            shutil.copyfile(folder / name, model_dir / name)
+    copy_model_files(folder, model_dir)
 
 
 def _check_resumable(model: JambaForCausalLM, model_state: dict[str, torch.Tensor], path: Path) -> None:
