@@ -33,12 +33,10 @@ def _cmd_model_info(args: argparse.Namespace) -> int:
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
-    from quintet.deploy.engine import load_for_generation
     from quintet.generation import GenerationConfig, generate, stream_text
-    from quintet.tokenizer import load_tokenizer
+    from quintet.loading import load_model_and_tokenizer
 
-    model = load_for_generation(args.model)  # the FP4 engine when the folder is quantized
-    tokenizer = load_tokenizer(args.model, vocab_size=model.config.vocab_size)
+    model, tokenizer = load_model_and_tokenizer(args.model)  # the FP4 engine when the folder is quantized
     config = GenerationConfig(
         max_new_tokens=args.max_new_tokens,
         do_sample=args.temperature > 0,

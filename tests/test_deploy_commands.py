@@ -4,7 +4,8 @@ import argparse
 import json
 
 from quintet.deploy.commands import add_deploy_parser, run_deploy_demo
-from quintet.deploy.engine import JambaEngine, load_for_generation
+from quintet.deploy.engine import JambaEngine
+from quintet.loading import load_model
 from quintet.models.jamba.create import create_model
 
 
@@ -21,7 +22,7 @@ def test_quantize_command(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "modules in M0E4 (group 32, rtn)" in out and "MiB ->" in out
     assert json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]["group_size"] == 32
-    assert isinstance(load_for_generation(tmp_path / "q"), JambaEngine)
+    assert isinstance(load_model(tmp_path / "q"), JambaEngine)
 
 
 def test_deploy_demo_prints_size_and_speed(tmp_path, capsys):

@@ -8,7 +8,6 @@ import torch
 from quintet.deploy.engine import (
     JambaEngine,
     load_dequantized,
-    load_for_generation,
     load_quantized,
     load_quantized_model,
     to_engine,
@@ -17,6 +16,7 @@ from quintet.deploy.kv_cache import SubTensorKVCache
 from quintet.deploy.qlinear import M0E4Embedding, M0E4Linear
 from quintet.deploy.quantize import QuantConfig, file_bytes, load_float_model, quantize, save_quantized
 from quintet.generation import generate
+from quintet.loading import load_model
 from quintet.models.jamba import JambaConfig, JambaForCausalLM
 
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [100, 200, 250], [17], [40, 41, 42, 43, 44, 45, 46, 47, 48, 3]]
@@ -191,7 +191,7 @@ def test_cache_grows_when_a_sequence_outgrows_it(folders):
     assert out == generate(model, [[5, 6, 7]], max_new_tokens=80, stop_token_ids=())
 
 
-def test_load_for_generation_detects_the_format(folders):
+def test_one_loader_detects_the_format(folders):
     float_dir, fp4_dir = folders
-    assert isinstance(load_for_generation(fp4_dir), JambaEngine)
-    assert isinstance(load_for_generation(float_dir), JambaForCausalLM)
+    assert isinstance(load_model(fp4_dir), JambaEngine)
+    assert isinstance(load_model(float_dir), JambaForCausalLM)

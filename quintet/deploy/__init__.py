@@ -9,9 +9,7 @@ See docs/deploy.md. `shapes` and `memory_plan` (symbolic shapes, `quintet deploy
 
 from quintet.deploy.engine import (
     JambaEngine,
-    is_quantized_folder,
     load_dequantized,
-    load_for_generation,
     load_quantized,
     load_quantized_model,
     measure_generation,
@@ -41,9 +39,7 @@ __all__ = [
     "SubTensorKVCache",
     "dequantize",
     "dequantize_model",
-    "is_quantized_folder",
     "load_dequantized",
-    "load_for_generation",
     "load_quantized",
     "load_quantized_model",
     "measure_generation",

@@ -412,6 +412,8 @@ class JambaEngine(nn.Module):
                 if p.is_floating_point():
                     p.data = p.data.to(dtype)
         use_engine_linears(lm)  # float Linears (after the merges): decode matmuls by quintet's GEMV
+        for p in lm.parameters():  # an inference engine: tools that run it with autograd on (evaluation
+            p.requires_grad_(False)  # loops) then take the kernels, not the differentiable fallback
         if any(isinstance(m, M0E4Linear) for m in lm.modules()):
             matmul_dtype()  # measured here, at load, once per process
         self.lm = lm.eval()
@@ -533,19 +535,6 @@ def load_dequantized(directory: str | os.PathLike, dtype: torch.dtype = torch.fl
     """The quantized folder's model with plain float layers holding the dequantized weights (the reference
     the engine is compared against, and what a float tool can run)."""
     return dequantize_model(load_quantized_model(directory, dtype), dtype)
-
-
-def is_quantized_folder(directory: str | os.PathLike) -> bool:
-    _, qc = read_config(directory)
-    return qc is not None
-
-
-def load_for_generation(model_dir: str | os.PathLike) -> nn.Module:
-    """A model for `quintet.generation.generate`: the FP4 engine for a quantized folder (detected by its
-    `quantization_config`), else the float `JambaForCausalLM`."""
-    if is_quantized_folder(model_dir):
-        return load_quantized(model_dir)
-    return JambaForCausalLM.from_pretrained(model_dir)
 
 
 @torch.inference_mode()

@@ -178,12 +178,11 @@ def check_plan(plan: MemoryPlan, sizes: dict[str, int]) -> list[str]:
 # ---------------------------------------------------------------------------------------------- models
 def load_engine_for_plan(model_dir: str | os.PathLike):
     """The engine a folder runs with: the FP4 engine for a quantized folder, else the float32 engine."""
-    from quintet.deploy.engine import is_quantized_folder, load_quantized, to_engine
-    from quintet.models.jamba import JambaForCausalLM
+    from quintet.deploy.engine import JambaEngine, to_engine
+    from quintet.loading import load_model
 
-    if is_quantized_folder(model_dir):
-        return load_quantized(model_dir)
-    return to_engine(JambaForCausalLM.from_pretrained(model_dir))
+    model = load_model(model_dir)
+    return model if isinstance(model, JambaEngine) else to_engine(model)
 
 
 def _tensors(model: torch.nn.Module) -> dict[int, tuple[str, torch.Tensor]]:

@@ -29,8 +29,9 @@ from tqdm import tqdm
 
 from quintet.align.sequences import PLAIN_TEMPLATE
 from quintet.eval.multiple_choice import loglikelihoods
-from quintet.eval.perplexity import load_model, text_nll
+from quintet.eval.perplexity import text_nll
 from quintet.generation import GenerationConfig, stream_generate
+from quintet.loading import load_model_and_tokenizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -52,7 +53,7 @@ class QuintetLM(LM):
             raise ValueError(f"model_args dtype = {dtype!r}: valid: {', '.join(DTYPES)}")
         if device is None or (device.startswith("cuda") and not torch.cuda.is_available()):
             device = "cpu"  # lm-eval's default is cuda:0 even on machines without one
-        self.model, self.tok = load_model(pretrained)
+        self.model, self.tok = load_model_and_tokenizer(pretrained)
         self.model.to(device=device, dtype=DTYPES[dtype])
         self._device = torch.device(device)
         self.pretrained = str(pretrained)

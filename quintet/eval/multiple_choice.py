@@ -27,8 +27,9 @@ from typing import Any
 
 import torch
 
-from quintet.eval.perplexity import EvalDataError, load_model, prefix_token_id, score_windows
+from quintet.eval.perplexity import EvalDataError, prefix_token_id, score_windows
 from quintet.io import iter_jsonl
+from quintet.loading import load_model_and_tokenizer
 from quintet.tokenizer import TextTokenizer
 
 
@@ -166,7 +167,7 @@ def evaluate_mc_task(
     """Score a model folder on a JSONL multiple-choice task; optional JSON output (with per-item scores)."""
     from quintet.io import atomic_write_text
 
-    model, tokenizer = load_model(model_dir)
+    model, tokenizer = load_model_and_tokenizer(model_dir)
     result = {"model": str(model_dir), "task": str(task)}
     result.update(
         evaluate_mc(model, tokenizer, read_mc_task(task), max_length=max_length, batch_size=batch_size)

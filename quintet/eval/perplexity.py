@@ -23,17 +23,12 @@ from typing import Any
 import torch
 
 from quintet.io import iter_jsonl
-from quintet.models.jamba import JambaForCausalLM
-from quintet.tokenizer import TextTokenizer, load_tokenizer
+from quintet.loading import load_model_and_tokenizer
+from quintet.tokenizer import TextTokenizer
 
 
 class EvalDataError(ValueError):
     """An evaluation data file has a row that cannot be scored."""
-
-
-def load_model(model_dir: str | os.PathLike) -> tuple[JambaForCausalLM, TextTokenizer]:
-    model = JambaForCausalLM.from_pretrained(model_dir).eval()
-    return model, load_tokenizer(model_dir, vocab_size=model.config.vocab_size)
 
 
 def rolling_windows(ids: Sequence[int], prefix_id: int, max_length: int) -> list[tuple[list[int], int]]:
@@ -213,7 +208,7 @@ def evaluate_perplexity(
     """Perplexity and bits-per-byte per language of a model folder on held-out data; optional JSON output."""
     from quintet.io import atomic_write_text
 
-    model, tokenizer = load_model(model_dir)
+    model, tokenizer = load_model_and_tokenizer(model_dir)
     texts = load_eval_texts(data, lang)
     if max_documents is not None:
         texts = {k: v[:max_documents] for k, v in texts.items()}

@@ -27,6 +27,7 @@ from tqdm import tqdm
 from quintet.align.sequences import render_prompt
 from quintet.generation import generate
 from quintet.io import atomic_path
+from quintet.loading import load_model_and_tokenizer
 from quintet.models.jamba import JambaForCausalLM
 from quintet.safety.judges import OUTCOMES, Judge, ProjectJudge, load_judge
 from quintet.safety.redteam_sets import (
@@ -37,7 +38,7 @@ from quintet.safety.redteam_sets import (
     read_redteam_prompts,
     select_slice,
 )
-from quintet.tokenizer import TextTokenizer, load_tokenizer
+from quintet.tokenizer import TextTokenizer
 
 RECORD_OUTCOMES = (*OUTCOMES, "error")
 RATE_OF = {"harmful": ("compliance", "harmful_compliance_rate"), "benign": ("refusal", "over_refusal_rate")}
@@ -176,16 +177,11 @@ def write_records(path: str | os.PathLike, records: Sequence[RedteamRecord]) -> 
     return path
 
 
-def load_model(model_dir: str | os.PathLike) -> tuple[JambaForCausalLM, TextTokenizer]:
-    model = JambaForCausalLM.from_pretrained(model_dir).eval()
-    return model, load_tokenizer(model_dir, vocab_size=model.config.vocab_size)
-
-
 def redteam_model(
     model_dir: str | os.PathLike, prompts: Sequence[RedteamPrompt], judge: Judge, config: RedteamConfig
 ) -> tuple[list[RedteamRecord], dict[str, Any]]:
     """Generate, judge and summarize one model folder; returns (records, summary with timing)."""
-    model, tokenizer = load_model(model_dir)
+    model, tokenizer = load_model_and_tokenizer(model_dir)
     start = time.perf_counter()
     with torch.inference_mode():
         responses = generate_responses(

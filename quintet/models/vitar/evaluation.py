@@ -139,10 +139,9 @@ def predict_files(
     """Load a model folder (float, or FP4 from `quintet deploy quantize`) and classify image files at their
     own size (or resized to `resolution`)."""
     from quintet.data.images import load_image, resize
-    from quintet.deploy.engine import is_quantized_folder, load_quantized
-    from quintet.models.vitar.checkpoint import load_model
+    from quintet.loading import load_model
 
-    model = load_quantized(model_dir) if is_quantized_folder(model_dir) else load_model(model_dir)
+    model = load_model(model_dir)
     results = []
     for path in paths:
         image = load_image(path)

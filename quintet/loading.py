@@ -1,0 +1,73 @@
+"""One loader for every model folder quintet writes or reads.
+
+    model = load_model("runs/aligned")        # Jamba float: JambaForCausalLM
+    model = load_model("runs/aligned-fp4")    # Jamba FP4: the deploy engine (JambaEngine), 4-bit weights
+    model = load_model("runs/vitar")          # ViTAR / ViT, float or FP4
+
+The folder's config.json decides: `model_type` (jamba, vitar, vit) and whether it carries a
+`quantization_config` (an FP4 folder written by `quintet deploy quantize`). A transformers-written Jamba
+folder is a Jamba float folder. Every command and stage that runs a model from a folder goes through here,
+so an FP4 folder works wherever a float one does. It sits above `models` and `deploy` (it imports both);
+neither imports it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from torch import nn
+
+KINDS = ("jamba", "vitar", "vit")
+
+
+class ModelFolderError(ValueError):
+    """A folder is not a model folder quintet can open."""
+
+
+def _model_type(folder: Path) -> tuple[str, bool]:
+    if not folder.is_dir():
+        raise ModelFolderError(f"{folder}: no such model folder")
+    path = folder / "config.json"
+    if not path.is_file():
+        found = sorted(p.name for p in folder.iterdir())[:8]
+        raise ModelFolderError(
+            f"{folder}: no config.json (found {found or 'nothing'}); expected a model folder: config.json "
+            "and model.safetensors"
+        )
+    try:
+        config = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ModelFolderError(f"{path}: not valid JSON ({err})") from None
+    kind = config.get("model_type") if isinstance(config, dict) else None
+    if kind not in KINDS:
+        raise ModelFolderError(f"{path}: model_type = {kind!r}: quintet opens {', '.join(KINDS)} folders")
+    return kind, "quantization_config" in config
+
+
+def load_model(folder: str | os.PathLike) -> nn.Module:
+    """The model of `folder`, ready to run (eval mode, CPU): see the module docstring for what each kind of
+    folder gives. Raises `ModelFolderError` (or the format's own error, naming the file) for anything
+    else."""
+    folder = Path(folder)
+    kind, quantized = _model_type(folder)
+    if quantized:
+        from quintet.deploy.engine import load_quantized
+
+        return load_quantized(folder)
+    if kind == "jamba":
+        from quintet.models.jamba import JambaForCausalLM
+
+        return JambaForCausalLM.from_pretrained(folder).eval()
+    from quintet.models.vitar.checkpoint import load_model as load_vision
+
+    return load_vision(folder)
+
+
+def load_model_and_tokenizer(folder: str | os.PathLike):
+    """`load_model(folder)` and the folder's tokenizer (checked to fit the model's vocabulary)."""
+    from quintet.tokenizer import load_tokenizer
+
+    model = load_model(folder)
+    return model, load_tokenizer(folder, vocab_size=model.config.vocab_size)

@@ -1,0 +1,60 @@
+"""One loader for every model folder: float and FP4 Jamba, transformers-written Jamba, ViTAR."""
+
+import json
+
+import pytest
+import torch
+
+from quintet.deploy.engine import JambaEngine
+from quintet.deploy.quantize import quantize_folder
+from quintet.eval.perplexity import evaluate_perplexity
+from quintet.loading import ModelFolderError, load_model, load_model_and_tokenizer
+from quintet.models.jamba import JambaConfig, JambaForCausalLM
+from quintet.models.jamba.create import create_model
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("loading")
+    create_model("jamba-tiny", root / "float", seed=0)
+    quantize_folder(root / "float", root / "fp4", group_size=32)
+    return root
+
+
+def test_each_kind_of_folder_opens(folders):
+    assert isinstance(load_model(folders / "float"), JambaForCausalLM)
+    engine, tokenizer = load_model_and_tokenizer(folders / "fp4")
+    assert isinstance(engine, JambaEngine) and tokenizer.vocab_size <= engine.config.vocab_size
+
+
+def test_a_transformers_written_jamba_folder_opens(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    ours = JambaForCausalLM(JambaConfig.from_preset("jamba-tiny"))
+    config = transformers.JambaConfig(**ours.config.to_dict())
+    theirs = transformers.JambaForCausalLM(config)
+    theirs.load_state_dict(ours.state_dict(), strict=False)
+    theirs.save_pretrained(tmp_path / "hf")
+    loaded = load_model(tmp_path / "hf")
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, theirs(ids).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_perplexity_runs_on_the_fp4_folder(folders, tmp_path):
+    texts = tmp_path / "texts.jsonl"
+    texts.write_text(
+        "".join(json.dumps({"text": "the quick brown fox " * 20, "lang": "en"}) + "\n" for _ in range(3))
+    )
+    fp32 = evaluate_perplexity(folders / "float", [texts])["languages"]["en"]["perplexity"]
+    fp4 = evaluate_perplexity(folders / "fp4", [texts])["languages"]["en"]["perplexity"]
+    assert fp32 > 1 and fp4 > 1 and fp4 != fp32
+    assert abs(fp4 - fp32) / fp32 < 0.2  # 4-bit weights of a random model: close, not equal
+
+
+def test_a_folder_that_is_no_model_is_named(tmp_path):
+    with pytest.raises(ModelFolderError, match="no config.json"):
+        load_model(tmp_path)
+    (tmp_path / "config.json").write_text('{"model_type": "llama"}')
+    with pytest.raises(ModelFolderError, match="model_type = 'llama': quintet opens jamba, vitar, vit"):
+        load_model(tmp_path)
