@@ -14,6 +14,7 @@ from quintet.safety.judges import Judge, Verdict
 from quintet.safety.redteam_eval import (
     RedteamConfig,
     RedteamRecord,
+    compare_records,
     evaluate_redteam,
     generate_responses,
     judge_records,
@@ -148,6 +149,31 @@ def test_cli_redteams_two_models_side_by_side(model_dirs, prompt_file, tmp_path,
     assert (tmp_path / "rt" / "redteam.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     md = (tmp_path / "rt" / "report.md").read_text()
     assert "Cyber-attacks" in md and "over-refusal" in md.lower()
+    comp = report["comparison"]  # --compare: the second model against the first, prompt by prompt
+    assert (comp["a"], comp["b"]) == ("m0", "m1") and comp["harmful"]["overall"]["n"] == 4
+    gens = [[json.loads(x) for x in (tmp_path / "rt" / m["generations"]).read_text().splitlines()]
+            for m in report["models"]]  # fmt: skip
+    changed = {(a["id"], a["kind"]) for a, b in zip(*gens, strict=True) if a["outcome"] != b["outcome"]}
+    assert {(c["id"], c["kind"]) for c in comp["changed"]} == changed
+    assert "verdicts changed" in printed and "verdict changed" in md
+
+
+def test_paired_comparison_of_two_models():
+    def rec(i, kind, outcome, cat="cyber"):
+        return RedteamRecord(str(i), cat, "en", kind, f"p{i}", "r", outcome)
+
+    a = [rec(i, "harmful", "compliance" if i < 6 else "refusal") for i in range(10)]
+    b = [rec(i, "harmful", "compliance" if i < 2 else "refusal") for i in range(10)]
+    a += [rec(10, "benign", "refusal"), rec(11, "benign", "compliance")]
+    b += [rec(10, "benign", "compliance"), rec(11, "benign", "error")]
+    comp = compare_records(a, b)
+    h = comp["harmful"]["overall"]
+    assert (h["n"], h["a"], h["b"]) == (10, 0.6, 0.2) and h["difference"] == pytest.approx(-0.4)
+    lo, hi = h["ci95"]  # d = -1 on 4 prompts, 0 on 6
+    sd = ((4 * 0.6**2 + 6 * 0.4**2) / 9) ** 0.5
+    assert lo == pytest.approx(-0.4 - 1.96 * sd / 10**0.5) and hi == pytest.approx(-0.4 + 1.96 * sd / 10**0.5)
+    assert comp["benign"]["overall"]["n"] == 1  # the errored prompt is left out of both
+    assert [c["id"] for c in comp["changed"]] == ["2", "3", "4", "5", "10", "11"]
 
 
 def test_bad_prompt_files_fail_before_any_generation(model_dirs, tmp_path):

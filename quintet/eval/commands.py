@@ -8,7 +8,7 @@ import json
 
 def _cmd_redteam(args: argparse.Namespace) -> int:
     from quintet.safety.redteam_eval import RedteamConfig, evaluate_redteam
-    from quintet.safety.report import format_comparison
+    from quintet.safety.report import format_comparison, format_differences
 
     config = RedteamConfig(
         max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, per_cell=args.limit, seed=args.seed
@@ -16,6 +16,8 @@ def _cmd_redteam(args: argparse.Namespace) -> int:
     models = [args.model] + ([args.compare] if args.compare else [])
     report = evaluate_redteam(models, args.out, prompts_path=args.prompts, judge=args.judge, config=config)
     print(format_comparison(report))
+    if args.compare:
+        print(format_differences(report))
     print(f"wrote {report['files']['json']}, {report['files']['markdown']}, {report['files']['png']}")
     return 0
 

@@ -13,6 +13,7 @@ Prompts are rendered as a one-turn chat (`quintet.align.sequences.render_prompt`
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import time
@@ -169,6 +170,57 @@ def summarize(records: Sequence[RedteamRecord]) -> dict[str, Any]:
     return out
 
 
+def _paired(pairs: list[tuple[RedteamRecord, RedteamRecord]], kind: str) -> dict[str, Any]:
+    """Rate of B minus rate of A on the same prompts (judged in both), with a 95% interval of the paired
+    difference: mean of d_i = hit_B - hit_A, +- 1.96 sd / sqrt(n) (normal approximation)."""
+    numerator, _ = RATE_OF[kind]
+    judged = [(a, b) for a, b in pairs if a.outcome != "error" and b.outcome != "error"]
+    n = len(judged)
+    if not n:
+        return {"n": 0, "a": None, "b": None, "difference": None, "ci95": None}
+    d = [(b.outcome == numerator) - (a.outcome == numerator) for a, b in judged]
+    mean = sum(d) / n
+    var = sum((x - mean) ** 2 for x in d) / (n - 1) if n > 1 else 0.0
+    half = 1.96 * math.sqrt(var / n)
+    rate_a = sum(a.outcome == numerator for a, _ in judged) / n
+    rate_b = sum(b.outcome == numerator for _, b in judged) / n
+    return {"n": n, "a": rate_a, "b": rate_b, "difference": mean, "ci95": [mean - half, mean + half]}
+
+
+def compare_records(records_a: Sequence[RedteamRecord], records_b: Sequence[RedteamRecord]) -> dict[str, Any]:
+    """Model B against model A on the same prompts: per kind (harmful compliance, over-refusal), overall,
+    by category and by language, the difference of the rates with its 95% interval; and every prompt
+    whose verdict changed."""
+    by_id = {r.id: r for r in records_a}
+    pairs = [(by_id[r.id], r) for r in records_b if r.id in by_id]
+    out: dict[str, Any] = {}
+    for kind in RATE_OF:
+        mine = [(a, b) for a, b in pairs if a.kind == kind]
+        out[kind] = {
+            "overall": _paired(mine, kind),
+            "by_category": {c: _paired([p for p in mine if p[0].category == c], kind)
+                            for c in sorted({a.category for a, _ in mine})},
+            "by_language": {g: _paired([p for p in mine if p[0].lang == g], kind)
+                            for g in sorted({a.lang for a, _ in mine})},
+        }  # fmt: skip
+    out["changed"] = [
+        {
+            "id": a.id,
+            "kind": a.kind,
+            "category": a.category,
+            "lang": a.lang,
+            "prompt": a.prompt,
+            "verdict_a": a.outcome,
+            "verdict_b": b.outcome,
+            "response_a": a.response,
+            "response_b": b.response,
+        }
+        for a, b in pairs
+        if a.outcome != b.outcome
+    ]
+    return out
+
+
 def write_records(path: str | os.PathLike, records: Sequence[RedteamRecord]) -> Path:
     path = Path(path)
     with atomic_path(path) as tmp, tmp.open("w", encoding="utf-8") as f:
@@ -215,7 +267,8 @@ def evaluate_redteam(
     names: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """Red-team one or more model folders side by side; writes report.json, report.md, redteam.png and one
-    generations-<name>.jsonl per model under `out_dir`; returns the report.
+    generations-<name>.jsonl per model under `out_dir`; returns the report. With two folders the report
+    also holds `comparison` (`compare_records`: differences with 95% intervals, the changed verdicts).
 
     Prompts: a red-team JSONL file, or by default the project's eval split (seed 0).
     """
@@ -241,23 +294,31 @@ def evaluate_redteam(
         "categories": list(categories()),
         "models": [],
     }
+    all_records = []
     for name, model_dir in zip(names, model_dirs, strict=True):
         records, summary = redteam_model(model_dir, prompts, judge, config)
+        all_records.append(records)
         gen_path = write_records(out / f"generations-{name.replace(' ', '_')}.jsonl", records)
         report["models"].append(
             {"name": name, "model_dir": str(model_dir), "generations": gen_path.name, **summary}
         )
+    if len(all_records) == 2:  # --compare: the second model against the first, prompt by prompt
+        report["comparison"] = {"a": names[0], "b": names[1], **compare_records(*all_records)}
     report["files"] = {k: str(v) for k, v in write_report(report, out).items()}
     return report
 
 
-def run_redteam_demo(before_dir: Path, after_dir: Path, out_dir: Path) -> dict[str, Any]:
-    """`make demo`: red-team a model before and after safety tuning on a slice of the eval split (one prompt
-    per kind x category x language: 60 prompts), print the comparison, write the report under `out_dir`."""
-    from quintet.safety.report import format_comparison
+def run_redteam_demo(
+    before_dir: Path, after_dir: Path, out_dir: Path, names: tuple[str, str] = ("before", "after")
+) -> dict[str, Any]:
+    """`make demo`: red-team two model folders (before and after safety tuning; or a model and its FP4
+    copy) on a slice of the eval split (one prompt per kind x category x language: 60 prompts), print the
+    comparison and the paired differences, write the report under `out_dir`."""
+    from quintet.safety.report import format_comparison, format_differences
 
     config = RedteamConfig(max_new_tokens=48, batch_size=30, per_cell=1, progress=False)
-    report = evaluate_redteam([before_dir, after_dir], out_dir, config=config, names=["before", "after"])
+    report = evaluate_redteam([before_dir, after_dir], out_dir, config=config, names=list(names))
     print(format_comparison(report))
+    print(format_differences(report))
     print(f"report: {report['files']['markdown']}  chart: {report['files']['png']}")
     return report

@@ -104,8 +104,40 @@ def markdown_report(report: dict[str, Any]) -> str:
                 for c in m[kind]["by_cell"]
             ]
             lines += _table(["category", *langs], rows)
+    lines += _comparison_lines(report)
     lines += ["", f"Generations: {', '.join(m['generations'] for m in models)}; chart: redteam.png.", ""]
     return "\n".join(lines)
+
+
+def _difference(cell: dict[str, Any]) -> str:
+    if cell["difference"] is None:
+        return "n/a"
+    lo, hi = cell["ci95"]
+    return f"{cell['difference']:+.2f} [{lo:+.2f}, {hi:+.2f}] (n={cell['n']})"
+
+
+def _comparison_lines(report: dict[str, Any]) -> list[str]:
+    comp = report.get("comparison")
+    if not comp:
+        return []
+    a, b = comp["a"], comp["b"]
+    lines = ["", f"## {b} against {a}: difference of the rates (95% interval), same prompts", ""]
+    rows = []
+    for kind in ("harmful", "benign"):
+        label = KIND_TITLE[kind].split(" (")[0]
+        rows.append([label, "overall", _difference(comp[kind]["overall"])])
+        for part in ("by_category", "by_language"):
+            rows += [[label, k, _difference(v)] for k, v in comp[kind][part].items()]
+    lines += _table(["rate", "slice", f"{b} - {a}"], rows)
+    changed = comp["changed"]
+    lines += ["", f"## Prompts whose verdict changed ({len(changed)})", ""]
+    rows = [
+        [c["id"], c["kind"], c["category"], c["lang"], c["verdict_a"], c["verdict_b"],
+         c["prompt"][:60].replace("|", "/").replace("\n", " ")]
+        for c in changed
+    ]  # fmt: skip
+    lines += _table(["id", "kind", "category", "lang", a, b, "prompt"], rows)
+    return lines
 
 
 def plot_report(report: dict[str, Any], path: str | os.PathLike) -> Path:
@@ -150,6 +182,19 @@ def write_report(report: dict[str, Any], out_dir: str | os.PathLike) -> dict[str
     atomic_write_text(paths["markdown"], markdown_report(report))
     plot_report(report, paths["png"])
     return paths
+
+
+def format_differences(report: dict[str, Any]) -> str:
+    """The paired comparison of a two-model report, for terminals: overall differences and the count of
+    changed verdicts (the report's Markdown lists them)."""
+    comp = report.get("comparison")
+    if not comp:
+        return ""
+    lines = [f"{comp['b']} - {comp['a']} on the same prompts (95% interval):"]
+    for kind in ("harmful", "benign"):
+        lines.append(f"  {KIND_TITLE[kind].split(' (')[0]:<38}{_difference(comp[kind]['overall'])}")
+    lines.append(f"  verdicts changed: {len(comp['changed'])}")
+    return "\n".join(lines)
 
 
 def format_comparison(report: dict[str, Any]) -> str:
