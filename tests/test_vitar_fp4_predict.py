@@ -23,3 +23,19 @@ def test_fp4_vitar_classifies_like_the_float_model(tmp_path):
         pa, pb = dict(a.top), dict(b.top)
         assert set(pa) == set(pb)
         assert max(abs(pa[k] - pb[k]) for k in pa) < 0.05
+
+
+def test_vitar_eval_command_runs_on_an_fp4_folder(tmp_path, capsys):
+    import argparse
+
+    from quintet.models.vitar.commands import add_vitar_parser
+
+    build_model(preset_config("vitar-tiny")).eval().save_pretrained(tmp_path / "float")
+    quantize_folder(tmp_path / "float", tmp_path / "fp4", group_size=32)
+    parser = argparse.ArgumentParser()
+    add_vitar_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(
+        ["vitar", "eval", "--model", str(tmp_path / "fp4"), "--resolutions", "32", "--num-images", "8"]
+    )
+    assert args.func(args) == 0
+    assert "32px" in capsys.readouterr().out

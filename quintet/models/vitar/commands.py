@@ -46,12 +46,12 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from quintet.models.vitar.checkpoint import load_model
+    from quintet.loading import load_model
     from quintet.models.vitar.evaluation import evaluate
     from quintet.train.vision import make_dataset
 
     _logging()
-    model = load_model(args.model, device=args.device)
+    model = load_model(args.model).to(args.device)  # a float or an FP4 folder
     dataset = make_dataset(args.data, seed=args.seed, num_images=args.num_images, device=args.device)
     results = evaluate(
         model,
