@@ -58,3 +58,45 @@ def test_a_folder_that_is_no_model_is_named(tmp_path):
     (tmp_path / "config.json").write_text('{"model_type": "llama"}')
     with pytest.raises(ModelFolderError, match="model_type = 'llama': quintet opens jamba, vitar, vit"):
         load_model(tmp_path)
+
+
+@pytest.fixture(scope="module")
+def hf_folder(tmp_path_factory):
+    """A Jamba folder written by transformers (its own save_pretrained), random jamba-tiny weights."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(1)
+    config = transformers.JambaConfig(**JambaConfig.from_preset("jamba-tiny").to_dict())
+    folder = tmp_path_factory.mktemp("hf") / "model"
+    transformers.JambaForCausalLM(config).save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("which", ["fp4", "transformers"])
+def test_every_model_command_runs_on_the_folder(which, folders, hf_folder, tmp_path, capsys):
+    from quintet.cli import main
+
+    model = str(folders / "fp4" if which == "fp4" else hf_folder)
+    texts = tmp_path / "texts.jsonl"
+    texts.write_text(json.dumps({"text": "a short held-out text " * 8, "lang": "en"}) + "\n")
+    task = tmp_path / "task.jsonl"
+    task.write_text(
+        json.dumps({"question": "2 + 2 =", "choices": ["4", "5"], "answer": 0, "lang": "en"}) + "\n"
+    )
+    prompts = tmp_path / "redteam.jsonl"
+    rows = [
+        {"id": "1", "category": "cyber", "lang": "en", "prompt": "p", "reference": "r", "kind": "harmful"},
+        {"id": "2", "category": "cyber", "lang": "en", "prompt": "q", "reference": "r", "kind": "benign"},
+    ]
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    commands = [
+        ["generate", "--model", model, "--prompt", "hello", "--max-new-tokens", "4"],
+        ["eval", "perplexity", "--model", model, "--data", str(texts)],
+        ["eval", "mc", "--model", model, "--task", str(task)],
+        ["eval", "redteam", "--model", model, "--prompts", str(prompts), "--out", str(tmp_path / "rt"),
+         "--max-new-tokens", "4"],
+        ["deploy", "plan", model, "--kind", "decode"],
+    ]  # fmt: skip
+    for argv in commands:
+        assert main(argv) == 0, argv
+    out = capsys.readouterr().out
+    assert "perplexity" in out and '"acc"' in out and "harmful compliance" in out and "decode step" in out
