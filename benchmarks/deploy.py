@@ -20,11 +20,15 @@ interleaved within each run (after one warm-up each), so that a drift in the mac
 quality: held-out perplexity of a model in float32 and in FP4 (round to nearest and GPTQ, groups of 32,
 64, 128): "perplexity" with the dequantized weights in float32 (the quantization alone), "engine
 perplexity" through the engine (FP4: quintet's M0E4 kernels, float32 activations; the float32 row: the
-float32 engine), and
-"layer error", the mean over quantized Linears of ||X W^T - X Q^T|| / ||X W^T|| on held-out inputs X.
+float32 engine), and "layer error", the mean over quantized Linears of ||X W^T - X Q^T|| / ||X W^T|| on
+held-out inputs X.
 The model is --quality-model if given, else a Jamba (jamba-tiny's shape, byte vocabulary) trained here for
 --train-steps on Python standard-library modules (files shipped with Python; every 10th module held out
 for evaluation, the others for training and GPTQ calibration); the trained model is kept in --work.
+Every perplexity is `quintet eval perplexity`'s computation (`quintet.eval.perplexity`, rolling windows of
+--seq-len per document) on --work/held-out.jsonl: the FP4 rows' engine figure and the float32 row's
+perplexity are that command run on the folders, so `quintet eval perplexity --model FOLDER --data
+runs/benchmarks/deploy_quality/held-out.jsonl --max-length 256` reproduces them.
 """
 
 from __future__ import annotations
@@ -47,11 +51,11 @@ from quintet.deploy.engine import (  # noqa: E402
     load_dequantized,
     load_quantized,
     load_quantized_model,
-    perplexity,
     to_engine,
 )
 from quintet.deploy.qlinear import M0E4Linear  # noqa: E402
 from quintet.deploy.quantize import file_bytes, quantize_folder  # noqa: E402
+from quintet.eval.perplexity import evaluate_perplexity, perplexity_by_language  # noqa: E402
 from quintet.generation import prefill, stream_generate  # noqa: E402
 from quintet.models.jamba import JambaConfig, JambaForCausalLM  # noqa: E402
 from quintet.tokenizer import ByteTokenizer, load_tokenizer  # noqa: E402
@@ -286,11 +290,30 @@ def quality(args: argparse.Namespace) -> None:
             _train_quality_model(folder, train, args.train_steps, args.seq_len, args.batch)
     tok = load_tokenizer(folder, vocab_size=JambaConfig.from_pretrained(folder).vocab_size)
     eval_ids = torch.tensor([t for text in held_out for t in tok.encode(text)][: args.eval_tokens])
+    # The held-out texts, cut to --eval-tokens, as a file `quintet eval perplexity` reads: every
+    # perplexity below is that command's computation (rolling windows of --seq-len per document).
+    texts, budget = [], args.eval_tokens
+    for text in held_out:
+        n = len(tok.encode(text))
+        texts.append(text if n <= budget else tok.decode(tok.encode(text)[:budget]))
+        budget -= min(n, budget)
+        if budget == 0:
+            break
+    held_file = work / "held-out.jsonl"
+    held_file.write_text("".join(json.dumps({"text": t, "lang": "code"}) + "\n" for t in texts))
+
+    def ppl_of(model) -> float:
+        return perplexity_by_language(model, tok, {"code": texts}, args.seq_len)["code"]["perplexity"]
+
+    def ppl_of_folder(directory: Path) -> float:  # exactly `quintet eval perplexity --model DIR ...`
+        result = evaluate_perplexity(directory, [held_file], max_length=args.seq_len)
+        return result["languages"]["code"]["perplexity"]
+
     calib = work / "calibration.jsonl"
     calib.write_text("".join(json.dumps({"text": t}) + "\n" for t in train[1::3]))
     rows = []
     float_model = JambaForCausalLM.from_pretrained(folder)
-    base = perplexity(float_model, eval_ids, args.seq_len)
+    base = ppl_of_folder(folder)
     inputs = _linear_inputs(float_model, eval_ids[: 16 * args.seq_len].view(-1, args.seq_len))
     rows.append({"weights": "float32", "group": "-", "perplexity": base, "relative": 0.0, "layer error": 0.0})
     for group in (32, 64, 128):
@@ -304,8 +327,8 @@ def quality(args: argparse.Namespace) -> None:
                 gptq_samples=args.gptq_samples,
                 gptq_seq_len=args.seq_len,
             )
-            ppl = perplexity(load_dequantized(out), eval_ids, args.seq_len)
-            ppl_engine = perplexity(load_quantized(out), eval_ids, args.seq_len)
+            ppl = ppl_of(load_dequantized(out))
+            ppl_engine = ppl_of_folder(out)
             rows.append(
                 {
                     "weights": f"FP4 {method}",
@@ -318,13 +341,12 @@ def quality(args: argparse.Namespace) -> None:
                 }
             )
             print(f"  {rows[-1]}", file=sys.stderr, flush=True)
-    rows[0]["engine perplexity"] = perplexity(
-        to_engine(JambaForCausalLM.from_pretrained(folder)), eval_ids, args.seq_len
-    )
+    rows[0]["engine perplexity"] = ppl_of(to_engine(JambaForCausalLM.from_pretrained(folder)))
     rows[0]["file / float32"] = 1.0
     print(
         f"model {folder} ({'given' if args.quality_model else f'trained {args.train_steps} steps here'}); "
-        f"held-out: {eval_ids.numel()} tokens of {len(held_out)} stdlib modules, windows of {args.seq_len}; "
+        f"held-out: {eval_ids.numel()} tokens of {len(texts)} stdlib modules ({held_file}), rolling windows "
+        f"of {args.seq_len}; "
         f"GPTQ calibration: {args.gptq_samples} x {args.seq_len} tokens; threads={args.threads}"
     )
     print(

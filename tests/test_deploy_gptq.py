@@ -5,10 +5,11 @@ import json
 import pytest
 import torch
 
-from quintet.deploy.engine import load_quantized, perplexity
+from quintet.deploy.engine import load_quantized
 from quintet.deploy.gptq import gptq_quantize_jamba, gptq_quantize_weight, read_calibration
 from quintet.deploy.m0e4 import quantize_rtn
 from quintet.deploy.quantize import QuantConfig, quantizable_modules, quantize, quantize_folder
+from quintet.eval.perplexity import perplexity_by_language
 from quintet.models.jamba import JambaConfig, JambaForCausalLM
 from quintet.tokenizer import ByteTokenizer
 
@@ -79,9 +80,12 @@ def test_quantize_folder_with_gptq_and_perplexity(tmp_path):
     assert summary["bytes_after"] < 0.2 * summary["bytes_before"]
     qc = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
     assert qc["calibration"] == "gptq" and qc["calibration_tokens"] == 256
-    ids = torch.tensor([ByteTokenizer().encode("the quick brown fox " * 8)])
-    ppl_q = perplexity(load_quantized(tmp_path / "q"), ids, seq_len=64)
-    ppl_f = perplexity(JambaForCausalLM.from_pretrained(tmp_path / "m"), ids, seq_len=64)
+    texts = {"en": ["the quick brown fox " * 8]}
+    ppl_q = perplexity_by_language(load_quantized(tmp_path / "q"), ByteTokenizer(), texts, 64)["en"][
+        "perplexity"
+    ]
+    model = JambaForCausalLM.from_pretrained(tmp_path / "m")
+    ppl_f = perplexity_by_language(model, ByteTokenizer(), texts, 64)["en"]["perplexity"]
     assert ppl_q > 1.0 and abs(ppl_q - ppl_f) / ppl_f < 0.5
 
 

@@ -13,7 +13,6 @@ from quintet.deploy.engine import (
     load_quantized,
     load_quantized_model,
     measure_generation,
-    perplexity,
     to_engine,
 )
 from quintet.deploy.kv_cache import SubTensorKVCache
@@ -43,7 +42,6 @@ __all__ = [
     "load_quantized",
     "load_quantized_model",
     "measure_generation",
-    "perplexity",
     "quantize",
     "quantize_folder",
     "quantize_rtn",

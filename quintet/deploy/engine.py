@@ -538,21 +538,6 @@ def load_dequantized(directory: str | os.PathLike, dtype: torch.dtype = torch.fl
 
 
 @torch.inference_mode()
-def perplexity(model: nn.Module, ids: torch.Tensor, seq_len: int = 256, batch_size: int = 8) -> float:
-    """exp(mean next-token negative log-likelihood) over `ids` (1, T) cut into windows of `seq_len` tokens
-    (the last partial window dropped); each window is scored alone, its first token unpredicted."""
-    ids = ids.reshape(-1)
-    windows = ids[: (ids.numel() // seq_len) * seq_len].view(-1, seq_len)
-    if windows.shape[0] == 0:
-        raise ValueError(f"perplexity: {ids.numel()} tokens, fewer than seq_len = {seq_len}")
-    total = 0.0
-    for start in range(0, windows.shape[0], batch_size):
-        batch = windows[start : start + batch_size]
-        total += float(model(batch, labels=batch).loss) * batch.shape[0]
-    return float(torch.exp(torch.tensor(total / windows.shape[0])))
-
-
-@torch.inference_mode()
 def measure_generation(
     model: nn.Module, ids: torch.Tensor, new_tokens: int, vocab_limit: int | None = None
 ) -> dict[str, object]:
