@@ -71,3 +71,22 @@ def load_model_and_tokenizer(folder: str | os.PathLike):
 
     model = load_model(folder)
     return model, load_tokenizer(folder, vocab_size=model.config.vocab_size)
+
+
+def load_trainable_model(folder: str | os.PathLike) -> nn.Module:
+    """A float Jamba to train or align from (`quintet train`, `quintet align`): a quintet or transformers
+    folder. An FP4 folder is refused with the reason (its weights are 4-bit codes, for inference)."""
+    folder = Path(folder)
+    kind, quantized = _model_type(folder)
+    if quantized:
+        raise ModelFolderError(
+            f"{folder / 'config.json'}: an FP4 (quantized) folder: training and alignment start from a float "
+            "model folder (the FP4 folder's float parent)"
+        )
+    if kind != "jamba":
+        raise ModelFolderError(
+            f"{folder / 'config.json'}: model_type = {kind!r}: expected a Jamba folder here"
+        )
+    from quintet.models.jamba import JambaForCausalLM
+
+    return JambaForCausalLM.from_pretrained(folder)

@@ -100,3 +100,14 @@ def test_every_model_command_runs_on_the_folder(which, folders, hf_folder, tmp_p
         assert main(argv) == 0, argv
     out = capsys.readouterr().out
     assert "perplexity" in out and '"acc"' in out and "harmful compliance" in out and "decode step" in out
+
+
+def test_training_starts_from_a_float_folder_only(folders, hf_folder):
+    from quintet.loading import load_trainable_model
+
+    assert isinstance(load_trainable_model(folders / "float"), JambaForCausalLM)
+    assert isinstance(load_trainable_model(hf_folder), JambaForCausalLM)
+    with pytest.raises(
+        ModelFolderError, match="an FP4 .quantized. folder: training and alignment start from"
+    ):
+        load_trainable_model(folders / "fp4")

@@ -35,6 +35,7 @@ from quintet.align.preference_data import read_preferences
 from quintet.align.sdpo import SPLITS, split_steps, train_sdpo
 from quintet.align.sft import SFTConfig, read_sft_examples, train_sft
 from quintet.io import atomic_write_text, copy_model_files
+from quintet.loading import load_trainable_model
 from quintet.models.jamba import JambaForCausalLM
 from quintet.tokenizer import load_tokenizer
 
@@ -93,7 +94,7 @@ def run_sft(config_path: str | os.PathLike, progress: bool = True) -> dict[str, 
     data = _load(config_path, "sft")
     cfg = _section(data, "sft", SFTConfig)
     model_dir, out = data["model"]["path"], Path(data["run"]["out_dir"])
-    model = JambaForCausalLM.from_pretrained(model_dir)
+    model = load_trainable_model(model_dir)
     tokenizer = load_tokenizer(model_dir, vocab_size=model.config.vocab_size)
     history = train_sft(model, tokenizer, read_sft_examples(data["data"]["train"]), cfg, progress)
     _write_metrics(out, history)
@@ -119,8 +120,8 @@ def run_dpo(config_path: str | os.PathLike, progress: bool = True) -> dict[str, 
     model_dir, out = data["model"]["path"], Path(data["run"]["out_dir"])
     if cfg.cache_dir is None:
         cfg.cache_dir = str(out / "reference-cache")
-    model = JambaForCausalLM.from_pretrained(model_dir)
-    reference = JambaForCausalLM.from_pretrained(model_dir)
+    model = load_trainable_model(model_dir)
+    reference = load_trainable_model(model_dir)
     tokenizer = load_tokenizer(model_dir, vocab_size=model.config.vocab_size)
     pairs = read_preferences(data["data"]["train"])
     before = _eval_accuracy(model, tokenizer, data, cfg.max_length)
@@ -152,7 +153,7 @@ def run_sdpo(config_path: str | os.PathLike, progress: bool = True) -> dict[str,
     model_dir, out = data["model"]["path"], Path(data["run"]["out_dir"])
     if cfg.cache_dir is None:
         cfg.cache_dir = str(out / "reference-cache")
-    model = JambaForCausalLM.from_pretrained(model_dir)
+    model = load_trainable_model(model_dir)
     tokenizer = load_tokenizer(model_dir, vocab_size=model.config.vocab_size)
     pairs = read_preferences(data["data"]["train"])
     steps = split_steps(

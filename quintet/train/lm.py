@@ -28,6 +28,7 @@ from torch.distributed.checkpoint.state_dict import (
 from tqdm import tqdm
 
 from quintet.io import copy_model_files
+from quintet.loading import load_trainable_model
 from quintet.models.jamba import JambaConfig, JambaForCausalLM
 from quintet.models.jamba.checkpoint import save_state_dict
 from quintet.train.curriculum import Stage
@@ -60,7 +61,7 @@ def build_model(cfg: TrainConfig) -> JambaForCausalLM:
     if cfg.model.preset is not None:
         model = JambaForCausalLM(JambaConfig.from_preset(cfg.model.preset))
     else:
-        model = JambaForCausalLM.from_pretrained(cfg.model.init_from)
+        model = load_trainable_model(cfg.model.init_from)
     if cfg.model.vocab_size is not None:
         extend_vocab(model, cfg.model.vocab_size)
     return model
