@@ -89,3 +89,21 @@ def test_broken_template_or_config_is_named(hf_tokenizer_folder, tmp_path):
     (tmp_path / "tokenizer_config.json").write_text('{"chat_template": ')
     with pytest.raises(ValueError, match=r"tokenizer_config\.json: not valid JSON"):
         load_tokenizer(tmp_path)
+
+
+def test_the_template_travels_through_train_align_and_quantize(hf_tokenizer_folder, tmp_path):
+    """The copies each stage makes of a model folder's files (train: from the shards' tokenizer; align:
+    from its starting model; quantize: from the float folder), chained: the template is intact at the end."""
+    from quintet.align.run import _save
+    from quintet.train.lm import copy_tokenizer_files
+
+    folder, fast = hf_tokenizer_folder
+    torch.manual_seed(0)
+    model = JambaForCausalLM(JambaConfig.from_preset("jamba-tiny", vocab_size=320))
+    model.save_pretrained(tmp_path / "pretrained")
+    copy_tokenizer_files(str(folder), tmp_path / "pretrained")  # train: the shards' tokenizer folder
+    aligned = _save(model, str(tmp_path / "pretrained"), tmp_path / "align")  # align
+    quantize_folder(aligned, tmp_path / "fp4", group_size=32)  # deploy quantize
+    want = fast.apply_chat_template(MESSAGES, tokenize=False, add_generation_prompt=True)
+    for stage in (tmp_path / "pretrained", aligned, tmp_path / "fp4"):
+        assert load_tokenizer(stage).render_chat_text(MESSAGES) == want, stage
