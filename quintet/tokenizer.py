@@ -135,6 +135,15 @@ def load_tokenizer(model_dir: str | os.PathLike, vocab_size: int | None = None) 
     With `vocab_size` (the model's), checks that every id the tokenizer can produce fits the model.
     """
     path = Path(model_dir) / "tokenizer.json"
+    if not path.is_file():
+        companions = [
+            n for n in ("tokenizer_config.json", "chat_template.jinja") if (path.parent / n).is_file()
+        ]
+        if companions:  # a tokenizer's other files without its vocabulary: a copy went wrong
+            raise ValueError(
+                f"{path}: missing, while the folder has {', '.join(companions)}; copy the tokenizer's "
+                "tokenizer.json too (or remove those files to use the byte-level tokenizer)"
+            )
     tokenizer: TextTokenizer = HFTokenizer(path) if path.is_file() else ByteTokenizer()
     if vocab_size is not None and tokenizer.vocab_size > vocab_size:
         source = path if path.is_file() else "the byte-level tokenizer"

@@ -301,7 +301,7 @@ def test_an_fp4_folder_exports_its_dequantized_weights(folder, fp4_folder, type)
     assert {t.name: [int(n) for n in t.shape] for t in reader.tensors} == _expected_shapes(config)
     fields = _fields(reader)
     assert [k for k in REQUIRED_KEYS if k not in fields] == []
-    # the FP4 folder carries tokenizer.json but not tokenizer_config.json: quintet's default template
+    # the FP4 folder carries tokenizer_config.json (quintet.io.MODEL_FILES): the float folder's template
     assert fields["tokenizer.chat_template"] == CHAT_TEMPLATE and fields["tokenizer.ggml.pre"] == "smollm"
     if type == "f32":
         originals = _original_tensors(load_dequantized(fp4_folder))

@@ -89,6 +89,11 @@ def test_broken_template_or_config_is_named(hf_tokenizer_folder, tmp_path):
     (tmp_path / "tokenizer_config.json").write_text('{"chat_template": ')
     with pytest.raises(ValueError, match=r"tokenizer_config\.json: not valid JSON"):
         load_tokenizer(tmp_path)
+    (tmp_path / "tokenizer.json").unlink()
+    with pytest.raises(
+        ValueError, match=r"tokenizer\.json: missing, while the folder has tokenizer_config\.json"
+    ):
+        load_tokenizer(tmp_path)
 
 
 def test_the_template_travels_through_train_align_and_quantize(hf_tokenizer_folder, tmp_path):
