@@ -114,3 +114,25 @@ def test_documented_command_line_runs_the_quintet_model(setup, tmp_path):
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "quintet_capitals" in done.stdout and "acc" in done.stdout
+
+
+def test_lm_eval_runs_an_fp4_folder_through_the_one_loader(setup, tmp_path):
+    from quintet.deploy.quantize import quantize_folder
+    from quintet.loading import load_model
+
+    root, task, task_dir = setup
+    quantize_folder(root / "model", tmp_path / "fp4", group_size=32)
+    results = simple_evaluate(
+        model="quintet",
+        model_args={"pretrained": str(tmp_path / "fp4")},
+        tasks=["quintet_capitals"],
+        task_manager=TaskManager(include_path=str(task_dir), include_defaults=False),
+        log_samples=True,
+        batch_size=3,
+    )
+    ours = evaluate_mc(load_model(tmp_path / "fp4"), ByteTokenizer(), read_mc_task(task))
+    samples = sorted(results["samples"]["quintet_capitals"], key=lambda s: s["doc_id"])
+    for sample, mine in zip(samples, ours["items"], strict=True):
+        assert [float(r[0][0]) for r in sample["resps"]] == pytest.approx(
+            mine["loglikelihoods"], rel=1e-5, abs=1e-4
+        )

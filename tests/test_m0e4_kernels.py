@@ -224,3 +224,13 @@ def test_fused_float_swiglu_equals_the_three_ops():
     want = down(torch.nn.functional.silu(gate(x)) * up(x))
     with torch.inference_mode(), m0e4_cpu.matmul_path("gemv"):
         torch.testing.assert_close(ff(x), want, rtol=1e-5, atol=1e-5)
+
+
+def test_moving_a_quantized_module_keeps_its_storage_types():
+    from quintet.deploy.qlinear import M0E4Linear
+
+    lin = M0E4Linear.from_quantized(quantize_rtn(torch.randn(32, 64), 32), bias=torch.zeros(32))
+    lin.to(torch.float32)
+    lin.to(dtype=torch.bfloat16)
+    assert lin.qweight.dtype == torch.uint8 and lin.scales.dtype == lin.offsets.dtype == torch.float16
+    assert lin.bias.dtype == torch.bfloat16  # the float parameter does follow

@@ -20,7 +20,20 @@ from quintet.deploy.m0e4 import M0E4Tensor, code_to_fp16, dequantize, pack_codes
 from quintet.kernels.m0e4_cpu import m0e4_matmul
 
 
-class M0E4Linear(nn.Module):
+class _KeepsStorageTypes(nn.Module):
+    """`model.to(dtype)` / `.half()` move the 4-bit codes and their float16 scales and offsets between
+    devices but never change their types (a float16 -> float32 -> float16 round trip is exact)."""
+
+    def _apply(self, fn, recurse: bool = True):
+        kept = {name: b.dtype for name, b in self._buffers.items() if b is not None}
+        super()._apply(fn, recurse)
+        for name, dtype in kept.items():
+            if self._buffers[name].dtype != dtype:
+                self._buffers[name] = self._buffers[name].to(dtype)
+        return self
+
+
+class M0E4Linear(_KeepsStorageTypes):
     """y = x W^T + b with W in M0E4; computes in float32, returns the input's dtype."""
 
     def __init__(
@@ -92,7 +105,7 @@ def _byte_table(device: torch.device) -> torch.Tensor:
     return table
 
 
-class M0E4Embedding(nn.Module):
+class M0E4Embedding(_KeepsStorageTypes):
     """An embedding table in M0E4: the rows of the looked-up ids are dequantized (bit trick) on the fly."""
 
     def __init__(
