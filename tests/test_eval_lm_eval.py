@@ -57,16 +57,21 @@ def direct(model, ctx, cont):
     return float(logp.gather(-1, torch.tensor(cont)[:, None]).sum())
 
 
-def test_lm_eval_loglikelihoods_equal_our_scoring(setup):
-    root, task, task_dir = setup
-    results = simple_evaluate(
+def run_capitals(pretrained, task_dir):
+    """The capitals task through lm-eval's own `simple_evaluate` on the quintet model of `pretrained`."""
+    return simple_evaluate(
         model="quintet",
-        model_args={"pretrained": str(root / "model")},
+        model_args={"pretrained": str(pretrained)},
         tasks=["quintet_capitals"],
         task_manager=TaskManager(include_path=str(task_dir), include_defaults=False),
         log_samples=True,
         batch_size=3,
     )
+
+
+def test_lm_eval_loglikelihoods_equal_our_scoring(setup):
+    root, task, task_dir = setup
+    results = run_capitals(root / "model", task_dir)
     model = JambaForCausalLM.from_pretrained(root / "model").eval()
     ours = evaluate_mc(model, ByteTokenizer(), read_mc_task(task))
     samples = sorted(results["samples"]["quintet_capitals"], key=lambda s: s["doc_id"])
@@ -122,14 +127,7 @@ def test_lm_eval_runs_an_fp4_folder_through_the_one_loader(setup, tmp_path):
 
     root, task, task_dir = setup
     quantize_folder(root / "model", tmp_path / "fp4", group_size=32)
-    results = simple_evaluate(
-        model="quintet",
-        model_args={"pretrained": str(tmp_path / "fp4")},
-        tasks=["quintet_capitals"],
-        task_manager=TaskManager(include_path=str(task_dir), include_defaults=False),
-        log_samples=True,
-        batch_size=3,
-    )
+    results = run_capitals(tmp_path / "fp4", task_dir)
     ours = evaluate_mc(load_model(tmp_path / "fp4"), ByteTokenizer(), read_mc_task(task))
     samples = sorted(results["samples"]["quintet_capitals"], key=lambda s: s["doc_id"])
     for sample, mine in zip(samples, ours["items"], strict=True):
