@@ -226,12 +226,13 @@ def test_killed_curation_resumes_without_duplicates(tmp_path):
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
+        start_new_session=True,  # its own process group: the kill below reaches its workers too
     )
     marker = out / "logs" / "filter" / "completions" / "00000"
     deadline = time.time() + 120
     while not marker.exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.002)
-    proc.send_signal(signal.SIGKILL)
+    os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     done = sorted(p.name for p in (out / "logs" / "filter" / "completions").iterdir())
     assert proc.returncode == -signal.SIGKILL and 1 <= len(done) < 4, done  # killed halfway through
