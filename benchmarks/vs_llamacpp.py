@@ -31,10 +31,8 @@ from __future__ import annotations
 import argparse
 import ctypes
 import gc
-import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -49,6 +47,7 @@ from timing import markdown_table, set_threads, write_results  # noqa: E402
 from quintet.deploy.engine import load_quantized, to_engine  # noqa: E402
 from quintet.deploy.gguf_export import export_gguf  # noqa: E402
 from quintet.deploy.memory_plan import weight_bytes_per_token  # noqa: E402
+from quintet.deploy.memory_probe import resident_memory  # noqa: E402
 from quintet.deploy.quantize import file_bytes, quantize_folder  # noqa: E402
 from quintet.kernels import m0e4_cpu  # noqa: E402
 from quintet.models.jamba import JambaForCausalLM  # noqa: E402
@@ -145,50 +144,6 @@ def gguf_bytes_per_token(path: Path, experts: int, top_k: int) -> int:
             n = n // int(t.shape[-1])
         total += n
     return total
-
-
-_RSS_SCRIPT = """
-import json, sys, torch
-from quintet.deploy.engine import load_quantized
-def rss():
-    for line in open("/proc/self/status"):
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-torch.set_num_threads(1)
-n_ctx = int(sys.argv[2])
-def run(prompt):
-    engine = load_quantized(sys.argv[1], max_cache_length=n_ctx)
-    cache = engine.new_cache()
-    with torch.inference_mode():
-        engine(torch.randint(3, 1000, (1, prompt)), cache=cache, logits_to_keep=1)
-        for _ in range(8):
-            engine(torch.tensor([[5]]), cache=cache)
-    return engine, cache
-start = rss()
-first = run(16)  # pays what a process pays once: libraries, code generated per matmul shape
-once = rss() - start
-base = rss()
-second = run(16)  # the model's own cost: a second copy, the first still loaded
-loaded = rss() - base
-second[0](torch.randint(3, 1000, (1, n_ctx - 128)), cache=second[0].new_cache(), logits_to_keep=1)
-print(json.dumps({"rss_first_copy": once, "rss_loaded": loaded, "rss_after_long_prompt": rss() - base,
-                  "cache_bytes": sum(second[1].nbytes().values())}))
-"""
-
-
-def resident_memory(fp4: Path, cache_tokens: int) -> dict[str, int]:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    script = _RSS_SCRIPT
-    done = subprocess.run(
-        [sys.executable, "-c", script, str(fp4), str(cache_tokens)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=env,
-    )
-    if done.returncode:
-        raise RuntimeError(f"the memory probe failed:\n{done.stderr[-2000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 # ---------------------------------------------------------------------------------------------- main

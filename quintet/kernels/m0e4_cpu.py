@@ -153,32 +153,29 @@ def isa() -> str:
 
 
 @contextlib.contextmanager
-def matmul_path(path: str) -> Iterator[None]:
-    """Choose the path of every `m0e4_matmul` called inside: "gemv", "tiles" or "auto" (by each call's
-    rows). An engine step chooses by its own shape, so that the choice never depends on data (how many
-    tokens the router sent to an expert) and a traced step is the step that runs."""
-    if path not in PATHS:
-        raise ValueError(f"matmul_path = {path!r}: must be one of {', '.join(PATHS)}")
-    token = _PATH.set(path)
+def _setting(var: ContextVar[str], value: str, valid: tuple[str, ...], label: str) -> Iterator[None]:
+    if value not in valid:
+        raise ValueError(f"{label} = {value!r}: must be one of {', '.join(valid)}")
+    token = var.set(value)
     try:
         yield
     finally:
-        _PATH.reset(token)
+        var.reset(token)
 
 
-@contextlib.contextmanager
-def decode_activations(kind: str) -> Iterator[None]:
+def matmul_path(path: str) -> contextlib.AbstractContextManager[None]:
+    """Choose the path of every `m0e4_matmul` called inside: "gemv", "tiles" or "auto" (by each call's
+    rows). An engine step chooses by its own shape, so that the choice never depends on data (how many
+    tokens the router sent to an expert) and a traced step is the step that runs."""
+    return _setting(_PATH, path, PATHS, "matmul_path")
+
+
+def decode_activations(kind: str) -> contextlib.AbstractContextManager[None]:
     """The activations of the decode GEMV inside: "float32" (exact to float32 rounding, the default) or
     "int8" (x quantized per block of 32 to int8 and integer dot products, as llama.cpp's Q4_0 / Q8_0
     matmuls do: about 2x faster here, and the error of 8-bit activations). "int8" needs AVX-512 VNNI
     and K a multiple of 128; elsewhere the float32 GEMV runs."""
-    if kind not in ACTIVATIONS:
-        raise ValueError(f"decode activations = {kind!r}: must be one of {', '.join(ACTIVATIONS)}")
-    token = _ACTIVATIONS.set(kind)
-    try:
-        yield
-    finally:
-        _ACTIVATIONS.reset(token)
+    return _setting(_ACTIVATIONS, kind, ACTIVATIONS, "decode activations")
 
 
 def gemv_max_rows() -> int:
@@ -227,7 +224,7 @@ def _scratch(rows: int, k: int, dtype: torch.dtype) -> torch.Tensor:
 
 
 def _tile_rows(n: int, k: int, dtype: torch.dtype) -> int:
-    rows = max(16, TILE_BYTES // (k * torch.tensor([], dtype=dtype).element_size()) // 16 * 16)
+    rows = max(16, TILE_BYTES // (k * dtype.itemsize) // 16 * 16)
     return min(rows, n)
 
 

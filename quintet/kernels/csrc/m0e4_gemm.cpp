@@ -677,6 +677,16 @@ int64_t resolve_isa(int64_t isa) {
   return isa;
 }
 
+// x (M, K) into dst in the permuted K order (per 32-chunk: the 16 even positions, then the 16 odd).
+void permute_into(const float* src, float* dst, int64_t M, int64_t K) {
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t b = 0; b < K; b += kChunk)
+      for (int i = 0; i < 16; ++i) {
+        dst[m * K + b + i] = src[m * K + b + 2 * i];
+        dst[m * K + b + 16 + i] = src[m * K + b + 2 * i + 1];
+      }
+}
+
 at::Tensor permute_k(const at::Tensor& x_in) {
   const at::Tensor x = x_in.to(at::kFloat).contiguous();
   TORCH_CHECK(x.dim() == 2 && x.size(1) % kChunk == 0, "m0e4: x must be (M, K) with K a multiple of 32");
@@ -684,14 +694,7 @@ at::Tensor permute_k(const at::Tensor& x_in) {
   at::Tensor xp = at::empty({M, K}, x.options());
   const float* src = x.data_ptr<float>();
   float* dst = xp.data_ptr<float>();
-  at::parallel_for(0, M, 64, [&](int64_t m0, int64_t m1) {
-    for (int64_t m = m0; m < m1; ++m)
-      for (int64_t b = 0; b < K; b += kChunk)
-        for (int i = 0; i < 16; ++i) {
-          dst[m * K + b + i] = src[m * K + b + 2 * i];
-          dst[m * K + b + 16 + i] = src[m * K + b + 2 * i + 1];
-        }
-  });
+  at::parallel_for(0, M, 64, [&](int64_t m0, int64_t m1) { permute_into(src + m0 * K, dst + m0 * K, m1 - m0, K); });
   return xp;
 }
 
@@ -710,15 +713,8 @@ Problem make_problem(const at::Tensor& qw, const at::Tensor& S, const at::Tensor
 // an allocation and a parallel loop would cost more than the permutation).
 const float* permuted(const at::Tensor& x) {
   thread_local std::vector<float> buf;
-  const int64_t M = x.size(0), K = x.size(1);
-  buf.resize(static_cast<size_t>(M * K));
-  const float* src = x.data_ptr<float>();
-  for (int64_t m = 0; m < M; ++m)
-    for (int64_t b = 0; b < K; b += kChunk)
-      for (int i = 0; i < 16; ++i) {
-        buf[m * K + b + i] = src[m * K + b + 2 * i];
-        buf[m * K + b + 16 + i] = src[m * K + b + 2 * i + 1];
-      }
+  buf.resize(static_cast<size_t>(x.numel()));
+  permute_into(x.data_ptr<float>(), buf.data(), x.size(0), x.size(1));
   return buf.data();
 }
 
@@ -802,13 +798,18 @@ at::Tensor gemv_f32(const at::Tensor& x_in, const at::Tensor& w, int64_t isa) {
   return y;
 }
 
-bool cpu_has_vnni() {
+bool detect_vnni() {
 #if QUINTET_X86
   __builtin_cpu_init();
   return cpu_isa() == kAvx512 && __builtin_cpu_supports("avx512vnni");
 #else
   return false;
 #endif
+}
+
+bool cpu_has_vnni() {
+  static const bool vnni = detect_vnni();  // once per process, like cpu_isa
+  return vnni;
 }
 
 // x (M, K) -> int8 per block of 32, permuted per 128 (even positions, then odd); lane_dx (M, K/8): the
@@ -861,6 +862,20 @@ at::Tensor gemv_q8(const at::Tensor& x_in, const at::Tensor& qw, const at::Tenso
   return y;
 }
 
+// silu(a) * b for each row [a | b] of h (M, 2 I): the SwiGLU between gate_up and down.
+at::Tensor silu_mul(const at::Tensor& h) {
+  const int64_t M = h.size(0), inter = h.size(1) / 2;
+  at::Tensor act = at::empty({M, inter}, h.options());
+  const float* hp = h.data_ptr<float>();
+  float* ap = act.data_ptr<float>();
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t i = 0; i < inter; ++i) {
+      const float a = hp[m * 2 * inter + i], b = hp[m * 2 * inter + inter + i];
+      ap[m * inter + i] = a / (1.f + std::exp(-a)) * b;
+    }
+  return act;
+}
+
 // down(silu(a) * b) with [a | b] = gate_up(x), both weights in M0E4: the decode step's SwiGLU in one call.
 at::Tensor swiglu_gemv(const at::Tensor& x, const at::Tensor& gu_q, const at::Tensor& gu_s, const at::Tensor& gu_o,
                        const at::Tensor& dn_q, const at::Tensor& dn_s, const at::Tensor& dn_o, int64_t gs,
@@ -870,15 +885,7 @@ at::Tensor swiglu_gemv(const at::Tensor& x, const at::Tensor& gu_q, const at::Te
               "m0e4 swiglu_gemv: gate_up must have 2 I rows and down I inputs, got ", gu_q.sizes(), " and ",
               dn_q.sizes());
   const bool q8_up = int8 && x.size(1) % 128 == 0 && cpu_has_vnni() && resolve_isa(isa) == kAvx512;
-  const at::Tensor h = q8_up ? gemv_q8(x, gu_q, gu_s, gu_o, gs, isa) : gemv(x, gu_q, gu_s, gu_o, gs, isa);
-  at::Tensor act = at::empty({x.size(0), inter}, h.options());
-  const float* hp = h.data_ptr<float>();
-  float* ap = act.data_ptr<float>();
-  for (int64_t m = 0; m < x.size(0); ++m)
-    for (int64_t i = 0; i < inter; ++i) {
-      const float a = hp[m * 2 * inter + i], b = hp[m * 2 * inter + inter + i];
-      ap[m * inter + i] = a / (1.f + std::exp(-a)) * b;
-    }
+  const at::Tensor act = silu_mul(q8_up ? gemv_q8(x, gu_q, gu_s, gu_o, gs, isa) : gemv(x, gu_q, gu_s, gu_o, gs, isa));
   const bool q8_down = int8 && inter % 128 == 0 && cpu_has_vnni() && resolve_isa(isa) == kAvx512;
   return q8_down ? gemv_q8(act, dn_q, dn_s, dn_o, gs, isa) : gemv(act, dn_q, dn_s, dn_o, gs, isa);
 }
@@ -888,16 +895,7 @@ at::Tensor swiglu_f32(const at::Tensor& x, const at::Tensor& w_gu, const at::Ten
   const int64_t inter = w_gu.size(0) / 2;
   TORCH_CHECK(w_gu.size(0) % 2 == 0 && w_dn.size(1) == inter,
               "swiglu_f32: gate_up must have 2 I rows and down I inputs, got ", w_gu.sizes(), " and ", w_dn.sizes());
-  const at::Tensor h = gemv_f32(x, w_gu, isa);
-  at::Tensor act = at::empty({x.size(0), inter}, h.options());
-  const float* hp = h.data_ptr<float>();
-  float* ap = act.data_ptr<float>();
-  for (int64_t m = 0; m < x.size(0); ++m)
-    for (int64_t i = 0; i < inter; ++i) {
-      const float a = hp[m * 2 * inter + i], b = hp[m * 2 * inter + inter + i];
-      ap[m * inter + i] = a / (1.f + std::exp(-a)) * b;
-    }
-  return gemv_f32(act, w_dn, isa);
+  return gemv_f32(silu_mul(gemv_f32(x, w_gu, isa)), w_dn, isa);
 }
 
 // RMSNorm of each row of x (+ h, when given: the residual add first), float32: the decode step calls it
