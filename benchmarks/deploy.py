@@ -47,14 +47,15 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from timing import markdown_table, set_threads, write_results  # noqa: E402
 
-from quintet.deploy.engine import (  # noqa: E402
+from quintet.deploy.convert import quantize_folder  # noqa: E402
+from quintet.deploy.engine import to_engine
+from quintet.deploy.qlinear import M0E4Linear  # noqa: E402
+from quintet.deploy.quantized_folder import (
+    file_bytes,  # noqa: E402
     load_dequantized,
     load_quantized,
     load_quantized_model,
-    to_engine,
 )
-from quintet.deploy.qlinear import M0E4Linear  # noqa: E402
-from quintet.deploy.quantize import file_bytes, quantize_folder  # noqa: E402
 from quintet.eval.perplexity import evaluate_perplexity, perplexity_by_language  # noqa: E402
 from quintet.generation import prefill, stream_generate  # noqa: E402
 from quintet.models.jamba import JambaConfig, JambaForCausalLM  # noqa: E402

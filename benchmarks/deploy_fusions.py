@@ -25,11 +25,11 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from timing import markdown_table, median_seconds, set_threads, write_results  # noqa: E402
 
-from quintet.deploy.engine import load_quantized  # noqa: E402
+from quintet.deploy.convert import quantize_folder  # noqa: E402
 from quintet.deploy.fusions import add_rms_norm, merge_linears  # noqa: E402
-from quintet.deploy.m0e4 import quantize_rtn  # noqa: E402
 from quintet.deploy.qlinear import M0E4Linear  # noqa: E402
-from quintet.deploy.quantize import quantize_folder  # noqa: E402
+from quintet.deploy.quantized_folder import load_quantized  # noqa: E402
+from quintet.kernels.m0e4 import quantize_rtn  # noqa: E402
 from quintet.kernels.m0e4_cpu import m0e4_matmul, matmul_path  # noqa: E402
 from quintet.models.jamba import JambaConfig  # noqa: E402
 from quintet.models.jamba.create import create_model  # noqa: E402

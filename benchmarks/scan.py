@@ -31,12 +31,12 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from timing import markdown_table, median_seconds, set_threads, write_results  # noqa: E402
 
+from quintet.kernels.selective_scan import selective_scan, selective_state_update  # noqa: E402
 from quintet.kernels.selective_scan_cpu import (  # noqa: E402
     fused_scan_available,
     selective_scan_fused,
     selective_state_update_fused,
 )
-from quintet.models.jamba.selective_scan import selective_scan, selective_state_update  # noqa: E402
 
 D_STATE = 16
 FULL = dict(

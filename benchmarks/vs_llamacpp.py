@@ -44,11 +44,15 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from timing import markdown_table, set_threads, write_results  # noqa: E402
 
-from quintet.deploy.engine import load_quantized, to_engine  # noqa: E402
+from quintet.deploy.convert import quantize_folder  # noqa: E402
+from quintet.deploy.engine import to_engine  # noqa: E402
 from quintet.deploy.gguf_export import export_gguf  # noqa: E402
 from quintet.deploy.memory_plan import weight_bytes_per_token  # noqa: E402
 from quintet.deploy.memory_probe import resident_memory  # noqa: E402
-from quintet.deploy.quantize import file_bytes, quantize_folder  # noqa: E402
+from quintet.deploy.quantized_folder import (
+    file_bytes,  # noqa: E402
+    load_quantized,  # noqa: E402
+)
 from quintet.kernels import m0e4_cpu  # noqa: E402
 from quintet.models.jamba import JambaForCausalLM  # noqa: E402
 from quintet.models.jamba.create import create_model  # noqa: E402

@@ -1,4 +1,5 @@
-"""Files written so that an interrupted run never leaves a half-written output behind."""
+"""Files written so that an interrupted run never leaves a half-written output behind, and the one reader
+and writer of safetensors weights (quintet never unpickles a file)."""
 
 from __future__ import annotations
 
@@ -6,8 +7,10 @@ import contextlib
 import json
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
+
+from quintet.errors import CheckpointError
 
 
 @contextlib.contextmanager
@@ -81,3 +84,63 @@ def copy_model_files(source_dir: str | os.PathLike, target_dir: str | os.PathLik
                 shutil.copyfile(src, tmp)
             copied.append(name)
     return copied
+
+
+# ------------------------------------------------------------------------------------------ safetensors
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
+
+
+def write_safetensors(
+    tensors: Mapping, path: str | os.PathLike, metadata: dict[str, str] | None = None
+) -> None:
+    """Write tensors (made contiguous, on the CPU) to a safetensors file through a temporary name."""
+    from safetensors.torch import save_file
+
+    state = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    with atomic_path(path) as tmp:
+        save_file(state, str(tmp), metadata={"format": "pt", **(metadata or {})})
+
+
+def missing_weights(path: str | os.PathLike) -> CheckpointError:
+    """The error for a weights file that is not there, naming any pickle weights beside it (never read)."""
+    path = Path(path)
+    pickles = sorted(p.name for p in path.parent.glob("*") if p.suffix in PICKLE_SUFFIXES)
+    if pickles:
+        return CheckpointError(
+            f"{path}: missing; found only pickle weights {pickles}: quintet reads safetensors only, as pickles "
+            "can run code; convert them with a tool you trust"
+        )
+    return CheckpointError(f"{path}: missing; a model folder holds its weights in {path.name}")
+
+
+def read_safetensors(path: str | os.PathLike, device: str = "cpu") -> dict:
+    """Every tensor of a safetensors file; a missing, truncated or garbled file raises `CheckpointError`."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise missing_weights(path)
+    try:
+        with safe_open(str(path), framework="pt", device=device) as f:
+            return {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 (no __iter__)
+    except Exception as err:  # safetensors raises its own error types for truncated or garbled files
+        raise CheckpointError(
+            f"{path}: not a readable safetensors file ({type(err).__name__}: {err}); the file is corrupt or "
+            "truncated: write it again"
+        ) from None
+
+
+def tensor_mismatches(
+    expected: Mapping[str, Sequence[int]], found: Mapping[str, Sequence[int]], optional: Sequence[str] = ()
+) -> list[str]:
+    """One line per tensor that is missing, unexpected (unless in `optional`) or of the wrong shape."""
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected) - set(optional))
+    lines = [f"  missing tensor: {k} (expected shape {list(expected[k])})" for k in missing]
+    lines += [f"  unexpected tensor: {k} (shape {list(found[k])})" for k in unexpected]
+    lines += [
+        f"  wrong shape: {k}: found {list(found[k])}, expected {list(expected[k])}"
+        for k in sorted(set(expected) & set(found))
+        if tuple(expected[k]) != tuple(found[k])
+    ]
+    return lines

@@ -19,7 +19,8 @@ from pathlib import Path
 
 from torch import nn
 
-KINDS = ("jamba", "vitar", "vit")
+from quintet.models import MODEL_TYPES as KINDS
+from quintet.models import from_pretrained
 
 
 class ModelFolderError(ValueError):
@@ -53,16 +54,10 @@ def load_model(folder: str | os.PathLike) -> nn.Module:
     folder = Path(folder)
     kind, quantized = _model_type(folder)
     if quantized:
-        from quintet.deploy.engine import load_quantized
+        from quintet.deploy.quantized_folder import load_quantized
 
         return load_quantized(folder)
-    if kind == "jamba":
-        from quintet.models.jamba import JambaForCausalLM
-
-        return JambaForCausalLM.from_pretrained(folder).eval()
-    from quintet.models.vitar.checkpoint import load_model as load_vision
-
-    return load_vision(folder)
+    return from_pretrained(folder, kind)
 
 
 def load_model_and_tokenizer(folder: str | os.PathLike):

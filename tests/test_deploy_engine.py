@@ -5,16 +5,18 @@ import json
 import pytest
 import torch
 
-from quintet.deploy.engine import (
-    JambaEngine,
+from quintet.deploy.convert import load_float_model
+from quintet.deploy.engine import JambaEngine, to_engine
+from quintet.deploy.kv_cache import SubTensorKVCache
+from quintet.deploy.qlinear import M0E4Embedding, M0E4Linear
+from quintet.deploy.quantize import QuantConfig, quantize
+from quintet.deploy.quantized_folder import (
+    file_bytes,
     load_dequantized,
     load_quantized,
     load_quantized_model,
-    to_engine,
+    save_quantized,
 )
-from quintet.deploy.kv_cache import SubTensorKVCache
-from quintet.deploy.qlinear import M0E4Embedding, M0E4Linear
-from quintet.deploy.quantize import QuantConfig, file_bytes, load_float_model, quantize, save_quantized
 from quintet.generation import generate
 from quintet.loading import load_model
 from quintet.models.jamba import JambaConfig, JambaForCausalLM

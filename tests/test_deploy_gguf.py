@@ -12,9 +12,9 @@ import torch
 
 from quintet.cli import main
 from quintet.data.tokenizer_training import CHAT_TEMPLATE, train_tokenizer
-from quintet.deploy.engine import load_dequantized
+from quintet.deploy.convert import quantize_folder
 from quintet.deploy.gguf_export import export_gguf
-from quintet.deploy.quantize import quantize_folder
+from quintet.deploy.quantized_folder import load_dequantized
 from quintet.models.jamba import JambaForCausalLM
 from quintet.models.jamba.create import create_model
 from quintet.tokenizer import load_tokenizer

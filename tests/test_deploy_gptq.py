@@ -5,11 +5,12 @@ import json
 import pytest
 import torch
 
-from quintet.deploy.engine import load_quantized
+from quintet.deploy.convert import quantize_folder
 from quintet.deploy.gptq import gptq_quantize_jamba, gptq_quantize_weight, read_calibration
-from quintet.deploy.m0e4 import quantize_rtn
-from quintet.deploy.quantize import QuantConfig, quantizable_modules, quantize, quantize_folder
+from quintet.deploy.quantize import QuantConfig, quantizable_modules, quantize
+from quintet.deploy.quantized_folder import load_quantized
 from quintet.eval.perplexity import perplexity_by_language
+from quintet.kernels.m0e4 import quantize_rtn
 from quintet.models.jamba import JambaConfig, JambaForCausalLM
 from quintet.tokenizer import ByteTokenizer
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from quintet.deploy.m0e4 import (
+from quintet.kernels.m0e4 import (
     QuantizationError,
     code_to_fp16,
     code_to_fp16_reference,

@@ -5,11 +5,11 @@ import os
 import pytest
 import torch
 
-from quintet.deploy.engine import load_quantized
+from quintet.deploy.convert import quantize_folder
 from quintet.deploy.memory_plan import weight_bytes, weight_bytes_per_token
 from quintet.deploy.memory_probe import resident_memory
 from quintet.deploy.qlinear import M0E4Linear
-from quintet.deploy.quantize import file_bytes, quantize_folder
+from quintet.deploy.quantized_folder import file_bytes, load_quantized
 from quintet.kernels import m0e4_cpu
 from quintet.models.jamba import JambaConfig, JambaForCausalLM
 

@@ -122,7 +122,7 @@ def test_documented_command_line_runs_the_quintet_model(setup, tmp_path):
 
 
 def test_lm_eval_runs_an_fp4_folder_through_the_one_loader(setup, tmp_path):
-    from quintet.deploy.quantize import quantize_folder
+    from quintet.deploy.convert import quantize_folder
     from quintet.loading import load_model
 
     root, task, task_dir = setup

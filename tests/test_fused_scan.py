@@ -6,12 +6,12 @@ import pytest
 import torch
 
 from quintet.kernels import selective_scan_cpu as fused
+from quintet.kernels.selective_scan import selective_scan, selective_scan_ref, selective_state_update
 from quintet.kernels.selective_scan_cpu import (
     fused_scan_available,
     selective_scan_fused,
     selective_state_update_fused,
 )
-from quintet.models.jamba.selective_scan import selective_scan, selective_scan_ref, selective_state_update
 
 NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_state")
 

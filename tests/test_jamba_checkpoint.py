@@ -81,14 +81,14 @@ def test_missing_folder_and_missing_config(tmp_path):
 def test_interrupted_save_keeps_previous_checkpoint(tiny, monkeypatch):
     model, path = tiny
     before = (path / "model.safetensors").read_bytes()
-    import quintet.models.jamba.checkpoint as ckpt
+    import safetensors.torch
 
     def failing_save(tensors, filename, metadata=None):
         with open(filename, "wb") as f:
             f.write(b"partial")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(ckpt, "save_file", failing_save)
+    monkeypatch.setattr(safetensors.torch, "save_file", failing_save)
     with pytest.raises(KeyboardInterrupt):
         model.save_pretrained(path)
     assert (path / "model.safetensors").read_bytes() == before

@@ -5,8 +5,8 @@ import json
 import pytest
 import torch
 
+from quintet.deploy.convert import quantize_folder
 from quintet.deploy.engine import JambaEngine
-from quintet.deploy.quantize import quantize_folder
 from quintet.eval.perplexity import evaluate_perplexity
 from quintet.loading import ModelFolderError, load_model, load_model_and_tokenizer
 from quintet.models.jamba import JambaConfig, JambaForCausalLM

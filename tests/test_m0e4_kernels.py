@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from quintet.deploy.m0e4 import dequantize, pack_codes, quantize_rtn
 from quintet.kernels import m0e4_cpu
+from quintet.kernels.m0e4 import dequantize, pack_codes, quantize_rtn
 from quintet.kernels.m0e4_cpu import ISAS, m0e4_matmul
 
 pytestmark = pytest.mark.skipif(

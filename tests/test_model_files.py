@@ -6,7 +6,7 @@ import pytest
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
-from quintet.deploy.quantize import quantize_folder
+from quintet.deploy.convert import quantize_folder
 from quintet.io import MODEL_FILES, copy_model_files
 from quintet.models.jamba import JambaConfig, JambaForCausalLM
 from quintet.tokenizer import load_tokenizer

@@ -16,7 +16,6 @@ from quintet.safety.judges import (
     ClassifierJudge,
     ProjectJudge,
     RuleJudge,
-    Verdict,
     judge_quality,
     load_judge,
     rule_verdict,
@@ -27,6 +26,7 @@ from quintet.safety.redteam_sets import (
     compliance_placeholder,
     load_language,
 )
+from quintet.safety.verdict import Verdict
 
 
 @pytest.fixture(scope="module")

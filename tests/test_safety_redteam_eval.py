@@ -10,7 +10,6 @@ import torch
 from quintet.eval.commands import add_eval_parser
 from quintet.models.jamba import JambaConfig, JambaForCausalLM
 from quintet.safety.commands import add_safety_parser
-from quintet.safety.judges import Judge, Verdict
 from quintet.safety.redteam_eval import (
     RedteamConfig,
     RedteamRecord,
@@ -21,6 +20,7 @@ from quintet.safety.redteam_eval import (
     summarize,
 )
 from quintet.safety.redteam_sets import RedteamDataError, RedteamPrompt, build_redteam_prompts, select_slice
+from quintet.safety.verdict import Judge, Verdict
 from quintet.tokenizer import ByteTokenizer
 
 

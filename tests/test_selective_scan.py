@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from quintet.models.jamba.selective_scan import selective_scan, selective_scan_ref, selective_state_update
+from quintet.kernels.selective_scan import selective_scan, selective_scan_ref, selective_state_update
 
 
 def _inputs(b, d, L, n, dtype=torch.float64, requires_grad=False):

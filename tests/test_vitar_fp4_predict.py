@@ -3,7 +3,7 @@
 import numpy as np
 from PIL import Image
 
-from quintet.deploy.quantize import quantize_folder
+from quintet.deploy.convert import quantize_folder
 from quintet.models.vitar import build_model, preset_config
 from quintet.models.vitar.evaluation import predict_files
 

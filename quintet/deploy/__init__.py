@@ -7,25 +7,19 @@
 See docs/deploy.md. `shapes` and `memory_plan` (symbolic shapes, `quintet deploy plan`) are imported on use.
 """
 
-from quintet.deploy.engine import (
-    JambaEngine,
+from quintet.deploy.convert import quantize_folder
+from quintet.deploy.engine import JambaEngine, measure_generation, to_engine
+from quintet.deploy.kv_cache import SubTensorKVCache
+from quintet.deploy.qlinear import M0E4Embedding, M0E4Linear
+from quintet.deploy.quantize import QuantConfig, dequantize_model, quantize
+from quintet.deploy.quantized_folder import (
+    QuantizedCheckpointError,
     load_dequantized,
     load_quantized,
     load_quantized_model,
-    measure_generation,
-    to_engine,
-)
-from quintet.deploy.kv_cache import SubTensorKVCache
-from quintet.deploy.m0e4 import M0E4Tensor, QuantizationError, dequantize, quantize_rtn
-from quintet.deploy.qlinear import M0E4Embedding, M0E4Linear
-from quintet.deploy.quantize import (
-    QuantConfig,
-    QuantizedCheckpointError,
-    dequantize_model,
-    quantize,
-    quantize_folder,
     save_quantized,
 )
+from quintet.kernels.m0e4 import M0E4Tensor, QuantizationError, dequantize, quantize_rtn
 
 __all__ = [
     "JambaEngine",

@@ -7,11 +7,11 @@ import json
 import pathlib
 import time
 
-from quintet.deploy.m0e4 import GROUP_SIZES
+from quintet.kernels.m0e4 import GROUP_SIZES
 
 
 def _cmd_quantize(args: argparse.Namespace) -> int:
-    from quintet.deploy.quantize import quantize_folder
+    from quintet.deploy.convert import quantize_folder
 
     summary = quantize_folder(
         args.model,
@@ -40,7 +40,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         weight_bytes,
         weight_bytes_per_token,
     )
-    from quintet.deploy.quantize import file_bytes
+    from quintet.deploy.quantized_folder import file_bytes
 
     sizes = [parse_sizes(s) for s in args.at] if args.at else None
     engine = load_engine_for_plan(args.model)
@@ -121,8 +121,9 @@ def run_deploy_demo(model_dir: pathlib.Path, out_dir: pathlib.Path) -> None:
     """Quantize `model_dir` to FP4 in `out_dir`, generate with both, print size and speed side by side."""
     import torch
 
-    from quintet.deploy.engine import load_quantized, measure_generation
-    from quintet.deploy.quantize import quantize_folder
+    from quintet.deploy.convert import quantize_folder
+    from quintet.deploy.engine import measure_generation
+    from quintet.deploy.quantized_folder import load_quantized
     from quintet.models.jamba import JambaForCausalLM
     from quintet.tokenizer import load_tokenizer
 

@@ -18,11 +18,9 @@ forward runs):
 from __future__ import annotations
 
 import contextlib
-import os
 import time
 from collections.abc import Iterator
 from contextvars import ContextVar
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -31,14 +29,6 @@ from torch import nn
 from quintet.deploy.fusions import FusedSwiGLU, add_rms_norm, merge_linears, rms_norm, use_engine_linears
 from quintet.deploy.kv_cache import SubTensorKVCache
 from quintet.deploy.qlinear import M0E4Embedding, M0E4Linear
-from quintet.deploy.quantize import (
-    QuantizedCheckpointError,
-    build_skeleton,
-    dequantize_model,
-    load_quantized_state,
-    read_config,
-    swap_to_m0e4,
-)
 from quintet.kernels import selective_scan_cpu as fused_scan
 from quintet.kernels.m0e4_cpu import decode_activations, gemv_max_rows, matmul_dtype, matmul_path
 from quintet.models.jamba import JambaConfig, JambaForCausalLM
@@ -488,53 +478,6 @@ def to_engine(
 ) -> JambaEngine:
     """The engine around a float (or already quantized) Jamba model; the model's modules are reused."""
     return JambaEngine(model, dtype=dtype, fuse=fuse, **kw)
-
-
-# ---------------------------------------------------------------------------------------------- loading
-def load_quantized_model(directory: str | os.PathLike, dtype: torch.dtype = torch.float32) -> nn.Module:
-    """The model of a quantized folder with its M0E4 modules (not yet wrapped in an engine); float
-    tensors in `dtype`. Raises `QuantizedCheckpointError` naming the file, the tensor and the problem."""
-    directory = Path(directory)
-    if not directory.is_dir():
-        raise FileNotFoundError(f"{directory}: no such model folder")
-    base, qc = read_config(directory)
-    source = str(directory / "config.json")
-    if qc is None:
-        raise QuantizedCheckpointError(f"{source}: no quantization_config; not a quantized model folder")
-    model = build_skeleton(base, source)
-    swap_to_m0e4(model, qc, source)
-    load_quantized_state(model, directory, qc, dtype)
-    model.quantization_config = qc
-    return model.eval()
-
-
-def load_quantized(
-    directory: str | os.PathLike,
-    fuse: bool = True,
-    dtype: torch.dtype = torch.float32,
-    **engine_kwargs,
-) -> nn.Module:
-    """A quantized folder ready to run: a `JambaEngine` for Jamba, the quantized model for ViTAR / ViT.
-
-    The weights stay in 4 bits; every quantized matmul runs from them in float32 (the M0E4 kernels, see
-    `quintet.kernels.m0e4_cpu`). `dtype`: the activations between matmuls and the KV cache (float32 by
-    default: exact to float32 rounding, and fastest on CPUs without native bfloat16). For a Jamba engine,
-    `activations="int8"` quantizes the decode matmuls' inputs to int8 per block of 32 and multiplies by
-    integer dot products (llama.cpp's trade for Q4_0: about 2x faster decode matmuls where the CPU has
-    AVX-512 VNNI, the rounding error of 8-bit activations); prefill is unchanged.
-    """
-    model = load_quantized_model(directory, dtype)
-    if isinstance(model, JambaForCausalLM):
-        return JambaEngine(
-            model, dtype=dtype, fuse=fuse, quantization_config=model.quantization_config, **engine_kwargs
-        )
-    return model
-
-
-def load_dequantized(directory: str | os.PathLike, dtype: torch.dtype = torch.float32) -> nn.Module:
-    """The quantized folder's model with plain float layers holding the dequantized weights (the reference
-    the engine is compared against, and what a float tool can run)."""
-    return dequantize_model(load_quantized_model(directory, dtype), dtype)
 
 
 @torch.inference_mode()

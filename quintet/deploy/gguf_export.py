@@ -59,8 +59,7 @@ import torch
 from tqdm import tqdm
 
 from quintet.data.tokenizer_training import BOS, CHAT_TEMPLATE, EOS, PAD, ROLES
-from quintet.deploy.engine import load_dequantized
-from quintet.deploy.quantize import read_config
+from quintet.deploy.quantized_folder import load_dequantized, read_config
 from quintet.io import atomic_path
 from quintet.models.jamba import JambaConfig, JambaForCausalLM
 from quintet.tokenizer import ByteTokenizer, load_tokenizer

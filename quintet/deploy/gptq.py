@@ -21,9 +21,9 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from quintet.deploy.m0e4 import M0E4Tensor, check_group_size, params_from_range, quantize_rtn
 from quintet.deploy.quantize import QuantConfig, quantizable_modules
 from quintet.io import iter_jsonl
+from quintet.kernels.m0e4 import M0E4Tensor, check_group_size, params_from_range, quantize_rtn
 
 
 def gptq_quantize_weight(

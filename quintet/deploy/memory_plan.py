@@ -220,7 +220,7 @@ def weight_bytes_per_token(model: torch.nn.Module) -> int:
 
 def format_weights(model: torch.nn.Module, model_dir: str | os.PathLike) -> str:
     """Weights in memory against the folder's weight files, and the bytes a decoded token reads."""
-    from quintet.deploy.quantize import file_bytes
+    from quintet.deploy.quantized_folder import file_bytes
 
     held, on_disk = weight_bytes(model), file_bytes(model_dir)
     return (

@@ -32,7 +32,7 @@ def _rss() -> int:
 def _probe(folder: str, cache_tokens: int) -> dict[str, int]:
     import torch
 
-    from quintet.deploy.engine import load_quantized
+    from quintet.deploy.quantized_folder import load_quantized
 
     torch.set_num_threads(1)
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from quintet.deploy.m0e4 import M0E4Tensor, code_to_fp16, dequantize, pack_codes, unpack_codes
+from quintet.kernels.m0e4 import M0E4Tensor, code_to_fp16, dequantize, pack_codes, unpack_codes
 from quintet.kernels.m0e4_cpu import m0e4_matmul
 
 

@@ -231,7 +231,7 @@ def _tile_rows(n: int, k: int, dtype: torch.dtype) -> int:
 def _fallback(
     x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor, group_size: int
 ) -> torch.Tensor:
-    from quintet.deploy.m0e4 import dequantize, unpack_codes
+    from quintet.kernels.m0e4 import dequantize, unpack_codes
 
     n, k = qweight.shape[0], qweight.shape[1] * 2
     x = x.float()

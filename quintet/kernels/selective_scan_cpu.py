@@ -1,6 +1,6 @@
 """The selective scan fused into one C++ loop for CPU: forward, backward (autograd) and the decode step.
 
-Same shapes, math and results as `quintet.models.jamba.selective_scan` (b = batch, d = channels,
+Same shapes, math and results as `quintet.kernels.selective_scan` (b = batch, d = channels,
 L = length, n = state size):
 
     u, delta, z : (b, d, L)      A : (d, n)      B, C : (b, n, L)      D, delta_bias : (d,)
@@ -34,7 +34,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from quintet.kernels.build import LazyExtension
-from quintet.models.jamba.selective_scan import selective_scan, selective_state_update
+from quintet.kernels.selective_scan import selective_scan, selective_state_update
 
 __all__ = [
     "fused_scan_available",
@@ -212,7 +212,7 @@ def selective_scan_fused(
     Shapes: u, delta, z (b, d, L); A (d, n); B, C (b, n, L); D, delta_bias (d,); initial_state (b, d, n).
     y has u's dtype and shape; final_state is (b, d, n) in float32 (float64 for float64 u). Any strides
     are accepted (B and C laid out as (b, L, n) in memory cost no copy). Drop-in for
-    `quintet.models.jamba.selective_scan.selective_scan`, which it runs instead (warning once) when the
+    `quintet.kernels.selective_scan.selective_scan`, which it runs instead (warning once) when the
     kernel is unavailable, and always for tensors that are not on the CPU.
     """
     if u.device.type != "cpu":
@@ -246,7 +246,7 @@ def selective_state_update_fused(
 
     Shapes: state (b, d, n) float32/float64; u, delta, z (b, d); A (d, n); B, C (b, n); D, delta_bias (d,).
     y has u's dtype, new_state has state's dtype. Inference only: when autograd needs a gradient, and for
-    tensors not on the CPU, it runs `quintet.models.jamba.selective_scan.selective_state_update`.
+    tensors not on the CPU, it runs `quintet.kernels.selective_scan.selective_state_update`.
     """
     tensors = (state, u, delta, A, B, C, D, z, delta_bias)
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)

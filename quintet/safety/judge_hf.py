@@ -23,8 +23,8 @@ from pathlib import Path
 
 import torch
 
-from quintet.safety.judges import Judge, Verdict
 from quintet.safety.redteam_sets import load_categories
+from quintet.safety.verdict import Judge, Verdict
 
 REFUSAL_NAMES = ("refus", "reject", "declin", "abstain")
 COMPLIANCE_NAMES = ("complian", "comply", "normal", "answer", "accept", "helpful")

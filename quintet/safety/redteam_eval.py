@@ -30,7 +30,7 @@ from quintet.generation import generate
 from quintet.io import atomic_path
 from quintet.loading import load_model_and_tokenizer
 from quintet.models.jamba import JambaForCausalLM
-from quintet.safety.judges import OUTCOMES, Judge, ProjectJudge, load_judge
+from quintet.safety.judges import ProjectJudge, load_judge
 from quintet.safety.redteam_sets import (
     LANGUAGES,
     RedteamPrompt,
@@ -39,6 +39,7 @@ from quintet.safety.redteam_sets import (
     read_redteam_prompts,
     select_slice,
 )
+from quintet.safety.verdict import OUTCOMES, Judge
 from quintet.tokenizer import TextTokenizer
 
 RECORD_OUTCOMES = (*OUTCOMES, "error")

@@ -41,8 +41,8 @@ from safetensors import safe_open
 from torch import nn
 from tqdm import tqdm
 
-from quintet.io import atomic_path, atomic_write_text
-from quintet.models.vitar.checkpoint import build_model, load_model, load_state, read_tensors
+from quintet.io import atomic_path, atomic_write_text, read_safetensors
+from quintet.models.vitar.checkpoint import build_model, load_model, load_state
 from quintet.models.vitar.configuration import ConfigError, ViTARConfig, preset_config
 from quintet.models.vitar.mae import ViTARForMaskedImageModeling
 from quintet.models.vitar.model import ImageClassifier
@@ -410,7 +410,7 @@ class VisionTrainer:
                 f"{k}: {meta['config'].get(k)!r} -> {getattr(self.config, k)!r}" for k in changed
             )
             raise ConfigError(f"{directory}: cannot resume, the config changed ({diffs})")
-        tensors = read_tensors(state_path)
+        tensors = read_safetensors(state_path)
         model_state = {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
         load_state(self.net, model_state, str(state_path))
         params = dict(self.net.named_parameters())

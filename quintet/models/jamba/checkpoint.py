@@ -20,9 +20,9 @@ from typing import TYPE_CHECKING
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
-from quintet.io import atomic_path, atomic_write_text
+from quintet.errors import CheckpointError
+from quintet.io import atomic_write_text, missing_weights, tensor_mismatches, write_safetensors
 from quintet.models.jamba.configuration import JambaConfig
 
 if TYPE_CHECKING:
@@ -31,10 +31,6 @@ if TYPE_CHECKING:
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
 _SHARD_RE = re.compile(r"^model-\d{5}-of-\d{5}\.safetensors$")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint folder does not hold the tensors its config.json describes."""
 
 
 def parse_size(size: int | str) -> int:
@@ -88,18 +84,15 @@ def save_state_dict(
         shards[-1][name] = tensor
         size += nbytes
 
-    metadata = {"format": "pt"}
     written = set()
     if len(shards) == 1:
-        with atomic_path(directory / WEIGHTS_NAME) as tmp:
-            save_file(shards[0], str(tmp), metadata=metadata)
+        write_safetensors(shards[0], directory / WEIGHTS_NAME)
         written.add(WEIGHTS_NAME)
     else:
         weight_map = {}
         for i, shard in enumerate(shards, start=1):
             fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-            with atomic_path(directory / fname) as tmp:
-                save_file(shard, str(tmp), metadata=metadata)
+            write_safetensors(shard, directory / fname)
             weight_map.update(dict.fromkeys(shard, fname))
             written.add(fname)
         total = sum(t.numel() * t.element_size() for t in state.values())
@@ -138,12 +131,7 @@ def _weight_files(directory: Path) -> dict[str, Path]:
             if not path.is_file():
                 raise CheckpointError(f"{index}: names shard {path.name}, which is not in {directory}")
         return files
-    if any(directory.glob("*.bin")) or any(directory.glob("*.pt")):
-        raise CheckpointError(
-            f"{directory}: only pickle weights (*.bin / *.pt) found; quintet reads safetensors only, as "
-            "pickles can run code. Convert them with a tool you trust."
-        )
-    raise CheckpointError(f"{directory}: no {WEIGHTS_NAME} or {INDEX_NAME}")
+    raise missing_weights(single)
 
 
 def load_pretrained(
@@ -173,18 +161,10 @@ def load_pretrained(
             for name in f.keys():
                 if files.get(name) == path:
                     shapes[name] = tuple(f.get_slice(name).get_shape())
-    tied_extra = {"lm_head.weight"} if config.tie_word_embeddings else set()
-    missing = sorted(set(expected) - set(shapes))
-    unexpected = sorted(set(shapes) - set(expected) - tied_extra)
-    mismatched = sorted(k for k in set(expected) & set(shapes) if expected[k] != shapes[k])
-    if missing or unexpected or mismatched:
-        lines = [f"{directory}: the weights do not match config.json:"]
-        lines += [f"  missing tensor: {k} (expected shape {list(expected[k])})" for k in missing]
-        lines += [f"  unexpected tensor: {k} (shape {list(shapes[k])})" for k in unexpected]
-        lines += [
-            f"  wrong shape: {k}: found {list(shapes[k])}, expected {list(expected[k])}" for k in mismatched
-        ]
-        raise CheckpointError("\n".join(lines))
+    tied_extra = ("lm_head.weight",) if config.tie_word_embeddings else ()
+    lines = tensor_mismatches(expected, shapes, optional=tied_extra)
+    if lines:
+        raise CheckpointError("\n".join([f"{directory}: the weights do not match config.json:", *lines]))
 
     state = {}
     for path in sorted(set(files.values())):

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from quintet.errors import ConfigError
 from quintet.io import atomic_write_text
 
 # Keys that `transformers` writes into every config.json (or wrote in earlier versions) and that carry no
@@ -82,10 +83,6 @@ _HF_METADATA_KEYS = frozenset(
     }
 )
 _ALIASES = {"num_local_experts": "num_experts"}
-
-
-class ConfigError(ValueError):
-    """A configuration field holds a value the model cannot be built from."""
 
 
 @dataclass

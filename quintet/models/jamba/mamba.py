@@ -18,7 +18,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# A module reference, not names: quintet.kernels imports this package's PyTorch scan as its fallback.
 from quintet.kernels import selective_scan_cpu as fused
 from quintet.models.jamba.cache import HybridCache
 from quintet.models.jamba.configuration import JambaConfig

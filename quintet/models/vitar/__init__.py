@@ -1,7 +1,7 @@
 """ViTAR (arXiv 2403.18361): a vision transformer for any resolution, and the plain ViT baseline."""
 
 from quintet.models.vitar.atm import AdaptiveTokenMerger, AveragePoolMerger, GridAttention, gather_cells
-from quintet.models.vitar.checkpoint import CheckpointError, build_model, load_model, save_pretrained
+from quintet.models.vitar.checkpoint import CheckpointError, build_model, load_model
 from quintet.models.vitar.configuration import (
     PRESETS,
     ConfigError,
@@ -38,5 +38,4 @@ __all__ = [
     "merged_grid",
     "plan_axis",
     "preset_config",
-    "save_pretrained",
 ]

@@ -9,38 +9,13 @@ import os
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 
-from quintet.io import atomic_path
+from quintet.errors import CheckpointError
+from quintet.io import read_safetensors, tensor_mismatches
 from quintet.models.vitar.configuration import ViTARConfig, ViTConfig, load_config
-from quintet.models.vitar.model import ImageClassifier, ViTAR
+from quintet.models.vitar.model import WEIGHTS_NAME, ViTAR
 from quintet.models.vitar.vit import ViT
-
-WEIGHTS_NAME = "model.safetensors"
-
-
-class CheckpointError(ValueError):
-    """A model folder does not hold the tensors its config.json describes."""
-
-
-def save_tensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike) -> None:
-    """Write tensors to a safetensors file atomically."""
-    state = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-    with atomic_path(path) as tmp:
-        save_file(state, str(tmp), metadata={"format": "pt"})
-
-
-def read_tensors(path: str | os.PathLike, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such safetensors file")
-    try:
-        with safe_open(str(path), framework="pt", device=str(device)) as f:
-            return {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
-    except Exception as err:
-        raise CheckpointError(f"{path}: not a readable safetensors file ({err})") from None
 
 
 def load_state(
@@ -52,27 +27,12 @@ def load_state(
     """
     expected = {k: v for k, v in module.state_dict().items() if not k.startswith(skip)}
     found = {k: v for k, v in tensors.items() if not k.startswith(skip)}
-    missing = sorted(set(expected) - set(found))
-    unexpected = sorted(set(found) - set(expected))
-    mismatched = sorted(k for k in set(expected) & set(found) if expected[k].shape != found[k].shape)
-    if missing or unexpected or mismatched:
-        lines = [f"{source}: the weights do not match the model:"]
-        lines += [f"  missing tensor: {k} (expected shape {list(expected[k].shape)})" for k in missing]
-        lines += [f"  unexpected tensor: {k} (shape {list(found[k].shape)})" for k in unexpected]
-        lines += [
-            f"  wrong shape: {k}: found {list(found[k].shape)}, expected {list(expected[k].shape)}"
-            for k in mismatched
-        ]
-        raise CheckpointError("\n".join(lines))
+    lines = tensor_mismatches(
+        {k: v.shape for k, v in expected.items()}, {k: v.shape for k, v in found.items()}
+    )
+    if lines:
+        raise CheckpointError("\n".join([f"{source}: the weights do not match the model:", *lines]))
     module.load_state_dict(found, strict=not skip)
-
-
-def save_pretrained(model: ImageClassifier, directory: str | os.PathLike) -> None:
-    """Write `config.json` and `model.safetensors` (atomically, file by file)."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    save_tensors(model.state_dict(), directory / WEIGHTS_NAME)
-    model.config.save_pretrained(directory)
 
 
 def build_model(config: ViTARConfig | ViTConfig) -> ViTAR | ViT:
@@ -86,13 +46,6 @@ def load_model(directory: str | os.PathLike, device: str | torch.device = "cpu")
     if not directory.is_dir():
         raise FileNotFoundError(f"{directory}: no such model folder")
     weights = directory / WEIGHTS_NAME
-    if not weights.is_file():
-        if any(directory.glob("*.bin")) or any(directory.glob("*.pt")) or any(directory.glob("*.pth")):
-            raise CheckpointError(
-                f"{directory}: only pickle weights (*.bin / *.pt / *.pth) found; quintet reads safetensors "
-                "only, as pickles can run code"
-            )
-        raise FileNotFoundError(f"{weights}: no {WEIGHTS_NAME} in the model folder {directory}")
     model = build_model(load_config(directory))
-    load_state(model, read_tensors(weights), str(weights))
+    load_state(model, read_safetensors(weights), str(weights))
     return model.to(device).eval()

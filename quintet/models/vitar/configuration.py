@@ -14,12 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from quintet.errors import ConfigError
 from quintet.io import atomic_write_text
-
-
-class ConfigError(ValueError):
-    """A configuration field holds a value the model cannot be built from."""
-
 
 MERGERS = ("atm", "avgpool")
 POS_EMBEDS = ("fpe", "interpolated")

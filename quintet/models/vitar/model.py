@@ -12,15 +12,19 @@ images (B, C, H, W), values in [0, 1], any H and W
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import torch
 from torch import nn
 
+from quintet.io import write_safetensors
 from quintet.models.vitar.atm import AdaptiveTokenMerger, AveragePoolMerger
 from quintet.models.vitar.blocks import Block, init_weights
 from quintet.models.vitar.configuration import ViTARConfig
 from quintet.models.vitar.fpe import FuzzyPositionalEncoding
 from quintet.models.vitar.patch_embed import PatchEmbed
+
+WEIGHTS_NAME = "model.safetensors"
 
 
 class ImageClassifier(nn.Module):
@@ -69,9 +73,9 @@ class ImageClassifier(nn.Module):
         raise NotImplementedError
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:
-        from quintet.models.vitar.checkpoint import save_pretrained
-
-        save_pretrained(self, directory)
+        """Write `config.json` and `model.safetensors` (each through a temporary name)."""
+        write_safetensors(self.state_dict(), Path(directory) / WEIGHTS_NAME)
+        self.config.save_pretrained(directory)
 
 
 class ViTAR(ImageClassifier):
