@@ -30,8 +30,8 @@ from timing import markdown_table, set_threads, write_results  # noqa: E402
 from quintet.align.demo_preferences import answer_is_correct, make_demo_preferences  # noqa: E402
 from quintet.align.dpo import DPOConfig, preference_accuracy, train_dpo  # noqa: E402
 from quintet.align.sdpo import split_steps, train_sdpo  # noqa: E402
-from quintet.align.sequences import render_prompt  # noqa: E402
 from quintet.align.sft import SFTConfig, train_sft  # noqa: E402
+from quintet.chat import render_prompt  # noqa: E402
 from quintet.generation import generate  # noqa: E402
 from quintet.models.jamba import JambaConfig, JambaForCausalLM  # noqa: E402
 from quintet.tokenizer import ByteTokenizer, load_tokenizer  # noqa: E402

@@ -55,8 +55,8 @@ def _write_rows(path: Path, rows: list[dict]) -> None:
 def safety_and_instruction_stage(out: Path, tokenizer_path: Path) -> dict[str, Path]:
     """Red-team sets, and the CAT stage's extra sources (instructions, safety) as token shards."""
     from quintet.align.demo_preferences import make_demo_preferences
+    from quintet.chat import apply_chat_template
     from quintet.data.shards import tokenize_curated
-    from quintet.data.tokenizer_training import apply_chat_template
     from quintet.safety.redteam_sets import build_redteam_prompts, build_redteam_sets, safety_sft_rows
 
     banner("3. Safety sets and instruction data")

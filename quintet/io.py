@@ -107,8 +107,8 @@ def missing_weights(path: str | os.PathLike) -> CheckpointError:
     pickles = sorted(p.name for p in path.parent.glob("*") if p.suffix in PICKLE_SUFFIXES)
     if pickles:
         return CheckpointError(
-            f"{path}: missing; found only pickle weights {pickles}: quintet reads safetensors only, as pickles "
-            "can run code; convert them with a tool you trust"
+            f"{path}: missing; found only pickle weights {pickles}: quintet reads safetensors only, as "
+            "pickles can run code; convert them with a tool you trust"
         )
     return CheckpointError(f"{path}: missing; a model folder holds its weights in {path.name}")
 

@@ -14,6 +14,8 @@ from typing import Protocol
 
 from tokenizers import Tokenizer
 
+from quintet.chat import compile_template, render_template
+
 
 class TextTokenizer(Protocol):
     vocab_size: int
@@ -67,8 +69,8 @@ class HFTokenizer:
                 "tokenizer_config.json)"
             )
         special = {k: _token_text(self.config.get(k)) for k in ("bos_token", "eos_token", "pad_token")}
-        return _compile_template(self.chat_template, self.chat_template_source).render(
-            messages=messages, add_generation_prompt=add_generation_prompt, **special
+        return render_template(
+            self.chat_template, messages, add_generation_prompt, self.chat_template_source, **special
         )
 
     def render_chat_prompt(self, messages: list[dict[str, str]]) -> list[int]:
@@ -84,28 +86,6 @@ def _token_text(value: object) -> str:
     if isinstance(value, dict):
         return str(value.get("content", ""))
     return "" if value is None else str(value)
-
-
-def _raise_exception(message: str) -> None:
-    from jinja2.exceptions import TemplateError
-
-    raise TemplateError(message)
-
-
-def _compile_template(template: str, source: str):
-    """A chat template compiled in a sandbox the way transformers compiles it (trim_blocks, lstrip_blocks,
-    loop controls, `raise_exception`); a template that does not compile is named with its file."""
-    from jinja2.exceptions import TemplateError
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    env = ImmutableSandboxedEnvironment(
-        trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
-    )
-    env.globals["raise_exception"] = _raise_exception
-    try:
-        return env.from_string(template)
-    except TemplateError as err:
-        raise ValueError(f"{source}: the chat template does not compile ({err})") from None
 
 
 def read_chat_template(folder: str | os.PathLike, config: dict | None = None) -> tuple[str | None, str]:
@@ -125,7 +105,7 @@ def read_chat_template(folder: str | os.PathLike, config: dict | None = None) ->
             named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
             template = named.get("default")
     if template:
-        _compile_template(template, source)
+        compile_template(template, source)
     return template or None, source
 
 

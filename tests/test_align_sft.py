@@ -5,8 +5,9 @@ import json
 import pytest
 import torch
 
-from quintet.align.sequences import encode_example, pad_batch, render_prompt
+from quintet.align.sequences import encode_example, pad_batch
 from quintet.align.sft import SFTConfig, SFTDataError, _pack, read_sft_examples, sft_loss, train_sft
+from quintet.chat import render_prompt
 from quintet.models.jamba import JambaConfig, JambaForCausalLM
 from quintet.tokenizer import ByteTokenizer
 

@@ -6,14 +6,10 @@ import random
 import numpy as np
 import pytest
 
+from quintet.chat import CHAT_TEMPLATE, SPECIAL_TOKENS, apply_chat_template
 from quintet.data.mixture import MixtureSampler, heldout_windows
 from quintet.data.shards import ShardError, iter_documents, load_index, tokenize_curated
-from quintet.data.tokenizer_training import (
-    CHAT_TEMPLATE,
-    SPECIAL_TOKENS,
-    apply_chat_template,
-    train_tokenizer,
-)
+from quintet.data.tokenizer_training import train_tokenizer
 from quintet.tokenizer import load_tokenizer
 
 WORDS = {

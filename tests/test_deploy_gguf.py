@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 import torch
 
+from quintet.chat import CHAT_TEMPLATE
 from quintet.cli import main
-from quintet.data.tokenizer_training import CHAT_TEMPLATE, train_tokenizer
+from quintet.data.tokenizer_training import train_tokenizer
 from quintet.deploy.convert import quantize_folder
 from quintet.deploy.gguf_export import export_gguf
 from quintet.deploy.quantized_folder import load_dequantized

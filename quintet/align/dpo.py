@@ -24,8 +24,8 @@ from quintet.align.losses import LOSS_TYPES, preference_loss, preference_metrics
 from quintet.align.preference_data import PreferencePair
 from quintet.align.sequences import encode_example, pad_batch, response_logps
 from quintet.io import atomic_path
+from quintet.lr_schedule import SCHEDULES
 from quintet.tokenizer import TextTokenizer
-from quintet.train.schedule import SCHEDULES
 
 log = logging.getLogger("quintet.align")
 

@@ -6,7 +6,7 @@ from collections.abc import Iterator
 
 import torch
 
-from quintet.train.schedule import lr_at
+from quintet.lr_schedule import lr_at
 
 
 def scheduled_batches(

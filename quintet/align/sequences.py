@@ -1,8 +1,8 @@
 """Prompt + response token sequences, and the log-probability a model gives a response.
 
-A prompt is rendered as a one-turn chat (the tokenizer folder's chat template when it has one, else
-quintet's plain template) so that SFT, DPO and generation all see the same format. The response is
-followed by the end-of-sequence token.
+A prompt is rendered as a one-turn chat (`quintet.chat.render_prompt`: the tokenizer folder's chat
+template when it has one, else the plain template) so that SFT, DPO and generation all see the same
+format. The response is followed by the end-of-sequence token.
 """
 
 from __future__ import annotations
@@ -11,17 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
+from quintet.chat import render_prompt
 from quintet.tokenizer import TextTokenizer
-
-PLAIN_TEMPLATE = ("<|user|>\n", "\n<|assistant|>\n")
-
-
-def render_prompt(tokenizer: TextTokenizer, prompt: str) -> list[int]:
-    """Token ids of a one-turn chat prompt, ending where the assistant's answer starts."""
-    if getattr(tokenizer, "chat_template", None):
-        return tokenizer.render_chat_prompt([{"role": "user", "content": prompt}])
-    head, tail = PLAIN_TEMPLATE
-    return tokenizer.encode(head + prompt + tail)
 
 
 @dataclass

@@ -18,8 +18,8 @@ from tqdm import tqdm
 from quintet.align.loop import optimizer_step, scheduled_batches
 from quintet.align.sequences import Example, encode_example, pad_batch
 from quintet.io import iter_jsonl
+from quintet.lr_schedule import SCHEDULES
 from quintet.tokenizer import TextTokenizer
-from quintet.train.schedule import SCHEDULES
 
 
 class SFTDataError(ValueError):

@@ -6,12 +6,8 @@ digits one per token (as Jamba does, so numbers are spelled digit by digit), and
 
     0 <|pad|>   1 <|bos|>   2 <|eos|>   3 <|system|>   4 <|user|>   5 <|assistant|>
 
-The chat template (for alignment later) is Zephyr-style, each turn closed by the end-of-sequence token:
-
-    <|system|>\\n{content}<|eos|>\\n<|user|>\\n{content}<|eos|>\\n<|assistant|>\\n{content}<|eos|>\\n
-
-It is stored in `tokenizer_config.json` as `chat_template` (Jinja, as transformers reads it), and
-`apply_chat_template` renders it in plain Python, without transformers.
+The chat template (quintet's chat format, `quintet.chat`) is stored in `tokenizer_config.json` as
+`chat_template` (Jinja, as transformers reads it).
 """
 
 from __future__ import annotations
@@ -28,34 +24,8 @@ from typing import Any
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from quintet.chat import BOS, CHAT_TEMPLATE, EOS, PAD, SPECIAL_TOKENS
 from quintet.io import atomic_path, atomic_write_text
-
-PAD, BOS, EOS = "<|pad|>", "<|bos|>", "<|eos|>"
-ROLES = ("system", "user", "assistant")
-SPECIAL_TOKENS = [PAD, BOS, EOS, *(f"<|{role}|>" for role in ROLES)]
-CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{{ '<|' + message['role'] + '|>\\n' + message['content'] + eos_token + '\\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}"
-)
-
-
-def apply_chat_template(
-    messages: list[dict[str, str]], add_generation_prompt: bool = False, eos_token: str = EOS
-) -> str:
-    """The chat template rendered in Python: what `CHAT_TEMPLATE` gives through Jinja."""
-    parts = []
-    for i, message in enumerate(messages):
-        role, content = message.get("role"), message.get("content")
-        if role not in ROLES:
-            raise ValueError(f"messages[{i}].role = {role!r}: valid roles are {', '.join(ROLES)}")
-        if not isinstance(content, str):
-            raise ValueError(f"messages[{i}].content: expected a string, got {type(content).__name__}")
-        parts.append(f"<|{role}|>\n{content}{eos_token}\n")
-    if add_generation_prompt:
-        parts.append("<|assistant|>\n")
-    return "".join(parts)
 
 
 def new_tokenizer() -> Tokenizer:

@@ -39,7 +39,7 @@ character alphabet, with no merge that can ever apply (GGUF cannot store an empt
 requires the key), so every byte is its own token, as in quintet.
 
 Chat template (`tokenizer.chat_template`): the folder's chat_template.jinja, else tokenizer_config.json's
-`chat_template`, else quintet's default (`quintet.data.tokenizer_training.CHAT_TEMPLATE`) when the
+`chat_template`, else quintet's default (`quintet.chat.CHAT_TEMPLATE`) when the
 vocabulary has the role tokens it writes (an FP4 folder carries tokenizer.json but not
 tokenizer_config.json).
 """
@@ -58,7 +58,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from quintet.data.tokenizer_training import BOS, CHAT_TEMPLATE, EOS, PAD, ROLES
+from quintet.chat import BOS, CHAT_TEMPLATE, EOS, PAD, ROLES
 from quintet.deploy.quantized_folder import load_dequantized, read_config
 from quintet.io import atomic_path
 from quintet.models.jamba import JambaConfig, JambaForCausalLM

@@ -27,7 +27,7 @@ from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 from tqdm import tqdm
 
-from quintet.align.sequences import PLAIN_TEMPLATE
+from quintet.chat import chat_text
 from quintet.eval.multiple_choice import loglikelihoods
 from quintet.eval.perplexity import text_nll
 from quintet.generation import GenerationConfig, stream_generate
@@ -125,16 +125,9 @@ class QuintetLM(LM):
     def apply_chat_template(
         self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True
     ) -> str:
-        """quintet's plain chat template (`quintet.align.sequences.PLAIN_TEMPLATE`), as text."""
-        head, tail = PLAIN_TEMPLATE
-        parts = []
-        for turn in chat_history:
-            if turn["role"] == "assistant":
-                parts.append(turn["content"])
-            else:
-                parts.append(head + turn["content"] + tail)
-        text = "".join(parts)
-        return text if add_generation_prompt or not text.endswith(tail) else text[: -len(tail)]
+        """The conversation as text: the model folder's chat template (as lm-eval's `hf` backend uses the
+        tokenizer's), else quintet's plain template (`quintet.chat`)."""
+        return chat_text(self.tok, chat_history, add_generation_prompt)
 
 
 def _cut(text: str, until: Sequence[str]) -> str:

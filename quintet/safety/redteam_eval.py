@@ -7,7 +7,7 @@ where judged = n - error. Empty generations are their own outcome (in the denomi
 neither a refusal nor compliance); a prompt whose generation fails is recorded as `error` with its message
 and the run goes on.
 
-Prompts are rendered as a one-turn chat (`quintet.align.sequences.render_prompt`) and decoded greedily.
+Prompts are rendered as a one-turn chat (`quintet.chat.render_prompt`) and decoded greedily.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from quintet.align.sequences import render_prompt
+from quintet.chat import render_prompt
 from quintet.generation import generate
 from quintet.io import atomic_path
 from quintet.loading import load_model_and_tokenizer

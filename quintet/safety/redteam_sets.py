@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from quintet.align.preference_data import PreferencePair
-from quintet.align.sequences import PLAIN_TEMPLATE
+from quintet.chat import PLAIN_TEMPLATE, render_template
 from quintet.io import atomic_path, iter_jsonl
 
 LANGUAGES = ("en", "fi", "hi", "ja", "vi")
@@ -339,13 +339,16 @@ def safety_sft_rows(prompts: Sequence[RedteamPrompt]) -> list[dict[str, str]]:
     rendering, `id`, `lang`, `source`), so it feeds the SFT trainer and the pretraining mixture alike.
     """
     _training_split_only(prompts, "safety_sft_rows")
-    head, tail = PLAIN_TEMPLATE
     return [
         {
             "id": f"safety-{p.id}",
             "prompt": p.prompt,
             "completion": p.reference,
-            "text": head + p.prompt + tail + p.reference,
+            "text": render_template(
+                PLAIN_TEMPLATE,
+                [{"role": "user", "content": p.prompt}, {"role": "assistant", "content": p.reference}],
+                add_generation_prompt=False,
+            ),
             "lang": p.lang,
             "source": f"quintet-redteam-{p.kind}",
             "category": p.category,

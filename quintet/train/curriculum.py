@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from quintet.train.schedule import SCHEDULES, lr_at
+from quintet.lr_schedule import SCHEDULES, lr_at
 
 AURORA_M_CAP_TOKENS, AURORA_M_CAT_TOKENS = 377e9, 58e9
 

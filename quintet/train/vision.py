@@ -42,6 +42,7 @@ from torch import nn
 from tqdm import tqdm
 
 from quintet.io import atomic_path, atomic_write_text, read_safetensors
+from quintet.lr_schedule import lr_at_step
 from quintet.models.vitar.checkpoint import build_model, load_model, load_state
 from quintet.models.vitar.configuration import ConfigError, ViTARConfig, preset_config
 from quintet.models.vitar.mae import ViTARForMaskedImageModeling
@@ -210,11 +211,7 @@ def _toml_loads(text: str) -> dict[str, Any]:
 # ---------------------------------------------------------------- pure pieces
 def learning_rate(step: int, config: VisionTrainConfig) -> float:
     """Linear warm-up to `lr` over `warmup_steps`, then cosine decay to `min_lr` at `steps`."""
-    if step < config.warmup_steps:
-        return config.lr * (step + 1) / config.warmup_steps
-    span = max(1, config.steps - config.warmup_steps)
-    t = min(1.0, (step - config.warmup_steps) / span)
-    return config.min_lr + 0.5 * (config.lr - config.min_lr) * (1 + math.cos(math.pi * t))
+    return lr_at_step(step, config.steps, config.lr, config.min_lr, config.warmup_steps)
 
 
 def batch_plan(config: VisionTrainConfig, step: int, dataset_size: int | None) -> tuple[int, list[int]]:
