@@ -35,9 +35,9 @@ from pathlib import Path
 import torch
 
 from quintet.data.procedural_images import ProceduralImages
+from quintet.eval.vision import evaluate
 from quintet.io import atomic_path, atomic_write_text
 from quintet.models.vitar import build_model, count_flops, preset_config
-from quintet.models.vitar.evaluation import evaluate
 from quintet.train.vision import VisionTrainConfig, VisionTrainer
 
 log = logging.getLogger("vitar_resolution")

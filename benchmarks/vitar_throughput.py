@@ -25,9 +25,9 @@ import time
 
 import torch
 
+from quintet.eval.vision import images_per_batch
 from quintet.io import atomic_write_text
 from quintet.models.vitar import build_model, count_flops, preset_config
-from quintet.models.vitar.evaluation import images_per_batch
 
 SCALES = {"tiny": ("vitar-tiny", "vit-tiny", 32), "s": ("vitar-s", "vit-s", 224)}
 

@@ -8,6 +8,7 @@ import sys
 from collections.abc import Sequence
 
 from quintet import __version__
+from quintet.commands import run_command
 
 
 def _cmd_model_init(args: argparse.Namespace) -> int:
@@ -70,23 +71,23 @@ def _cmd_align(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_train_lm(args: argparse.Namespace) -> int:
-    from quintet.train.lm import train_lm
-    from quintet.train.lm_config import TrainConfig
+def add_vitar_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """`quintet vitar train | eval | predict`: the vision commands under one name, the same calls as
+    `train vision` (except that `vitar train` resumes unless --fresh), `eval vision` and `eval predict`."""
+    from quintet.eval.commands import add_predict_arguments, add_vision_eval_arguments
+    from quintet.train.commands import add_vision_train_arguments, train_vision_command
 
-    result = train_lm(TrainConfig.from_file(args.config), resume=args.resume)
-    print(
-        json.dumps(
-            {
-                "final_model": str(result.final_model),
-                "metrics": str(result.metrics),
-                "step": result.state.step,
-                "stages": result.state.history,
-            },
-            indent=2,
-        )
+    vitar = subparsers.add_parser("vitar", help="ViTAR: train, evaluate across resolutions, classify images")
+    sub = vitar.add_subparsers(dest="vitar_command", required=True)
+    train = sub.add_parser("train", help="multi-resolution training from a TOML config (resumes if it can)")
+    add_vision_train_arguments(train)
+    train.add_argument("--fresh", action="store_true", help="refuse to resume an existing checkpoint")
+    train.set_defaults(func=lambda args: train_vision_command(args, resume=not args.fresh))
+    add_vision_eval_arguments(sub.add_parser("eval", help="accuracy and counted FLOPs per resolution"))
+    add_predict_arguments(
+        sub.add_parser("predict", help="top-k classes of image files, each at its own size")
     )
-    return 0
+    return vitar
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -122,14 +123,6 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=0)
     gen.set_defaults(func=_cmd_generate)
 
-    train = sub.add_parser("train", help="train models").add_subparsers(dest="train_command", required=True)
-    lm = train.add_parser(
-        "lm", help="pretrain a Jamba model through a curriculum (torchrun for several processes)"
-    )
-    lm.add_argument("config", help="training TOML")
-    lm.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in out_dir")
-    lm.set_defaults(func=_cmd_train_lm)
-
     align = sub.add_parser("align", help="SFT, DPO and stepwise DPO").add_subparsers(
         dest="align_command", required=True
     )
@@ -142,21 +135,17 @@ def build_parser() -> argparse.ArgumentParser:
     from quintet.data.commands import add_data_parser
     from quintet.deploy.commands import add_deploy_parser
     from quintet.eval.commands import add_eval_parser
-    from quintet.models.vitar.commands import add_vitar_parser
     from quintet.safety.commands import add_safety_parser
+    from quintet.train.commands import add_train_parser
 
-    for add in (add_data_parser, add_safety_parser, add_eval_parser, add_deploy_parser, add_vitar_parser):
+    stages = (add_train_parser, add_data_parser, add_safety_parser, add_eval_parser, add_deploy_parser)
+    for add in (*stages, add_vitar_parser):
         add(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        return args.func(args)
-    except (ValueError, FileNotFoundError) as err:
-        print(f"quintet: error: {err}", file=sys.stderr)
-        return 2
+    return run_command(build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -187,7 +187,7 @@ def test_cli_commands(run, tmp_path, capsys):
 
 @pytest.mark.slow
 def test_run_data_demo(tmp_path):
-    from quintet.data.commands import run_data_demo
+    from quintet.demo.data import run_data_demo
 
     paths = run_data_demo(tmp_path, verbose=False)
     assert set(paths) == {

@@ -3,7 +3,8 @@
 import argparse
 import json
 
-from quintet.deploy.commands import add_deploy_parser, run_deploy_demo
+from quintet.demo.deploy import run_deploy_demo
+from quintet.deploy.commands import add_deploy_parser
 from quintet.deploy.engine import JambaEngine
 from quintet.loading import load_model
 from quintet.models.jamba.create import create_model

@@ -7,10 +7,10 @@ import json
 
 import pytest
 
+from quintet.cli import add_vitar_parser
 from quintet.data.images import ImageLoadError
 from quintet.data.procedural_images import ProceduralImages, write_image_folder
 from quintet.models.vitar import build_model, preset_config
-from quintet.models.vitar.commands import add_vitar_parser
 
 
 def _run(argv: list[str]) -> int:

@@ -4,8 +4,8 @@ import numpy as np
 from PIL import Image
 
 from quintet.deploy.convert import quantize_folder
+from quintet.eval.vision import predict_files
 from quintet.models.vitar import build_model, preset_config
-from quintet.models.vitar.evaluation import predict_files
 
 
 def test_fp4_vitar_classifies_like_the_float_model(tmp_path):
@@ -28,7 +28,7 @@ def test_fp4_vitar_classifies_like_the_float_model(tmp_path):
 def test_vitar_eval_command_runs_on_an_fp4_folder(tmp_path, capsys):
     import argparse
 
-    from quintet.models.vitar.commands import add_vitar_parser
+    from quintet.cli import add_vitar_parser
 
     build_model(preset_config("vitar-tiny")).eval().save_pretrained(tmp_path / "float")
     quantize_folder(tmp_path / "float", tmp_path / "fp4", group_size=32)

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from quintet.data.procedural_images import ProceduralImages
+from quintet.eval.vision import evaluate, images_per_batch
 from quintet.models.vitar import ConfigError, build_model, load_model, preset_config
-from quintet.models.vitar.evaluation import evaluate, images_per_batch
 from quintet.models.vitar.mae import ViTARForMaskedImageModeling
 from quintet.train.vision import (
     VisionTrainConfig,

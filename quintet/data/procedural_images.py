@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from quintet.data.images import save_image
+from quintet.data.images import ImageFolder, save_image
 
 SHAPES = ("disk", "square", "triangle", "cross", "ring")
 TEXTURES = ("horizontal", "vertical")
@@ -259,3 +259,10 @@ def write_image_folder(
             save_image(image, path)
             paths.append(path)
     return paths
+
+
+def make_dataset(spec: str, seed: int = 0, num_images: int = 10_000, device: str = "cpu"):  # noqa: ANN201
+    """`procedural` -> ProceduralImages(seed) rendered on `device`; anything else is an ImageFolder path."""
+    if spec == "procedural":
+        return ProceduralImages(num_images=num_images, seed=seed, device=device)
+    return ImageFolder(spec)

@@ -1,9 +1,12 @@
-"""`quintet eval ...`: red-team, perplexity, multiple choice, lm-eval. Thin: parse, call, print."""
+"""`quintet eval ...`: red-team, perplexity, multiple choice, lm-eval, vision accuracy per resolution, image
+classification. Thin: parse, call, print."""
 
 from __future__ import annotations
 
 import argparse
 import json
+
+from quintet.commands import configure_logging
 
 
 def _cmd_redteam(args: argparse.Namespace) -> int:
@@ -53,8 +56,90 @@ def _cmd_lm_eval(args: argparse.Namespace) -> int:
     return main(rest)
 
 
+def _resolutions(text: str) -> list[int]:
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"--resolutions {text!r}: expected pixels separated by commas, e.g. 32,64"
+        ) from None
+    if not values or any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(
+            f"--resolutions {text!r}: expected positive integers, e.g. 32,64,128"
+        )
+    return values
+
+
+def _cmd_vision(args: argparse.Namespace) -> int:
+    from quintet.data.procedural_images import make_dataset
+    from quintet.eval.vision import evaluate
+    from quintet.loading import load_model
+
+    configure_logging()
+    model = load_model(args.model).to(args.device)  # a float or an FP4 folder
+    dataset = make_dataset(args.data, seed=args.seed, num_images=args.num_images, device=args.device)
+    results = evaluate(
+        model,
+        dataset,
+        args.resolutions,
+        num_images=args.num_images,
+        max_tokens=args.max_tokens,
+        skip_above_tokens=args.skip_above_tokens,
+    )
+    if args.json:
+        print(json.dumps([r.to_dict() for r in results], indent=2))
+        return 0
+    print(f"{'resolution':>10}  {'accuracy':>9}  {'images':>6}  {'GFLOPs':>9}  {'tokens':>6}")
+    for r in results:
+        if r.skipped:
+            print(f"{r.resolution:>8}px  skipped: {r.skipped}")
+        else:
+            accuracy, gflops = 100 * r.accuracy, r.flops / 1e9
+            print(
+                f"{r.resolution:>8}px  {accuracy:>8.2f}%  {r.total:>6}  {gflops:>9.3f}  {r.encoder_tokens:>6}"
+            )
+    return 0
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from quintet.eval.vision import predict_files
+
+    predictions = predict_files(args.model, args.images, top_k=args.top_k, resolution=args.resolution)
+    for p in predictions:
+        if args.json:
+            print(json.dumps({"image": p.path, "height": p.height, "width": p.width, "top": p.top}))
+            continue
+        ranked = ", ".join(f"{label} {100 * prob:.1f}%" for label, prob in p.top)
+        print(f"{p.path} ({p.width}x{p.height}): {ranked}")
+    return 0
+
+
+def add_vision_eval_arguments(ev: argparse.ArgumentParser) -> None:
+    ev.add_argument("--model", required=True, help="model folder (config.json + model.safetensors)")
+    ev.add_argument("--resolutions", required=True, type=_resolutions, help="pixels, e.g. 32,64,128,256")
+    ev.add_argument("--data", default="procedural", help="'procedural' (held-out scenes) or an image folder")
+    ev.add_argument("--num-images", type=int, default=500)
+    ev.add_argument("--seed", type=int, default=999_999, help="seed of the procedural evaluation scenes")
+    ev.add_argument("--max-tokens", type=int, default=1 << 16, help="patch tokens per evaluation batch")
+    ev.add_argument(
+        "--skip-above-tokens", type=int, help="skip resolutions where the encoder sees more tokens"
+    )
+    ev.add_argument("--device", default="cpu")
+    ev.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    ev.set_defaults(func=_cmd_vision)
+
+
+def add_predict_arguments(pr: argparse.ArgumentParser) -> None:
+    pr.add_argument("--model", required=True, help="model folder")
+    pr.add_argument("images", nargs="+", help="image files (any size; PNG, JPEG, ...)")
+    pr.add_argument("--top-k", type=int, default=3)
+    pr.add_argument("--resolution", type=int, help="resize to this square size first (default: native size)")
+    pr.add_argument("--json", action="store_true", help="one JSON object per image")
+    pr.set_defaults(func=_cmd_predict)
+
+
 def add_eval_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Add `eval redteam | perplexity | mc | lm-eval` to the `quintet` command."""
+    """Add `eval redteam | perplexity | mc | lm-eval | vision | predict` to the `quintet` command."""
     ev = subparsers.add_parser("eval", help="red-team, perplexity, multiple choice, lm-evaluation-harness")
     sub = ev.add_subparsers(dest="eval_command", required=True)
 
@@ -105,4 +190,11 @@ def add_eval_parser(subparsers: argparse._SubParsersAction) -> argparse.Argument
     )
     lm.add_argument("lm_eval_args", nargs=argparse.REMAINDER, help="arguments for lm_eval")
     lm.set_defaults(func=_cmd_lm_eval)
+
+    add_vision_eval_arguments(
+        sub.add_parser("vision", help="ViTAR / ViT accuracy and counted FLOPs per resolution")
+    )
+    add_predict_arguments(
+        sub.add_parser("predict", help="top-k classes of image files, each at its own size")
+    )
     return ev

@@ -5,6 +5,6 @@
   `safety_preference_pairs`, `build_safety_data`.
 - `judges`: the `Judge` interface, `Verdict`, `RuleJudge`, `ClassifierJudge`, `ProjectJudge`, `load_judge`,
   `judge_quality`; `judge_classifier`: the shipped n-gram classifier; `judge_hf`: local Hugging Face judges.
-- `redteam_eval`: `evaluate_redteam`, `run_redteam_demo`; `report`: JSON, Markdown, PNG and terminal tables.
+- `redteam_eval`: `evaluate_redteam`; `report`: JSON, Markdown, PNG and terminal tables.
 - `commands`: `add_safety_parser` (`quintet safety build`).
 """

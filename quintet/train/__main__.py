@@ -2,6 +2,6 @@
 
 import sys
 
-from quintet.cli import main
+from quintet.train.commands import main
 
-sys.exit(main(["train", *sys.argv[1:]]))
+sys.exit(main())

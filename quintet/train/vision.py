@@ -41,6 +41,7 @@ from safetensors import safe_open
 from torch import nn
 from tqdm import tqdm
 
+from quintet.data.procedural_images import make_dataset
 from quintet.io import atomic_path, atomic_write_text, read_safetensors
 from quintet.lr_schedule import lr_at_step
 from quintet.models.vitar.checkpoint import build_model, load_model, load_state
@@ -246,16 +247,6 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict[str, An
         else:
             decay.append(param)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def make_dataset(spec: str, seed: int = 0, num_images: int = 10_000, device: str = "cpu"):  # noqa: ANN201
-    """`procedural` -> ProceduralImages(seed) rendered on `device`; anything else is an ImageFolder path."""
-    from quintet.data.images import ImageFolder
-    from quintet.data.procedural_images import ProceduralImages
-
-    if spec == "procedural":
-        return ProceduralImages(num_images=num_images, seed=seed, device=device)
-    return ImageFolder(spec)
 
 
 # ---------------------------------------------------------------- the trainer
@@ -485,7 +476,7 @@ class VisionTrainer:
         return result
 
     def evaluate(self):  # noqa: ANN201
-        from quintet.models.vitar.evaluation import evaluate
+        from quintet.eval.vision import evaluate
 
         cfg = self.config
         spec = cfg.eval_data or cfg.data

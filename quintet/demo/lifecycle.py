@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
@@ -181,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
 
     jamba_model_stage(out / "jamba-small")
 
-    from quintet.data.commands import run_data_demo
+    from quintet.demo.data import run_data_demo
 
     banner("2. Data: curation on datatrove, tokenizer, token shards")
     data = run_data_demo(out / "data")
@@ -190,12 +189,12 @@ def main(argv: list[str] | None = None) -> int:
     pretrain = pretraining_stage(out, [data["shard_index"].parent, safety["index"].parent], vocab, args.full)
     aligned = alignment_stage(out / "align", pretrain / "final", safety["sft"], args.full)
 
-    from quintet.safety.redteam_eval import run_redteam_demo
+    from quintet.demo.redteam import run_redteam_demo
 
     banner("6. Red-team: after CAP (no safety data yet) against the aligned model")
     run_redteam_demo(pretrain / "stage-CAP", aligned, out / "redteam")
 
-    from quintet.deploy.commands import run_deploy_demo
+    from quintet.demo.deploy import run_deploy_demo
 
     banner("7. Deployment: M0E4 FP4 weights, the engine's generation")
     run_deploy_demo(aligned, out / "fp4")
@@ -203,13 +202,9 @@ def main(argv: list[str] | None = None) -> int:
     run_redteam_demo(aligned, out / "fp4", out / "redteam-fp4", names=("aligned", "FP4"))
 
     if not args.skip_vitar:
-        from quintet.models.vitar.demo import run_vitar_demo
+        from quintet.demo.vision import run_vitar_demo
 
         banner("8. ViTAR: any resolution")
         run_vitar_demo(out / "vitar", quick=not args.full)
     print(f"\ndemo finished in {time.perf_counter() - start:.0f} s; everything is under {out}")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -8,13 +8,12 @@ trained results in docs/vitar.md took 4800 steps of 256 images, hours on a CPU).
 
 from __future__ import annotations
 
-import logging
 import time
 from pathlib import Path
 
 from quintet.data.procedural_images import ProceduralImages, write_image_folder
+from quintet.eval.vision import evaluate, predict_files
 from quintet.models.vitar.checkpoint import load_model
-from quintet.models.vitar.evaluation import evaluate, predict_files
 from quintet.train.vision import VisionTrainConfig, train_vision
 
 
@@ -67,8 +66,3 @@ def run_vitar_demo(out_dir: Path, quick: bool = True) -> None:
         truth = Path(p.path).parent.name
         ranked = ", ".join(f"{label} {100 * prob:.0f}%" for label, prob in p.top)
         print(f"  {p.width}x{p.height}  true {truth:<20} predicted {ranked}")
-
-
-if __name__ == "__main__":
-    logging.basicConfig(level=logging.WARNING)
-    run_vitar_demo(Path("runs/demo"))
