@@ -13,17 +13,18 @@ neither imports it.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 from torch import nn
 
+from quintet.config import read_config
+from quintet.errors import CheckpointError
 from quintet.models import MODEL_TYPES as KINDS
 from quintet.models import from_pretrained
 
 
-class ModelFolderError(ValueError):
+class ModelFolderError(CheckpointError):
     """A folder is not a model folder quintet can open."""
 
 
@@ -37,11 +38,8 @@ def _model_type(folder: Path) -> tuple[str, bool]:
             f"{folder}: no config.json (found {found or 'nothing'}); expected a model folder: config.json "
             "and model.safetensors"
         )
-    try:
-        config = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ModelFolderError(f"{path}: not valid JSON ({err})") from None
-    kind = config.get("model_type") if isinstance(config, dict) else None
+    config = read_config(path, "model config").data
+    kind = config.get("model_type")
     if kind not in KINDS:
         raise ModelFolderError(f"{path}: model_type = {kind!r}: quintet opens {', '.join(KINDS)} folders")
     return kind, "quantization_config" in config

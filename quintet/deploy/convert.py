@@ -14,13 +14,13 @@ from torch import nn
 
 from quintet.deploy.gptq import gptq_quantize_jamba, read_calibration
 from quintet.deploy.quantize import DEFAULT_SKIP, QuantConfig, quantize
-from quintet.deploy.quantized_folder import file_bytes, read_config, save_quantized
+from quintet.deploy.quantized_folder import file_bytes, read_folder_config, save_quantized
 from quintet.models import from_pretrained
 
 
 def load_float_model(directory: str | os.PathLike) -> tuple[nn.Module, dict[str, Any]]:
     """A float model folder's model (float32) and its config.json dict."""
-    base, qc = read_config(directory)
+    base, qc = read_folder_config(directory)
     if qc is not None:
         raise ValueError(
             f"{directory}: already quantized ({qc['quant_method']}); give the float model folder"

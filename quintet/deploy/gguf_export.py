@@ -59,7 +59,7 @@ import torch
 from tqdm import tqdm
 
 from quintet.chat import BOS, CHAT_TEMPLATE, EOS, PAD, ROLES
-from quintet.deploy.quantized_folder import load_dequantized, read_config
+from quintet.deploy.quantized_folder import load_dequantized, read_folder_config
 from quintet.io import atomic_path
 from quintet.models.jamba import JambaConfig, JambaForCausalLM
 from quintet.tokenizer import ByteTokenizer, load_tokenizer
@@ -168,7 +168,7 @@ def export_gguf(model_dir: str | os.PathLike, out: str | os.PathLike, type: str 
 # ------------------------------------------------------------------------------------------ the model
 def _load_jamba(model_dir: Path) -> tuple[JambaForCausalLM, str]:
     """(float32 JambaForCausalLM, "float" | "m0e4"); an FP4 folder is dequantized."""
-    base, qc = read_config(model_dir)
+    base, qc = read_folder_config(model_dir)
     source = model_dir / "config.json"
     if base.get("model_type") != ARCH:
         raise GGUFExportError(

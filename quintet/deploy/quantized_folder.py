@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from quintet.config import read_config
 from quintet.deploy.engine import JambaEngine
 from quintet.deploy.qlinear import M0E4Embedding, M0E4Linear
 from quintet.deploy.quantize import FLOAT_DTYPES, FORMAT_VERSION, QUANT_METHOD, dequantize_model, set_module
@@ -98,21 +99,14 @@ def save_quantized(
 
 
 # ------------------------------------------------------------------------------------------ loading
-def read_config(directory: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Any] | None]:
+def read_folder_config(directory: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """(config.json without its quantization_config, the quantization_config or None)."""
     if not Path(directory).is_dir():
         raise FileNotFoundError(f"{directory}: no such model folder")
     path = Path(directory) / "config.json"
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no config.json in the model folder {directory}")
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise QuantizedCheckpointError(
-            f"{path}: not valid JSON (line {err.lineno}, column {err.colno}): {err.msg}"
-        ) from None
-    if not isinstance(data, dict):
-        raise QuantizedCheckpointError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    data = read_config(path, "model config").data
     qc = data.pop("quantization_config", None)
     if qc is not None:
         check_quantization_config(qc, str(path))
@@ -243,7 +237,7 @@ def load_quantized_model(directory: str | os.PathLike, dtype: torch.dtype = torc
     directory = Path(directory)
     if not directory.is_dir():
         raise FileNotFoundError(f"{directory}: no such model folder")
-    base, qc = read_config(directory)
+    base, qc = read_folder_config(directory)
     source = str(directory / "config.json")
     if qc is None:
         raise QuantizedCheckpointError(f"{source}: no quantization_config; not a quantized model folder")

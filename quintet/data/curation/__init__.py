@@ -5,7 +5,7 @@ result = curate("configs/curation-demo.toml", out_dir="runs/curation", data_root
 print(result.stats["output"])
 """
 
-from quintet.data.curation.config import ConfigError, CurationConfig, load_config
+from quintet.data.curation.config import CurationConfig, load_config
 from quintet.data.curation.dedup import DedupSettings
 from quintet.data.curation.language import CodeFilter, LanguageFilter
 from quintet.data.curation.numbers import NumberHeavyFilter
@@ -19,6 +19,7 @@ from quintet.data.curation.readers import (
     TextFolderReader,
 )
 from quintet.data.curation.toxicity import ToxicityFilter
+from quintet.errors import ConfigError
 
 __all__ = [
     "CodeFilter",

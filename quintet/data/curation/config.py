@@ -30,12 +30,11 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
-import re
-import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from quintet.config import ConfigFile, read_config
 from quintet.data.curation.dedup import DedupSettings
 from quintet.data.curation.language import TARGET_LANGUAGES, LanguageFilter, lingua_language_codes
 from quintet.data.curation.numbers import NumberHeavyFilter
@@ -61,10 +60,6 @@ _INPUT_KEYS = ("name", "type", "path", "glob", "on_error", "lang", "extensions")
 _OUTPUT_KEYS = ("format", "compression", "write_dropped")
 _STEP_COMMON = ("type", "name")
 _INJECTED = ("self", "exclusion_writer", "languages", "name")  # set by the pipeline, not the file
-
-
-class ConfigError(ValueError):
-    """A problem in a curation config file; the message starts with `file:line:`."""
 
 
 @dataclass
@@ -127,107 +122,13 @@ class CurationConfig:
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-class _Locator:
-    """Finds the line of a setting in the raw file text, for error messages."""
-
-    def __init__(self, path: Path | None, text: str):
-        self.path, self.lines = path, text.splitlines()
-
-    def line(
-        self, section: str | None = None, index: int = 0, key: str | None = None, value: Any = None
-    ) -> int:
-        start = self._section_start(section, index) if section else 0
-        needles = []
-        if key is not None and value is not None:
-            needles.append(re.compile(rf"\b{re.escape(str(key))}\b.*{re.escape(str(value))}"))
-        if value is not None:
-            needles.append(re.compile(re.escape(str(value))))
-        if key is not None:
-            needles.append(re.compile(rf"(^|[\s\[{{.,-]){re.escape(str(key))}\s*[=:]"))
-        for needle in needles:
-            for i in range(start, len(self.lines)):
-                if needle.search(self.lines[i]):
-                    return i + 1
-        return start + 1
-
-    def _section_start(self, section: str, index: int) -> int:
-        """0-based line where `[[section]]` number `index` (or the YAML list item) or `[section]` starts."""
-        if section in ("inputs", "steps"):
-            headers = [i for i, ln in enumerate(self.lines) if re.match(rf"\s*\[\[{section}\]\]", ln)]
-            headers = headers or self._yaml_items(section)
-        else:
-            headers = [
-                i for i, ln in enumerate(self.lines) if re.match(rf"\s*(\[{section}\]|{section}\s*:)", ln)
-            ]
-        if not headers:
-            return 0
-        return headers[min(index, len(headers) - 1)]
-
-    def _yaml_items(self, section: str) -> list[int]:
-        items, inside, indent = [], False, 0
-        for i, ln in enumerate(self.lines):
-            if re.match(rf"{section}\s*:", ln):
-                inside, indent = True, 0
-                continue
-            if inside:
-                if ln.strip() and not ln.startswith((" ", "-")):
-                    break
-                if re.match(r"\s*-\s", ln) and (len(ln) - len(ln.lstrip())) <= indent + 2:
-                    items.append(i)
-        return items
-
-    def error(self, message: str, **where: Any) -> ConfigError:
-        name = str(self.path) if self.path else "<config>"
-        return ConfigError(f"{name}:{self.line(**where)}: {message}")
-
-
-def _parse(path: Path, text: str) -> dict[str, Any]:
-    if path.suffix.lower() == ".toml":
-        if sys.version_info >= (3, 11):
-            import tomllib
-        else:  # pragma: no cover
-            import tomli as tomllib
-        try:
-            return tomllib.loads(text)
-        except tomllib.TOMLDecodeError as err:
-            raise ConfigError(f"{path}: not valid TOML ({err})") from None
-    if path.suffix.lower() in (".yaml", ".yml"):
-        import yaml
-
-        try:
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as err:
-            mark = getattr(err, "problem_mark", None)
-            where = f"{path}:{mark.line + 1}" if mark else str(path)
-            raise ConfigError(f"{where}: not valid YAML ({getattr(err, 'problem', err)})") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}:1: expected a mapping of settings, got {type(data).__name__}")
-        return data
-    raise ConfigError(f"{path}: unknown config format {path.suffix!r}; use .toml, .yaml or .yml")
-
-
 def load_config(path: str | Path, data_root: str | Path | None = None) -> CurationConfig:
     """Read and validate a curation config; input paths are relative to `data_root` (default: its folder)."""
+    config = read_config(path, "curation config")
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: no such config file") from None
-    except UnicodeDecodeError as err:
-        line = path.read_bytes().count(b"\n", 0, err.start) + 1
-        raise ConfigError(f"{path}:{line}: not UTF-8 text") from None
-    data = _parse(path, text)
     return config_from_dict(
-        data, source=path, data_root=Path(data_root) if data_root else path.parent, text=text
+        config.data, source=path, data_root=Path(data_root) if data_root else path.parent, config=config
     )
-
-
-def _check_keys(
-    loc: _Locator, found: dict, valid: tuple[str, ...] | list[str], what: str, **where: Any
-) -> None:
-    for key in found:
-        if key not in valid:
-            raise loc.error(f"{what}: unknown setting {key!r}; valid: {', '.join(valid)}", key=key, **where)
 
 
 def _step_parameters(step_type: str) -> list[str]:
@@ -238,12 +139,15 @@ def _step_parameters(step_type: str) -> list[str]:
 
 
 def config_from_dict(
-    data: dict[str, Any], source: Path | None = None, data_root: Path | None = None, text: str = ""
+    data: dict[str, Any],
+    source: Path | None = None,
+    data_root: Path | None = None,
+    config: ConfigFile | None = None,
 ) -> CurationConfig:
     """Validate `data` (a parsed config file) into a CurationConfig."""
-    loc = _Locator(source, text)
+    loc = config or ConfigFile(data, source)
     root = data_root or (source.parent if source else Path.cwd())
-    _check_keys(loc, data, _TOP_KEYS, "top level")
+    loc.check_keys(data, _TOP_KEYS, "top level")
 
     languages = data.get("languages", list(TARGET_LANGUAGES))
     if not isinstance(languages, list) or not languages:
@@ -267,7 +171,7 @@ def config_from_dict(
     return CurationConfig(languages, inputs, steps, code, output, executor, source)
 
 
-def _inputs(loc: _Locator, raw: Any, root: Path) -> list[InputConfig]:
+def _inputs(loc: ConfigFile, raw: Any, root: Path) -> list[InputConfig]:
     if not isinstance(raw, list) or not raw:
         raise loc.error("inputs: expected at least one [[inputs]] table (type and path)", key="inputs")
     inputs, names = [], set()
@@ -275,7 +179,7 @@ def _inputs(loc: _Locator, raw: Any, root: Path) -> list[InputConfig]:
         where = {"section": "inputs", "index": i}
         if not isinstance(item, dict):
             raise loc.error(f"inputs[{i}]: expected a table with type and path", **where)
-        _check_keys(loc, item, _INPUT_KEYS, f"inputs[{i}]", **where)
+        loc.check_keys(item, _INPUT_KEYS, f"inputs[{i}]", **where)
         kind = item.get("type")
         if kind not in INPUT_TYPES:
             raise loc.error(
@@ -317,7 +221,7 @@ def _inputs(loc: _Locator, raw: Any, root: Path) -> list[InputConfig]:
     return inputs
 
 
-def _steps(loc: _Locator, raw: Any, languages: list[str], root: Path) -> list[StepConfig]:
+def _steps(loc: ConfigFile, raw: Any, languages: list[str], root: Path) -> list[StepConfig]:
     if raw is None:
         raw = []
     if not isinstance(raw, list):
@@ -338,7 +242,7 @@ def _steps(loc: _Locator, raw: Any, languages: list[str], root: Path) -> list[St
         if kind == "dedup" and i != len(raw) - 1:
             raise loc.error(f"steps[{i}]: dedup must be the last step (it runs as separate stages)", **where)
         options = {k: v for k, v in item.items() if k not in _STEP_COMMON}
-        _check_keys(loc, options, _step_parameters(kind), f"steps[{i}] ({kind})", **where)
+        loc.check_keys(options, _step_parameters(kind), f"steps[{i}] ({kind})", **where)
         if kind == "toxicity" and "lists" in options:
             options["lists"] = {
                 lang: str(p if Path(p).is_absolute() else root / p) for lang, p in options["lists"].items()
@@ -370,10 +274,10 @@ def build_step(step: StepConfig, languages: list[str], exclusion_writer: Any = N
     return cls(name=step.name, **kwargs)
 
 
-def _output(loc: _Locator, raw: Any) -> OutputConfig:
+def _output(loc: ConfigFile, raw: Any) -> OutputConfig:
     if not isinstance(raw, dict):
         raise loc.error("output: expected a table", key="output")
-    _check_keys(loc, raw, _OUTPUT_KEYS, "output", section="output")
+    loc.check_keys(raw, _OUTPUT_KEYS, "output", section="output")
     out = OutputConfig(**raw)
     if out.format not in OUTPUT_FORMATS:
         raise loc.error(
@@ -391,7 +295,7 @@ def _output(loc: _Locator, raw: Any) -> OutputConfig:
     return out
 
 
-def _executor(loc: _Locator, raw: Any) -> ExecutorConfig:
+def _executor(loc: ConfigFile, raw: Any) -> ExecutorConfig:
     if not isinstance(raw, dict):
         raise loc.error("executor: expected a table", key="executor")
     raw = dict(raw)

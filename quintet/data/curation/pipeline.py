@@ -34,7 +34,7 @@ from datatrove.pipeline.writers import JsonlWriter, ParquetWriter
 from datatrove.pipeline.writers.disk_base import DiskWriter
 
 from quintet.data.curation.base import LanguageCounter
-from quintet.data.curation.config import ConfigError, CurationConfig, build_step, load_config
+from quintet.data.curation.config import CurationConfig, build_step, load_config
 from quintet.data.curation.dedup import Stage, dedup_stages
 from quintet.data.curation.language import CodeFilter
 from quintet.data.curation.readers import (
@@ -44,6 +44,7 @@ from quintet.data.curation.readers import (
     TextFolderReader,
 )
 from quintet.data.curation.stats import collect_stats, write_stats
+from quintet.errors import ConfigError
 from quintet.io import atomic_write_text
 
 _READERS = {

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from quintet.config import read_config
 from quintet.errors import ConfigError
 from quintet.io import atomic_write_text
 
@@ -270,16 +271,7 @@ class JambaConfig:
 
     @classmethod
     def from_json_file(cls, path: str | os.PathLike) -> JambaConfig:
-        path = Path(path)
-        try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as err:
-            raise ConfigError(
-                f"{path}: not valid JSON (line {err.lineno}, column {err.colno}): {err.msg}"
-            ) from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: expected a JSON object, got {type(data).__name__}")
-        return cls.from_dict(data, source=str(path))
+        return cls.from_dict(read_config(path, "model config").data, source=str(path))
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike) -> JambaConfig:

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from quintet.config import read_config
 from quintet.errors import ConfigError
 from quintet.io import atomic_write_text
 
@@ -223,15 +224,7 @@ def load_config(directory: str | os.PathLike) -> ViTARConfig | ViTConfig:
     path = Path(directory) / "config.json"
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no config.json in the model folder {directory}")
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ConfigError(
-            f"{path}: not valid JSON (line {err.lineno}, column {err.colno}): {err.msg}"
-        ) from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a JSON object, got {type(data).__name__}")
-    return config_from_dict(data, source=str(path))
+    return config_from_dict(read_config(path, "model config").data, source=str(path))
 
 
 def preset_config(name: str, **overrides: Any) -> ViTARConfig | ViTConfig:
