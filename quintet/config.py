@@ -59,6 +59,7 @@ class ConfigFile:
             needles.append(re.compile(re.escape(str(value))))
         if key is not None:
             needles.append(re.compile(rf"(^|[\s\[{{.,\"-]){re.escape(str(key))}\"?\s*[=:]"))
+            needles.append(re.compile(rf"^\s*\[\[?{re.escape(str(key))}\]\]?\s*$"))
         for needle in needles:
             for i in range(start, len(self.lines)):
                 if needle.search(self.lines[i]):
@@ -110,6 +111,16 @@ class ConfigFile:
                     **where,
                 )
 
+    def check_sections(self, valid: Iterable[str]) -> None:
+        """The file's top-level keys are all among `valid` sections."""
+        valid = list(valid)
+        unknown = sorted(set(self.data) - set(valid))
+        if unknown:
+            raise self.error(
+                f"unknown section(s) {unknown}; valid: {sorted(valid)}{suggest(unknown[0], valid)}",
+                key=unknown[0],
+            )
+
     def require(self, table: Mapping, key: str, what: str, meaning: str, **where: Any) -> Any:
         if key not in table:
             raise self.error(f"{what}.{key} is missing: {meaning}", **where)
@@ -129,7 +140,7 @@ class ConfigFile:
         (default `[name]`)."""
         label = label or f"[{name}]"
         values = self.data.get(name, {}) if values is None else values
-        where = where or {"section": name}
+        where = where or ({"section": name} if name else {})
         if not isinstance(values, Mapping):
             raise self.error(f"{label}: expected a table of settings, got {type(values).__name__}", **where)
         fields = {f.name: f for f in dataclasses.fields(cls) if f.init}

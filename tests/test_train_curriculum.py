@@ -4,8 +4,9 @@ import math
 
 import pytest
 
-from quintet.train.curriculum import Curriculum, CurriculumError, Stage, aurora_m_stages
-from quintet.train.lm_config import TrainConfig, TrainConfigError
+from quintet.errors import ConfigError
+from quintet.train.curriculum import Curriculum, Stage, aurora_m_stages
+from quintet.train.lm_config import TrainConfig
 
 
 def _base(**over):
@@ -59,25 +60,25 @@ def test_aurora_m_preset_splits_the_budget_377_to_58():
     ],
 )
 def test_stage_errors_name_the_stage_field_and_value(stage, fragment):
-    with pytest.raises(TrainConfigError) as err:
+    with pytest.raises(ConfigError) as err:
         TrainConfig.from_dict(_base(stages=[stage]), source="train.toml")
     assert "train.toml" in str(err.value) and fragment in str(err.value)
 
 
 def test_config_errors(tmp_path):
-    with pytest.raises(TrainConfigError, match="exactly one of preset"):
+    with pytest.raises(ConfigError, match="exactly one of preset"):
         TrainConfig.from_dict(_base(model={}))
-    with pytest.raises(TrainConfigError, match=r"\[optim\].micro_batch_size = 0"):
+    with pytest.raises(ConfigError, match=r"\[optim\].micro_batch_size = 0"):
         TrainConfig.from_dict(_base(optim={"micro_batch_size": 0}))
-    with pytest.raises(TrainConfigError, match=r"\[run\].precision = 'fp8'"):
+    with pytest.raises(ConfigError, match=r"\[run\].precision = 'fp8'"):
         TrainConfig.from_dict(_base(run={"precision": "fp8"}))
-    with pytest.raises(TrainConfigError, match=r"unknown section\(s\) \['optimizer'\]"):
+    with pytest.raises(ConfigError, match=r"unknown section\(s\) \['optimizer'\]"):
         TrainConfig.from_dict(_base(optimizer={}))
-    with pytest.raises(CurriculumError, match="stage names must be unique"):
+    with pytest.raises(ConfigError, match="stage names must be unique"):
         Curriculum([Stage("A", 1, {"en": 1}), Stage("A", 1, {"en": 1})])
     bad = tmp_path / "bad.toml"
     bad.write_text("[model\npreset = 1")
-    with pytest.raises(TrainConfigError, match="bad.toml: not valid TOML"):
+    with pytest.raises(ConfigError, match="bad.toml: not valid TOML"):
         TrainConfig.from_file(bad)
 
 

@@ -23,10 +23,8 @@ per-step metrics to `out_dir/metrics.jsonl` and a summary to `out_dir/summary.js
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -34,49 +32,31 @@ from quintet.align.dpo import DPOConfig, preference_accuracy, train_dpo
 from quintet.align.preference_data import read_preferences
 from quintet.align.sdpo import SPLITS, split_steps, train_sdpo
 from quintet.align.sft import SFTConfig, read_sft_examples, train_sft
+from quintet.config import read_config
 from quintet.io import atomic_write_text, copy_model_files
 from quintet.loading import load_trainable_model
 from quintet.models.jamba import JambaForCausalLM
 from quintet.tokenizer import load_tokenizer
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
-
-
-class AlignConfigError(ValueError):
-    """An alignment config is missing a section or holds an unknown field."""
+SECTIONS = ("model", "data", "run", "sft", "dpo", "sdpo")
 
 
 def _load(path: str | os.PathLike, kind: str) -> dict[str, Any]:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such alignment config")
-    try:
-        data = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as err:
-        raise AlignConfigError(f"{path}: not valid TOML: {err}") from None
-    allowed = {"model", "data", "run", "sft", "dpo", "sdpo"}
-    unknown = sorted(set(data) - allowed)
-    if unknown:
-        raise AlignConfigError(f"{path}: unknown section(s) {unknown}; valid: {sorted(allowed)}")
-    for section, key in (("model", "path"), ("data", "train"), ("run", "out_dir")):
-        if key not in data.get(section, {}):
-            raise AlignConfigError(f"{path}: [{section}].{key} is missing")
-    data["_source"] = str(path)
+    config = read_config(path, "alignment config")
+    data = config.data
+    config.check_sections(SECTIONS)
+    for section, key, meaning in (
+        ("model", "path", "the model folder to align"),
+        ("data", "train", "the training JSONL"),
+        ("run", "out_dir", "the folder to write the run to"),
+    ):
+        config.require(data.get(section, {}), key, f"[{section}]", meaning, section=section)
+    data["_source"], data["_config"] = str(path), config
     return data
 
 
 def _section(data: dict[str, Any], name: str, cls: type) -> Any:
-    values = data.get(name, {})
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise AlignConfigError(
-            f"{data['_source']}: [{name}] unknown field(s) {unknown}; valid: {sorted(known)}"
-        )
-    return cls(**values)
+    return data["_config"].section(name, cls)
 
 
 def _save(model: JambaForCausalLM, source_dir: str, out_dir: Path) -> Path:
@@ -142,14 +122,13 @@ def run_sdpo(config_path: str | os.PathLike, progress: bool = True) -> dict[str,
     data = _load(config_path, "sdpo")
     cfg = _section(data, "dpo", DPOConfig)
     spec = dict(data.get("sdpo", {}))
-    unknown = sorted(set(spec) - {"steps", "split", "sources", "seed"})
-    if unknown:
-        raise AlignConfigError(
-            f"{data['_source']}: [sdpo] unknown field(s) {unknown}; valid: steps, split, sources, seed"
-        )
+    config = data["_config"]
+    config.check_keys(spec, ("steps", "split", "sources", "seed"), "[sdpo]", section="sdpo")
     split = spec.get("split", "easy_to_hard")
     if split not in SPLITS:
-        raise AlignConfigError(f"{data['_source']}: [sdpo].split = {split!r}: valid: {', '.join(SPLITS)}")
+        raise config.error(
+            f"[sdpo].split = {split!r}: valid: {', '.join(SPLITS)}", section="sdpo", key="split"
+        )
     model_dir, out = data["model"]["path"], Path(data["run"]["out_dir"])
     if cfg.cache_dir is None:
         cfg.cache_dir = str(out / "reference-cache")

@@ -15,13 +15,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from quintet.errors import ConfigError
 from quintet.lr_schedule import SCHEDULES, lr_at
 
 AURORA_M_CAP_TOKENS, AURORA_M_CAT_TOKENS = 377e9, 58e9
-
-
-class CurriculumError(ValueError):
-    """A stage of a curriculum is misconfigured."""
 
 
 @dataclass
@@ -37,22 +34,22 @@ class Stage:
     def __post_init__(self) -> None:
         where = f"stage {self.name!r}"
         if not isinstance(self.tokens, int) or isinstance(self.tokens, bool) or self.tokens <= 0:
-            raise CurriculumError(
+            raise ConfigError(
                 f"{where}: tokens = {self.tokens!r}: the token budget must be a positive integer"
             )
         if not isinstance(self.mixture, dict) or not self.mixture:
-            raise CurriculumError(f"{where}: mixture = {self.mixture!r}: give weights over named sources")
+            raise ConfigError(f"{where}: mixture = {self.mixture!r}: give weights over named sources")
         for source, weight in self.mixture.items():
             if not isinstance(weight, (int, float)) or isinstance(weight, bool) or not weight > 0:
-                raise CurriculumError(
+                raise ConfigError(
                     f"{where}: mixture[{source!r}] = {weight!r}: weights must be positive numbers"
                 )
         if self.schedule not in SCHEDULES:
-            raise CurriculumError(f"{where}: schedule = {self.schedule!r}: valid: {', '.join(SCHEDULES)}")
+            raise ConfigError(f"{where}: schedule = {self.schedule!r}: valid: {', '.join(SCHEDULES)}")
         if not 0 <= self.warmup < 1:
-            raise CurriculumError(f"{where}: warmup = {self.warmup!r}: a fraction of the stage in [0, 1)")
+            raise ConfigError(f"{where}: warmup = {self.warmup!r}: a fraction of the stage in [0, 1)")
         if not (self.lr > 0 and 0 <= self.min_lr <= self.lr):
-            raise CurriculumError(
+            raise ConfigError(
                 f"{where}: lr = {self.lr!r}, min_lr = {self.min_lr!r}: need 0 <= min_lr <= lr, lr > 0"
             )
 
@@ -71,9 +68,9 @@ class Stage:
         known = {f for f in cls.__dataclass_fields__}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise CurriculumError(f"{where}: unknown field(s) {unknown}; valid: {sorted(known)}")
+            raise ConfigError(f"{where}: unknown field(s) {unknown}; valid: {sorted(known)}")
         if "name" not in data or "tokens" not in data or "mixture" not in data:
-            raise CurriculumError(f"{where}: needs name, tokens and mixture")
+            raise ConfigError(f"{where}: needs name, tokens and mixture")
         return cls(**data)
 
 
@@ -83,10 +80,10 @@ class Curriculum:
 
     def __post_init__(self) -> None:
         if not self.stages:
-            raise CurriculumError("curriculum: no stages; give at least one")
+            raise ConfigError("curriculum: no stages; give at least one")
         names = [s.name for s in self.stages]
         if len(set(names)) != len(names):
-            raise CurriculumError(f"curriculum: stage names must be unique, got {names}")
+            raise ConfigError(f"curriculum: stage names must be unique, got {names}")
 
     @property
     def total_tokens(self) -> int:

@@ -32,33 +32,16 @@ lr = 1e-3
 
 from __future__ import annotations
 
-import dataclasses
 import os
-import sys
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-from quintet.train.curriculum import Curriculum, CurriculumError, Stage, aurora_m_stages
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
+from quintet.config import ConfigFile, read_config
+from quintet.errors import ConfigError
+from quintet.train.curriculum import Curriculum, Stage, aurora_m_stages
 
 PRECISIONS = ("auto", "fp32", "bf16")
 PARALLEL = ("ddp", "fsdp")
-
-
-class TrainConfigError(ValueError):
-    """A training configuration field holds an invalid value."""
-
-
-def _check_fields(section: str, data: dict[str, Any], cls: type) -> None:
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise TrainConfigError(f"[{section}]: unknown field(s) {unknown}; valid: {sorted(known)}")
 
 
 @dataclass
@@ -69,11 +52,9 @@ class ModelSection:
 
     def __post_init__(self) -> None:
         if (self.preset is None) == (self.init_from is None):
-            raise TrainConfigError(
-                "[model]: give exactly one of preset (a fresh model) or init_from (a folder)"
-            )
+            raise ConfigError("[model]: give exactly one of preset (a fresh model) or init_from (a folder)")
         if self.vocab_size is not None and (not isinstance(self.vocab_size, int) or self.vocab_size < 1):
-            raise TrainConfigError(f"[model].vocab_size = {self.vocab_size!r}: must be a positive integer")
+            raise ConfigError(f"[model].vocab_size = {self.vocab_size!r}: must be a positive integer")
 
 
 @dataclass
@@ -83,11 +64,11 @@ class DataSection:
 
     def __post_init__(self) -> None:
         if isinstance(self.shards, list) and not all(isinstance(x, str) and x for x in self.shards):
-            raise TrainConfigError(f"[data].shards = {self.shards!r}: a folder or a list of folders")
+            raise ConfigError(f"[data].shards = {self.shards!r}: a folder or a list of folders")
         if not self.shards:
-            raise TrainConfigError("[data].shards: missing; the folder of token shards to train on")
+            raise ConfigError("[data].shards: missing; the folder of token shards to train on")
         if not isinstance(self.seq_len, int) or self.seq_len < 2:
-            raise TrainConfigError(f"[data].seq_len = {self.seq_len!r}: must be an integer >= 2")
+            raise ConfigError(f"[data].seq_len = {self.seq_len!r}: must be an integer >= 2")
 
 
 @dataclass
@@ -104,12 +85,12 @@ class OptimSection:
         for name in ("micro_batch_size", "grad_accum"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
-                raise TrainConfigError(f"[optim].{name} = {value!r}: must be a positive integer")
+                raise ConfigError(f"[optim].{name} = {value!r}: must be a positive integer")
         if self.grad_clip < 0:
-            raise TrainConfigError(f"[optim].grad_clip = {self.grad_clip!r}: must be >= 0 (0 turns it off)")
+            raise ConfigError(f"[optim].grad_clip = {self.grad_clip!r}: must be >= 0 (0 turns it off)")
         for name in ("beta1", "beta2"):
             if not 0 <= getattr(self, name) < 1:
-                raise TrainConfigError(f"[optim].{name} = {getattr(self, name)!r}: must be in [0, 1)")
+                raise ConfigError(f"[optim].{name} = {getattr(self, name)!r}: must be in [0, 1)")
 
 
 @dataclass
@@ -126,11 +107,11 @@ class RunSection:
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
-            raise TrainConfigError(f"[run].precision = {self.precision!r}: valid: {', '.join(PRECISIONS)}")
+            raise ConfigError(f"[run].precision = {self.precision!r}: valid: {', '.join(PRECISIONS)}")
         if self.parallel not in PARALLEL:
-            raise TrainConfigError(f"[run].parallel = {self.parallel!r}: valid: {', '.join(PARALLEL)}")
+            raise ConfigError(f"[run].parallel = {self.parallel!r}: valid: {', '.join(PARALLEL)}")
         if not isinstance(self.checkpoint_every, int) or self.checkpoint_every < 1:
-            raise TrainConfigError(
+            raise ConfigError(
                 f"[run].checkpoint_every = {self.checkpoint_every!r}: must be a positive integer"
             )
 
@@ -144,37 +125,31 @@ class TrainConfig:
     run: RunSection = field(default_factory=RunSection)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any], source: str = "config") -> TrainConfig:
-        allowed = {"model", "data", "optim", "run", "stages", "curriculum"}
-        unknown = sorted(set(data) - allowed)
-        if unknown:
-            raise TrainConfigError(f"{source}: unknown section(s) {unknown}; valid: {sorted(allowed)}")
-        try:
-            sections = {}
-            for name, cls_ in (
+    def from_dict(
+        cls, data: dict[str, Any], source: str = "config", config: ConfigFile | None = None
+    ) -> TrainConfig:
+        config = config or ConfigFile(data, source)
+        config.check_sections(("model", "data", "optim", "run", "stages", "curriculum"))
+        sections = {
+            name: config.section(name, section_cls)
+            for name, section_cls in (
                 ("model", ModelSection),
                 ("data", DataSection),
                 ("optim", OptimSection),
                 ("run", RunSection),
-            ):
-                values = data.get(name, {})
-                _check_fields(name, values, cls_)
-                sections[name] = cls_(**values)
+            )
+        }
+        try:
             curriculum = _curriculum(data)
-        except (TrainConfigError, CurriculumError, TypeError) as err:
-            raise TrainConfigError(f"{source}: {err}") from None
+        except (ConfigError, TypeError) as err:
+            section = "stages" if "stages" in data else "curriculum"
+            raise config.error(str(err), section=section) from None
         return cls(curriculum=curriculum, **sections)
 
     @classmethod
     def from_file(cls, path: str | os.PathLike) -> TrainConfig:
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: no such training config")
-        try:
-            data = tomllib.loads(path.read_text())
-        except tomllib.TOMLDecodeError as err:
-            raise TrainConfigError(f"{path}: not valid TOML: {err}") from None
-        return cls.from_dict(data, source=str(path))
+        config = read_config(path, "training config")
+        return cls.from_dict(config.data, source=str(path), config=config)
 
     @property
     def global_batch_size(self) -> int:
@@ -184,7 +159,7 @@ class TrainConfig:
 
 def _curriculum(data: dict[str, Any]) -> Curriculum:
     if "stages" in data and "curriculum" in data:
-        raise TrainConfigError("give [[stages]] or [curriculum], not both")
+        raise ConfigError("give [[stages]] or [curriculum], not both")
     if "stages" in data:
         return Curriculum(
             [Stage.from_dict(s, where=f"[[stages]] #{i + 1}") for i, s in enumerate(data["stages"])]
@@ -192,12 +167,12 @@ def _curriculum(data: dict[str, Any]) -> Curriculum:
     spec = dict(data.get("curriculum", {}))
     preset = spec.pop("preset", None)
     if preset != "aurora-m":
-        raise TrainConfigError(
+        raise ConfigError(
             f"[curriculum].preset = {preset!r}: valid: 'aurora-m' (or list the stages as [[stages]])"
         )
     try:
         return aurora_m_stages(**spec)
     except TypeError as err:
-        raise TrainConfigError(
+        raise ConfigError(
             f"[curriculum]: {err}; fields: total_tokens, cap_mixture, cat_mixture, lr, min_lr, cat_lr"
         ) from None

@@ -27,7 +27,6 @@ import json
 import logging
 import math
 import os
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -41,6 +40,7 @@ from safetensors import safe_open
 from torch import nn
 from tqdm import tqdm
 
+from quintet.config import read_config
 from quintet.data.procedural_images import make_dataset
 from quintet.io import atomic_path, atomic_write_text, read_safetensors
 from quintet.lr_schedule import lr_at_step
@@ -177,36 +177,10 @@ def _positive_int(key: str, value: Any) -> None:
 
 
 def load_train_config(path: str | os.PathLike, **overrides: Any) -> VisionTrainConfig:
-    """Read a TOML (or .json) training config; unknown keys are an error that names them."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such training config")
-    text = path.read_text()
-    try:
-        data = json.loads(text) if path.suffix == ".json" else _toml_loads(text)
-    except ValueError as err:
-        raise ConfigError(
-            f"{path}: not valid {'JSON' if path.suffix == '.json' else 'TOML'}: {err}"
-        ) from None
-    data.update(overrides)
-    names = {f.name for f in dataclasses.fields(VisionTrainConfig)}
-    unknown = sorted(set(data) - names)
-    if unknown:
-        raise ConfigError(
-            f"{path}: unknown field(s) {', '.join(unknown)}. Valid fields: {', '.join(sorted(names))}"
-        )
-    try:
-        return VisionTrainConfig(**data)
-    except ConfigError as err:
-        raise ConfigError(f"{path}: {err}") from None
-
-
-def _toml_loads(text: str) -> dict[str, Any]:
-    if sys.version_info >= (3, 11):
-        import tomllib
-    else:  # pragma: no cover - Python 3.10
-        import tomli as tomllib
-    return tomllib.loads(text)
+    """Read a TOML, YAML or JSON training config; unknown keys and wrong types are errors naming them."""
+    config = read_config(path, "training config")
+    data = {**config.data, **overrides}
+    return config.section("", VisionTrainConfig, values=data, label="top level")
 
 
 # ---------------------------------------------------------------- pure pieces

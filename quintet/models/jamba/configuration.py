@@ -7,7 +7,6 @@ arXiv 2403.19887), so a `config.json` written by either library is read by the o
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import json
 import math
 import os
@@ -15,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from quintet.config import read_config
+from quintet.config import read_config, suggest
 from quintet.errors import ConfigError
 from quintet.io import atomic_write_text
 
@@ -256,10 +255,7 @@ class JambaConfig:
             elif key not in _HF_METADATA_KEYS and key != "model_type":
                 unknown.append(key)
         if unknown:
-            hints = []
-            for key in unknown:
-                close = difflib.get_close_matches(key, sorted(names), n=1)
-                hints.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+            hints = [f"{key!r}{suggest(key, names)}" for key in unknown]
             raise ConfigError(
                 f"{source}: unknown JambaConfig field(s): {', '.join(hints)}. "
                 f"Valid fields: {', '.join(sorted(names))}"

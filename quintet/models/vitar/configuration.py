@@ -7,14 +7,13 @@ says which class reads it: "vitar" (`ViTARConfig`) or "vit" (`ViTConfig`, the pl
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from quintet.config import read_config
+from quintet.config import read_config, suggest
 from quintet.errors import ConfigError
 from quintet.io import atomic_write_text
 
@@ -126,10 +125,7 @@ class VisionConfig:
         names = {f.name for f in dataclasses.fields(cls) if f.init}
         unknown = [k for k in data if k not in names and k != "model_type"]
         if unknown:
-            hints = []
-            for key in unknown:
-                close = difflib.get_close_matches(key, sorted(names), n=1)
-                hints.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+            hints = [f"{key!r}{suggest(key, names)}" for key in unknown]
             raise ConfigError(
                 f"{source}: unknown {cls.__name__} field(s): {', '.join(hints)}. "
                 f"Valid fields: {', '.join(sorted(names))}"
