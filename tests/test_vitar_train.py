@@ -125,8 +125,11 @@ def test_train_vision_writes_a_loadable_model_folder(tmp_path):
     summary = json.loads((tmp_path / "run" / "train_result.json").read_text())
     assert [e["resolution"] for e in summary["evaluation"]] == [32, 64]
     assert all(e["flops"] > 0 for e in summary["evaluation"])
-    files = sorted(p.name for p in (tmp_path / "run" / "checkpoint").iterdir())
-    assert files == ["state.safetensors", "trainer_state.json"]
+    checkpoint = (
+        tmp_path / "run" / "checkpoints" / (tmp_path / "run" / "checkpoints" / "latest").read_text().strip()
+    )
+    files = sorted(p.name for p in checkpoint.iterdir())
+    assert files == ["model.safetensors", "optimizer.safetensors", "rng.safetensors", "trainer_state.json"]
 
 
 def test_mae_mode_trains_backbone_and_decoder_then_initialises_a_classifier(tmp_path):

@@ -14,7 +14,7 @@ import json
 import logging
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,10 +31,21 @@ from quintet.io import copy_model_files
 from quintet.loading import load_trainable_model
 from quintet.models.jamba import JambaConfig, JambaForCausalLM
 from quintet.models.jamba.checkpoint import save_state_dict
+from quintet.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from quintet.train.curriculum import Stage
 from quintet.train.distributed import DistInfo, all_reduce_mean, setup_distributed, teardown, wrap_model
-from quintet.train.lm_checkpoint import TrainerState, latest_checkpoint, load_checkpoint, save_checkpoint
 from quintet.train.lm_config import TrainConfig
+
+
+@dataclass
+class TrainerState:
+    step: int = 0
+    stage: int = 0  # index of the stage in progress
+    stage_tokens: int = 0  # tokens trained in that stage
+    total_tokens: int = 0
+    sampler: dict[str, Any] | None = None  # data position in the current stage
+    history: list[dict[str, Any]] = field(default_factory=list)  # per finished stage: held-out losses
+
 
 log = logging.getLogger("quintet.train")
 
@@ -168,7 +179,9 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool, progress: bool) -> Tr
     if resume and checkpoint is None:
         log.warning("--resume: no checkpoint in %s; starting from the beginning", out)
     if checkpoint is not None:
-        model_state, optim_state, state = load_checkpoint(checkpoint)
+        saved = load_checkpoint(checkpoint)
+        torch.set_rng_state(saved.rng["torch"])
+        model_state, optim_state, state = saved.model_state, saved.optimizer, TrainerState(**saved.trainer)
         _check_resumable(model, model_state, checkpoint)
         set_state_dict(
             wrapped,
@@ -184,7 +197,14 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool, progress: bool) -> Tr
         model_sd, optim_sd = get_state_dict(wrapped, optimizer, options=sd_options)
         if not info.is_main:
             return None
-        return save_checkpoint(out, model.config, model_sd, optim_sd, state)
+        return save_checkpoint(
+            out,
+            state.step,
+            lambda folder: save_state_dict(model.config, model_sd, folder),
+            optim_sd,
+            asdict(state),
+            {"torch": torch.get_rng_state()},
+        )
 
     def save_model_folder(folder: Path) -> None:
         model_sd = get_model_state_dict(wrapped, options=sd_options)  # a collective: every process calls it

@@ -36,18 +36,19 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
 from torch import nn
 from tqdm import tqdm
 
 from quintet.config import read_config
 from quintet.data.procedural_images import make_dataset
-from quintet.io import atomic_path, atomic_write_text, read_safetensors
+from quintet.errors import CheckpointError
+from quintet.io import atomic_write_text, write_safetensors
 from quintet.lr_schedule import lr_at_step
 from quintet.models.vitar.checkpoint import build_model, load_model, load_state
 from quintet.models.vitar.configuration import ConfigError, ViTARConfig, preset_config
 from quintet.models.vitar.mae import ViTARForMaskedImageModeling
 from quintet.models.vitar.model import ImageClassifier
+from quintet.train.checkpoint import checkpoint_dir, latest_checkpoint, load_checkpoint, save_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -325,69 +326,60 @@ class VisionTrainer:
         return float(loss.detach())
 
     # ------------------------------------------------------------ checkpoints
-    def save_checkpoint(self) -> None:
-        directory = self.out_dir / "checkpoint"
-        directory.mkdir(parents=True, exist_ok=True)
+    def save_checkpoint(self) -> Path:
+        """A checkpoint of the run (`quintet.train.checkpoint`), and the model folder `out_dir/model`."""
         names = {id(p): n for n, p in self.net.named_parameters()}
-        tensors = {f"model.{k}": v for k, v in self.net.state_dict().items()}
-        for group in self.optimizer.param_groups:
-            for param in group["params"]:
-                for key, value in self.optimizer.state.get(param, {}).items():
-                    tensors[f"optim.{names[id(param)]}.{key}"] = (
-                        value.reshape(-1) if value.ndim == 0 else value
-                    )
-        tensors["rng.torch"] = self._rng_state
+        moments = {
+            names[id(param)]: dict(self.optimizer.state[param])
+            for group in self.optimizer.param_groups
+            for param in group["params"]
+            if self.optimizer.state.get(param)
+        }
+        groups = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
+        rng = {"torch": self._rng_state}
         if self._cuda_rng_state is not None:
-            tensors["rng.cuda"] = self._cuda_rng_state
-        state = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-        from safetensors.torch import save_file
-
-        with atomic_path(directory / "state.safetensors") as tmp:
-            save_file(state, str(tmp), metadata={"format": "pt", "step": str(self.step)})
-        meta = {"step": self.step, "config": self.config.to_dict(), "history": self.history}
-        atomic_write_text(directory / "trainer_state.json", json.dumps(meta, indent=2) + "\n")
+            rng["cuda"] = self._cuda_rng_state
+        path = save_checkpoint(
+            self.out_dir,
+            self.step,
+            lambda folder: write_safetensors(self.net.state_dict(), folder / "model.safetensors"),
+            {"state": moments, "param_groups": groups},
+            {"step": self.step, "history": self.history},
+            rng,
+            config=self.config.to_dict(),
+        )
         self.model.save_pretrained(self.out_dir / "model")
+        return path
 
     def resume(self) -> bool:
-        """Load `out_dir/checkpoint` if there is one; True when resumed."""
-        directory = self.out_dir / "checkpoint"
-        meta_path, state_path = directory / "trainer_state.json", directory / "state.safetensors"
-        if not meta_path.is_file():
+        """Load the newest checkpoint in `out_dir` if there is one; True when resumed."""
+        directory = latest_checkpoint(self.out_dir)
+        if directory is None:
             return False
-        meta = json.loads(meta_path.read_text())
-        with safe_open(str(state_path), framework="pt") as f:
-            tensor_step = int((f.metadata() or {}).get("step", -1))
-        if tensor_step != meta["step"]:
-            raise ValueError(
-                f"{directory}: state.safetensors is at step {tensor_step} but trainer_state.json at step "
-                f"{meta['step']} (an interrupted save); delete the folder to start over"
-            )
+        saved = load_checkpoint(directory)
         changed = sorted(
             k
             for k, v in self.config.to_dict().items()
-            if k not in _RESUMABLE_CHANGES and meta["config"].get(k) != v
+            if k not in _RESUMABLE_CHANGES and (saved.config or {}).get(k) != v
         )
         if changed:
             diffs = ", ".join(
-                f"{k}: {meta['config'].get(k)!r} -> {getattr(self.config, k)!r}" for k in changed
+                f"{k}: {(saved.config or {}).get(k)!r} -> {getattr(self.config, k)!r}" for k in changed
             )
             raise ConfigError(f"{directory}: cannot resume, the config changed ({diffs})")
-        tensors = read_safetensors(state_path)
-        model_state = {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
-        load_state(self.net, model_state, str(state_path))
+        load_state(self.net, saved.model_state, str(directory / "model.safetensors"))
         params = dict(self.net.named_parameters())
-        for key, value in tensors.items():
-            if key.startswith("optim."):
-                name, slot = key[len("optim.") :].rsplit(".", 1)
-                if name not in params:
-                    raise ValueError(f"{state_path}: optimizer state for unknown parameter {name}")
-                state = self.optimizer.state[params[name]]
-                state[slot] = value.reshape(()) if slot == "step" else value.to(params[name].device)
-        self._rng_state = tensors["rng.torch"]
-        if self._cuda_rng_state is not None and "rng.cuda" in tensors:
-            self._cuda_rng_state = tensors["rng.cuda"]
-        self.step = meta["step"]
-        self.history = meta["history"]
+        for name, slots in saved.optimizer["state"].items():
+            if name not in params:
+                raise CheckpointError(f"{directory}: optimizer state for unknown parameter {name}")
+            state = self.optimizer.state[params[name]]
+            for slot, value in slots.items():
+                state[slot] = value if slot == "step" else value.to(params[name].device)
+        self._rng_state = saved.rng["torch"]
+        if self._cuda_rng_state is not None and "cuda" in saved.rng:
+            self._cuda_rng_state = saved.rng["cuda"]
+        self.step = saved.trainer["step"]
+        self.history = saved.trainer["history"]
         log.info("resumed from %s at step %d", directory, self.step)
         return True
 
@@ -475,12 +467,15 @@ def _is_procedural(dataset) -> bool:  # noqa: ANN001
 
 
 def train_vision(config: VisionTrainConfig, resume: bool = True) -> TrainResult:
-    """Train (resuming from `out_dir/checkpoint` when there is one and `resume`), save, evaluate."""
+    """Train (resuming from the newest checkpoint in `out_dir` when there is one and `resume`), save,
+    evaluate."""
     if config.num_threads is not None:
         torch.set_num_threads(config.num_threads)
     trainer = VisionTrainer(config)
     if resume:
         trainer.resume()
-    elif (Path(config.out_dir) / "checkpoint").exists():
-        raise FileExistsError(f"{config.out_dir}/checkpoint exists; resume it or choose another out_dir")
+    elif latest_checkpoint(config.out_dir) is not None:
+        raise FileExistsError(
+            f"{checkpoint_dir(config.out_dir)}: a checkpoint exists; resume it or choose another out_dir"
+        )
     return trainer.run()
