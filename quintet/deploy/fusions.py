@@ -5,7 +5,8 @@
   M0E4 weights the groups run along the input, so stacking rows stacks codes, scales and offsets unchanged.
 - SwiGLU: `down(silu(a) * b)` on the two halves of the merged gate/up output.
 - residual + RMSNorm: `x = x + h; n = rmsnorm(x)` in one call, normalising with PyTorch's native
-  `rms_norm` kernel (one op instead of the five of the eager formula).
+  `rms_norm` kernel (one op instead of the five of the eager formula): `EngineRMSNorm` replaces the
+  model's norms.
 - dequantization inside the matmul: quintet's M0E4 kernels (see `quintet.kernels.m0e4_cpu`).
 """
 
@@ -66,6 +67,20 @@ def add_rms_norm(
         return fused
     x = x + h
     return x, rms_norm(x, weight, eps)
+
+
+class EngineRMSNorm(nn.Module):
+    """A model's RMSNorm (same weight) through `rms_norm`, and its residual add through `add_rms_norm`."""
+
+    def __init__(self, norm: nn.Module):
+        super().__init__()
+        self.weight, self.eps = norm.weight, norm.eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return rms_norm(x, self.weight, self.eps)
+
+    def add_and_norm(self, x: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return add_rms_norm(x, h, self.weight, self.eps)
 
 
 @torch.no_grad()

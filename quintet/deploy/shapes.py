@@ -35,7 +35,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from torch.utils._sympy.functions import FloorDiv
 
-from quintet.deploy.engine import JambaEngine, TraceHooks, tracing
+from quintet.deploy.engine import JambaEngine
+from quintet.models.jamba.tracing import TraceHooks, tracing
 
 KINDS = ("decode", "prefill", "chunk")
 _SKIP_OPS = ("prim.", "aten.sym_", "aten._local_scalar_dense")

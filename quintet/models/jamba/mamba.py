@@ -19,9 +19,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from quintet.kernels import selective_scan_cpu as fused
+from quintet.kernels import selective_scan_ops
 from quintet.models.jamba.cache import HybridCache
 from quintet.models.jamba.configuration import JambaConfig
 from quintet.models.jamba.norm import RMSNorm
+from quintet.models.jamba.tracing import current_trace
 
 
 class JambaMambaMixer(nn.Module):
@@ -51,6 +53,16 @@ class JambaMambaMixer(nn.Module):
         self.dt_layernorm = RMSNorm(self.dt_rank, eps=config.rms_norm_eps)
         self.b_layernorm = RMSNorm(self.d_state, eps=config.rms_norm_eps)
         self.c_layernorm = RMSNorm(self.d_state, eps=config.rms_norm_eps)
+        self.register_buffer("frozen_A", None, persistent=False)
+
+    @torch.no_grad()
+    def freeze(self) -> None:
+        """For inference (the deploy engine): compute A = -exp(A_log) once instead of at every step. The
+        weights must not change afterwards."""
+        self.frozen_A = -torch.exp(self.A_log.detach().float())
+
+    def _A(self) -> torch.Tensor:
+        return self.frozen_A.float() if self.frozen_A is not None else -torch.exp(self.A_log.float())
 
     def forward(
         self, h: torch.Tensor, token_mask: torch.Tensor | None = None, cache: HybridCache | None = None
@@ -61,7 +73,8 @@ class JambaMambaMixer(nn.Module):
         reaches is exactly the state of its unpadded prompt.
         """
         b, L, _ = h.shape
-        if L == 1 and cache is not None and (token_mask is None or bool(token_mask.all())):
+        trace = current_trace()
+        if L == 1 and cache is not None and trace is None and (token_mask is None or bool(token_mask.all())):
             out = self._fused_step(h, cache)
             if out is not None:
                 return out
@@ -78,27 +91,20 @@ class JambaMambaMixer(nn.Module):
         dt = F.linear(self.dt_layernorm(dt), self.dt_proj.weight).transpose(1, 2)  # (b, d, L); bias: in scan
         B = self.b_layernorm(B)
         C = self.c_layernorm(C)
-        A = -torch.exp(self.A_log.float())
-        bias = self.dt_proj.bias.float()
-        D = self.D.float()
+        A, bias, D = self._A(), self.dt_proj.bias.float(), self.D.float()
         if L == 1 and ssm_state is not None:
-            y, new_state = fused.selective_state_update_fused(
-                ssm_state, x[..., 0], dt[..., 0], A, B[:, 0], C[:, 0], D, z[:, 0], bias, delta_softplus=True
-            )
+            args = (ssm_state, x[..., 0], dt[..., 0], A, B[:, 0], C[:, 0], D, z[:, 0], bias)
+            if trace is not None:
+                y, new_state = selective_scan_ops.state_update_op(*args)
+            else:
+                y, new_state = fused.selective_state_update_fused(*args, delta_softplus=True)
             y = y.unsqueeze(1)
         else:
-            y, new_state = fused.selective_scan_fused(
-                x,
-                dt,
-                A,
-                B.transpose(1, 2),
-                C.transpose(1, 2),
-                D,
-                z.transpose(1, 2),
-                bias,
-                delta_softplus=True,
-                initial_state=ssm_state,
-            )
+            args = (x, dt, A, B.transpose(1, 2), C.transpose(1, 2), D, z.transpose(1, 2), bias)
+            if trace is not None:
+                y, new_state = selective_scan_ops.selective_scan_op(*args, ssm_state)
+            else:
+                y, new_state = fused.selective_scan_fused(*args, delta_softplus=True, initial_state=ssm_state)
             y = y.transpose(1, 2)
         if cache is not None:
             cache.set_mamba_state(self.layer_idx, conv_state, new_state)
@@ -114,7 +120,7 @@ class JambaMambaMixer(nn.Module):
             (self.conv1d.weight,) if self.conv1d.bias is None else (self.conv1d.weight, self.conv1d.bias)
         )
         state = () if conv_state is None else (conv_state,)
-        if fused.inference_kernels_available(x, *weights, *state):
+        if current_trace() is None and fused.inference_kernels_available(x, *weights, *state):
             return fused.causal_conv1d_silu_fused(x, conv_state, self.conv1d.weight, self.conv1d.bias)
         b, L, _ = x.shape
         x = x.transpose(1, 2)  # (b, d_inner, L)
@@ -132,11 +138,15 @@ class JambaMambaMixer(nn.Module):
         """One cached token through the fused mixer step (quintet.kernels), or None where it cannot run
         (no state yet, autograd on, another dtype or device, or the kernel is unavailable)."""
         conv_state, ssm_state = cache.mamba_state(self.layer_idx)
-        if conv_state is None or ssm_state is None:
+        x_proj_weight = getattr(self.x_proj, "weight", None)  # none when x_proj holds 4-bit codes
+        if conv_state is None or ssm_state is None or not isinstance(x_proj_weight, torch.Tensor):
+            return None
+        eps = {self.dt_layernorm.eps, self.b_layernorm.eps, self.c_layernorm.eps}
+        if len(eps) != 1:  # the kernel normalises dt, B and C with one eps
             return None
         weights = (
             self.conv1d.weight,
-            self.x_proj.weight,
+            x_proj_weight,
             self.dt_layernorm.weight,
             self.b_layernorm.weight,
             self.c_layernorm.weight,
@@ -153,7 +163,7 @@ class JambaMambaMixer(nn.Module):
             conv_state,
             self.conv1d.weight,
             self.conv1d.bias,
-            self.x_proj.weight,
+            x_proj_weight,
             self.dt_layernorm.weight,
             self.b_layernorm.weight,
             self.c_layernorm.weight,
@@ -163,6 +173,7 @@ class JambaMambaMixer(nn.Module):
             self.A_log,
             self.D,
             ssm_state,
+            A=self.frozen_A,
         )
         cache.set_mamba_state(self.layer_idx, conv_state, ssm_state)
         return self.out_proj(y).unsqueeze(1)

@@ -43,7 +43,7 @@ class JambaDecoderLayer(nn.Module):
             self.self_attn = JambaAttention(config, layer_idx)
         else:
             self.mamba = JambaMambaMixer(config, layer_idx)
-        self.feed_forward = JambaSparseMoeBlock(config) if self.is_moe else JambaMLP(config)
+        self.feed_forward = JambaSparseMoeBlock(config, layer_idx) if self.is_moe else JambaMLP(config)
         self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.pre_ff_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
@@ -56,8 +56,7 @@ class JambaDecoderLayer(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         h = self.input_layernorm(x)
         h = self.self_attn(h, attn_mask, cache) if self.is_attention else self.mamba(h, token_mask, cache)
-        x = x + h
-        h = self.pre_ff_layernorm(x)
+        x, h = self.pre_ff_layernorm.add_and_norm(x, h)
         router_logits = None
         if self.is_moe:
             h, router_logits = self.feed_forward(h)

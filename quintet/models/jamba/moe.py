@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from quintet.models.jamba.configuration import JambaConfig
+from quintet.models.jamba.tracing import current_trace
 
 
 class JambaMLP(nn.Module):
@@ -30,8 +31,9 @@ class JambaMLP(nn.Module):
 class JambaSparseMoeBlock(nn.Module):
     """Top-k mixture of SwiGLU experts. Returns `(output, router_logits)`, logits (tokens, experts)."""
 
-    def __init__(self, config: JambaConfig):
+    def __init__(self, config: JambaConfig, layer_idx: int = 0):
         super().__init__()
+        self.layer_idx = layer_idx
         self.num_experts = config.num_experts
         self.top_k = config.num_experts_per_tok
         self.router = nn.Linear(config.hidden_size, config.num_experts, bias=False)
@@ -44,33 +46,31 @@ class JambaSparseMoeBlock(nn.Module):
         probs = torch.softmax(router_logits, dim=-1, dtype=torch.float32)
         weights, experts = torch.topk(probs, self.top_k, dim=-1)
         weights = weights.to(x.dtype)
+        trace = current_trace()
         if x.shape[0] == 1 and not self.training:  # one token (decoding): no sorting, just its k experts
-            out = sum(w * self.experts[e](x) for w, e in zip(weights[0], experts[0].tolist(), strict=True))
+            if trace is None:  # one read of the k chosen experts: only their weights are touched
+                chosen, scale = experts[0].tolist(), weights[0].tolist()
+            else:
+                chosen, scale = trace.decode_experts(self.layer_idx, experts), weights[0].unbind()
+            out = None
+            for e, w in zip(chosen, scale, strict=True):
+                y = self.experts[e](x) * w
+                out = y if out is None else out + y
             return out.reshape(shape), router_logits
 
         flat_experts = experts.reshape(-1)
         order = torch.argsort(flat_experts, stable=True)
         token_of = order // self.top_k  # source token of each sorted (token, slot) pair
-        counts = torch.bincount(flat_experts, minlength=self.num_experts).tolist()
-        routed = x.index_select(0, token_of)
-        expert_out = torch.empty_like(routed)
-        start = 0
-        for expert, count in zip(self.experts, counts, strict=True):
-            if count:
-                expert_out[start : start + count] = expert(routed[start : start + count])
-            start += count
+        if trace is None:
+            counts = torch.bincount(flat_experts, minlength=self.num_experts).tolist()
+        else:
+            counts = trace.expert_counts(self.layer_idx, flat_experts, self.num_experts)
+        # every expert runs, on no rows when no token chose it: its parameters still join the graph (with a
+        # zero gradient), so every process of a data-parallel run reduces the same set of gradients
+        pieces = x.index_select(0, token_of).split(counts)
+        expert_out = torch.cat([expert(p) for expert, p in zip(self.experts, pieces, strict=True)])
         expert_out = expert_out * weights.reshape(-1)[order].unsqueeze(-1)
         out = torch.zeros_like(x).index_add_(0, token_of, expert_out)
-        idle = [
-            p
-            for expert, count in zip(self.experts, counts, strict=True)
-            if not count
-            for p in expert.parameters()
-        ]
-        if idle and torch.is_grad_enabled():
-            # Experts that got no token still join the graph with a zero gradient, so every process of a
-            # data-parallel run (DDP, FSDP2) reduces the same set of gradients whatever its tokens chose.
-            out = out + 0.0 * sum(p.sum() for p in idle)
         return out.reshape(shape), router_logits
 
 
