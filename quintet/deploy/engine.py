@@ -105,8 +105,12 @@ class EngineAttention(nn.Module):
         past = cache.get_seq_length() if cache is not None else 0
         if cache is not None:
             k, v = cache.update_kv(self.layer_idx, k, v)
-        padded = getattr(cache, "pad_multiple", 1) > 1
-        mask = engine_attention_mask(attn_mask, past, L, k.shape[2], x.device, padded)
+        row_mask = getattr(cache, "row_attention_mask", None)
+        if row_mask is not None:  # rows of different lengths in one batch (quintet.serve's slots)
+            mask = row_mask(k.shape[2])
+        else:
+            padded = getattr(cache, "pad_multiple", 1) > 1
+            mask = engine_attention_mask(attn_mask, past, L, k.shape[2], x.device, padded)
         if mask is not None and g > 1 and L > 1:  # one query per group row: a (.., 1, keys) mask broadcasts
             mask = mask.repeat(1, 1, g, 1)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
