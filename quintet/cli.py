@@ -144,8 +144,10 @@ def build_parser() -> argparse.ArgumentParser:
     from quintet.eval.commands import add_eval_parser
     from quintet.models.vitar.commands import add_vitar_parser
     from quintet.safety.commands import add_safety_parser
+    from quintet.serve.commands import add_serve_parser
 
-    for add in (add_data_parser, add_safety_parser, add_eval_parser, add_deploy_parser, add_vitar_parser):
+    adders = (add_data_parser, add_safety_parser, add_eval_parser, add_deploy_parser, add_serve_parser)
+    for add in (*adders, add_vitar_parser):
         add(sub)
     return parser
 
