@@ -4,8 +4,8 @@ prompts and text; the scheduler (`scheduler.py`) owns the model.
 
 Errors are OpenAI's JSON shape, `{"error": {"message", "type", "param", "code"}}`, with a 4xx status for
 anything the client can fix. Extensions to OpenAI's request body (llama.cpp's and vLLM's names):
-`cache_prompt` (false: neither reuse nor store prefixes for this request) and `return_token_ids` (the
-prompt's and the answer's token ids in each choice).
+`cache_prompt` (false: neither reuse nor store prefixes for this request), `return_token_ids` (the
+prompt's and the answer's token ids in each choice) and `ignore_eos` (generate `max_tokens` tokens).
 """
 
 from __future__ import annotations
@@ -245,14 +245,22 @@ def _check_key(request: HTTPRequest, state: ServeState) -> None:
 class Run:
     """One request in the scheduler, its events handed to the event loop through a queue."""
 
-    def __init__(self, state: ServeState, prompt: list[int], sampling: Sampling, boundaries=(), cache=True):
+    def __init__(
+        self,
+        state: ServeState,
+        prompt: list[int],
+        sampling: Sampling,
+        boundaries=(),
+        cache=True,
+        ignore_eos=False,
+    ):
         loop = asyncio.get_running_loop()
         self.queue: asyncio.Queue = asyncio.Queue()
         self.state = state
         self.done = False
         self.request = Request(
             prompt, sampling, lambda e: loop.call_soon_threadsafe(self.queue.put_nowait, e), boundaries,
-            cache_prompt=cache, id=uuid.uuid4().hex[:24],
+            cache_prompt=cache, ignore_eos=ignore_eos, id=uuid.uuid4().hex[:24],
         )  # fmt: skip
         try:
             state.scheduler.submit(self.request)
@@ -356,8 +364,9 @@ async def _generate(
     sampling.logprobs = logprobs
     token_ids = bool(_get(body, "return_token_ids", (bool,), False, "a boolean"))
     cache = bool(_get(body, "cache_prompt", (bool,), True, "a boolean"))
+    ignore_eos = bool(_get(body, "ignore_eos", (bool,), False, "a boolean"))
     gen = Generation(state, stops, logprobs is not None)
-    run = Run(state, prompt, sampling, boundaries, cache)
+    run = Run(state, prompt, sampling, boundaries, cache, ignore_eos)
     rid = ("chatcmpl-" if chat else "cmpl-") + run.request.id
     kind = "chat.completion" if chat else "text_completion"
     created = int(time.time())
@@ -398,6 +407,14 @@ async def _generate(
         return JSONResponse(out)
 
     async def chunks():
+        watcher = asyncio.create_task(_watch_disconnect(request, run))  # frees the slot even while queued
+        try:
+            async for piece in sse_events():
+                yield piece
+        finally:
+            watcher.cancel()
+
+    async def sse_events():
         if chat:
             yield _sse({**head, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
                                              "finish_reason": None}]})  # fmt: skip

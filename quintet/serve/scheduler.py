@@ -69,6 +69,7 @@ class Request:
     sink: Callable[[object], None]  # called from the scheduler thread with TokenEvent / DoneEvent
     boundaries: tuple[int, ...] = ()  # token counts where a shared prefix ends (system prompt, turns)
     cache_prompt: bool = True
+    ignore_eos: bool = False  # run to max_tokens (benchmarks)
     id: str = ""
     cancelled: bool = False
     # the scheduler's
@@ -305,7 +306,7 @@ class Scheduler:
             token = int(torch.multinomial(probs, 1, generator=req.generator))
         else:
             token = int(scores.argmax())
-        if token in self.stop_ids:
+        if token in self.stop_ids and not req.ignore_eos:
             req.finish_reason = "stop"
             return False
         event = TokenEvent(token)
