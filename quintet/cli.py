@@ -136,10 +136,11 @@ def build_parser() -> argparse.ArgumentParser:
     from quintet.deploy.commands import add_deploy_parser
     from quintet.eval.commands import add_eval_parser
     from quintet.safety.commands import add_safety_parser
+    from quintet.serve.commands import add_serve_parser
     from quintet.train.commands import add_train_parser
 
     stages = (add_train_parser, add_data_parser, add_safety_parser, add_eval_parser, add_deploy_parser)
-    for add in (*stages, add_vitar_parser):
+    for add in (*stages, add_serve_parser, add_vitar_parser):
         add(sub)
     return parser
 

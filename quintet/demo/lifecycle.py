@@ -11,6 +11,7 @@
 6. Red-team: the model after CAP (before safety tuning) against the aligned one, by category and language.
 7. Deployment: M0E4 FP4 quantization of the aligned model; size and speed against float32.
    Then the aligned model and its FP4 copy red-teamed side by side: rates, differences, changed verdicts.
+   Then the FP4 model served (`quintet serve`), one chat request through the `openai` client.
 8. ViTAR: a tiny ViTAR trained at several resolutions, tested far above them.
 
 `--full` trains longer (more tokens, steps and images); every stage is also a CLI command of its own.
@@ -200,6 +201,11 @@ def main(argv: list[str] | None = None) -> int:
     run_deploy_demo(aligned, out / "fp4")
     banner("7b. Red-team: the aligned model against its FP4 copy (does quantization erode safety?)")
     run_redteam_demo(aligned, out / "fp4", out / "redteam-fp4", names=("aligned", "FP4"))
+
+    from quintet.demo.serve import run_serve_demo
+
+    banner("7c. Serve: the FP4 model behind an OpenAI-compatible server, one chat request")
+    run_serve_demo(out / "fp4")
 
     if not args.skip_vitar:
         from quintet.demo.vision import run_vitar_demo

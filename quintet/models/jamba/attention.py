@@ -59,7 +59,10 @@ class JambaAttention(nn.Module):
         if cache is not None:
             k, v = cache.update_kv(self.layer_idx, k, v)
         padded = getattr(cache, "pad_multiple", 1) > 1
-        if attn_mask is None and past == 0 and not padded:
+        row_mask = getattr(cache, "row_attention_mask", None)
+        if row_mask is not None:  # rows of different lengths in one batch (a server's slot cache)
+            mask = row_mask(k.shape[2])
+        elif attn_mask is None and past == 0 and not padded:
             mask = None  # causal over x alone
         else:
             mask = key_mask(attn_mask, past, L, k.shape[2], x.device, padded)
