@@ -187,6 +187,8 @@ def make_executors(stages: list[Stage], config: CurationConfig, logs: Path) -> l
             from datatrove.executor import LocalPipelineExecutor
 
             common.setdefault("workers", 1)
+            if common["workers"] != 1:
+                _preload_workers(common.get("start_method", "forkserver"))
             executors.append(LocalPipelineExecutor(stage.pipeline, **common))
         elif ex.kind == "slurm":
             from datatrove.executor import SlurmPipelineExecutor
@@ -203,6 +205,18 @@ def make_executors(stages: list[Stage], config: CurationConfig, logs: Path) -> l
             depends = executors[-1] if executors else None
             executors.append(RayPipelineExecutor(stage.pipeline, depends=depends, **common))
     return executors
+
+
+def _preload_workers(start_method: str) -> None:
+    """Workers forked from a forkserver that has imported the libraries and built the tokenizers once.
+
+    Takes effect when this process starts its forkserver (the first pool of the first parallel stage);
+    later stages and later runs in the same process fork from the same server.
+    """
+    if start_method == "forkserver":
+        import multiprocess
+
+        multiprocess.get_context("forkserver").set_forkserver_preload(["quintet.data.curation.preload"])
 
 
 def _claim_output(config: CurationConfig, out_dir: Path) -> None:
