@@ -153,3 +153,40 @@ def test_script_aware_tokenizer():
     assert tok.word_tokenize("the quick brown fox") == ["the", "quick", "brown", "fox"]
     words = tok.word_tokenize("新しい図書館には大きな窓がある")
     assert len(words) > 3 and "".join(words) == "新しい図書館には大きな窓がある"
+
+
+def test_candidate_languages_from_scripts_and_letters():
+    from quintet.data.curation.scripts import candidate_languages
+
+    targets = ("en", "fi", "hi", "ja", "vi")
+    english = "The library opens early on Saturdays, and the reading room is quiet all afternoon. " * 4
+    found = candidate_languages(english, targets)
+    assert {"en", "nl", "id", "fi", "vi"} <= found and not {"de", "fr", "pl", "ru", "ja"} & found
+    german = "Die Bibliothek öffnet früh, und der Lesesaal ist ruhig. Über den Fluss führt eine Brücke. " * 3
+    assert "de" in candidate_languages(german, targets)
+    assert candidate_languages("यह एक वाक्य है। यह दूसरा वाक्य है।", targets) == {"hi", "mr"}
+    assert "ja" in candidate_languages("これは日本語の文章です。", targets)
+    assert candidate_languages("12345 !!! ---", targets) is None  # no letters: lingua gets every language
+    short = "Ein kurzer Satz ohne Umlaut."  # under min_letters: markers are not required
+    assert "de" in candidate_languages(short, targets)
+
+
+def test_language_filter_batched_with_prefilter_matches_unfiltered():
+    texts = [
+        "The library opens early on Saturdays, and the reading room is quiet all afternoon.",
+        "Kirjasto aukeaa lauantaisin aikaisin, ja lukusali on hiljainen koko iltapäivän.",
+        "Thư viện mở cửa sớm vào thứ Bảy, và phòng đọc yên tĩnh suốt buổi chiều.",
+        "Die neue Bibliothek hat einen Lesesaal mit großen Fenstern und einem schönen Blick.",
+        "La nouvelle bibliothèque a une salle de lecture avec de grandes fenêtres.",
+        "यह पुस्तकालय शनिवार को जल्दी खुलता है और पढ़ने का कमरा शांत रहता है।",
+        "図書館は土曜日の朝早く開き、閲覧室は午後ずっと静かです。",
+    ]
+    plain = LanguageFilter(accuracy="low", prefilter=False)
+    fast = LanguageFilter(accuracy="low", prefilter=True, batch_size=4)
+    assert [lang for lang, _ in fast.detect_many(texts)] == [plain.detect(t)[0] for t in texts]
+    docs = [_doc(t) for t in texts]
+    results = fast.filter_batch(docs)
+    assert [d.metadata["language"] for d in docs] == ["en", "fi", "vi", "de", "fr", "hi", "ja"]
+    assert results[3] == (False, "other_language") and results[0] is True
+    with pytest.raises(ValueError, match="batch_size = 0"):
+        LanguageFilter(batch_size=0)

@@ -501,6 +501,20 @@ def load_labels(path: str | Path) -> dict[str, Label]:
     return labels
 
 
+def read_corpus_texts(path: str | Path) -> dict[str, str]:
+    """{document id: text} of the prose documents of a generated corpus (web rows and text files)."""
+    import pyarrow.parquet as pq
+
+    root = Path(path)
+    texts = {row["id"]: row["text"] for row in _read_jsonl_rows(root / "web")}
+    for file in sorted((root / "web").rglob("*.parquet")):
+        rows = pq.read_table(file, columns=["id", "text"]).to_pylist()
+        texts.update((row["id"], row["text"]) for row in rows)
+    for file in sorted((root / "text").rglob("*.txt")):
+        texts[file.name] = file.read_text(encoding="utf-8")
+    return texts
+
+
 # Which labelled noise each filter step is meant to catch.
 FILTER_TARGETS = {
     "numbers": "number_heavy",

@@ -13,6 +13,7 @@ import contextlib
 from datatrove.data import Document, DocumentsPipeline
 from datatrove.pipeline.base import PipelineStep
 from datatrove.pipeline.filters.base_filter import BaseFilter, get_filter_result
+from datatrove.utils.batching import batched
 from datatrove.utils.typeshelper import StatHints
 
 CODE = "code"  # the language label of source code
@@ -29,27 +30,31 @@ class CurationFilter(BaseFilter):
     """A datatrove filter whose drops are also counted per language."""
 
     def run(self, data: DocumentsPipeline, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
+        """As datatrove's `BaseFilter.run`, counting per language too; `filter_batch` when batch_size > 1."""
         with self.exclusion_writer if self.exclusion_writer else contextlib.nullcontext() as writer:
-            for doc in data:
-                self.stat_update("input_bytes", value=len(doc.text.encode("utf-8")))
+            for batch in batched(data, self.batch_size):
+                for doc in batch:
+                    self.stat_update("input_bytes", value=len(doc.text.encode("utf-8")))
                 with self.track_time():
-                    keep, reason = get_filter_result(self.filter(doc))
-                lang = document_language(doc)  # after filter(): the language step sets it
-                self.stat_update(StatHints.total, f"{lang}/{StatHints.total}")
-                if keep:
-                    self.stat_update(StatHints.forwarded, f"{lang}/{StatHints.forwarded}")
-                    yield doc
-                    continue
-                reason = reason or "unspecified"
-                self.stat_update(
-                    StatHints.dropped,
-                    f"{lang}/{StatHints.dropped}",
-                    f"dropped_{reason}",
-                    f"{lang}/dropped_{reason}",
-                )
-                if writer:
-                    doc.metadata["filter_reason"] = f"{self.name}:{reason}"
-                    writer.write(doc, rank)
+                    results = [self.filter(batch[0])] if len(batch) == 1 else self.filter_batch(batch)
+                for doc, result in zip(batch, results, strict=True):
+                    keep, reason = get_filter_result(result)
+                    lang = document_language(doc)  # after filter(): the language step sets it
+                    self.stat_update(StatHints.total, f"{lang}/{StatHints.total}")
+                    if keep:
+                        self.stat_update(StatHints.forwarded, f"{lang}/{StatHints.forwarded}")
+                        yield doc
+                        continue
+                    reason = reason or "unspecified"
+                    self.stat_update(
+                        StatHints.dropped,
+                        f"{lang}/{StatHints.dropped}",
+                        f"dropped_{reason}",
+                        f"{lang}/dropped_{reason}",
+                    )
+                    if writer:
+                        doc.metadata["filter_reason"] = f"{self.name}:{reason}"
+                        writer.write(doc, rank)
 
 
 class LanguageCounter(PipelineStep):

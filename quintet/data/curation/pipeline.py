@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import socket
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -188,6 +189,8 @@ def make_executors(stages: list[Stage], config: CurationConfig, logs: Path) -> l
             from datatrove.executor import LocalPipelineExecutor
 
             common.setdefault("workers", 1)
+            if common["workers"] != 1:
+                _preload_workers(common.get("start_method", "forkserver"))
             executors.append(LocalPipelineExecutor(stage.pipeline, **common))
         elif ex.kind == "slurm":
             from datatrove.executor import SlurmPipelineExecutor
@@ -201,9 +204,65 @@ def make_executors(stages: list[Stage], config: CurationConfig, logs: Path) -> l
         else:
             from datatrove.executor import RayPipelineExecutor
 
+            common.pop("address", None)  # where to connect (`_ray_connection`), not an executor setting
             depends = executors[-1] if executors else None
             executors.append(RayPipelineExecutor(stage.pipeline, depends=depends, **common))
     return executors
+
+
+@contextlib.contextmanager
+def _ray_connection(config: CurationConfig) -> Iterator[None]:
+    """Connected to the running Ray cluster: `executor.address`, else $RAY_ADDRESS, else this machine's.
+
+    datatrove's Ray executor expects a connected driver. A connection made here is closed afterwards (the
+    cluster keeps running); one the caller made is left as it is.
+    """
+    where = f"{config.source}: " if config.source else ""
+    try:
+        import ray
+    except ImportError:
+        raise ConfigError(
+            f"{where}executor.kind = 'ray' needs Ray: pip install 'quintet[ray]' (or ray[default])"
+        ) from None
+    if ray.is_initialized():
+        yield
+        return
+    address = config.executor.options.get("address") or os.environ.get("RAY_ADDRESS") or "auto"
+    host, _, port = address.rpartition(":")
+    options: dict[str, Any] = {}
+    if address != "auto" and port.isdigit():
+        try:  # Ray itself retries an address where nothing listens for minutes
+            socket.create_connection((host, int(port)), timeout=5).close()
+        except OSError as err:
+            raise ConfigError(
+                f"{where}executor.kind = 'ray': no Ray cluster at {address!r} ({err}); start one with "
+                "`ray start --head`, or set executor.address (or RAY_ADDRESS) to the head node's host:port"
+            ) from None
+        if host in ("127.0.0.1", "localhost"):
+            options["_node_ip_address"] = "127.0.0.1"  # a head node started on loopback only
+    try:
+        ray.init(address=address, log_to_driver=False, logging_level="WARNING", **options)
+    except ConnectionError as err:
+        raise ConfigError(
+            f"{where}executor.kind = 'ray': no Ray cluster at {address!r} ({err}); start one with "
+            "`ray start --head`, or set executor.address (or RAY_ADDRESS) to the head node's host:port"
+        ) from None
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+def _preload_workers(start_method: str) -> None:
+    """Workers forked from a forkserver that has imported the libraries and built the tokenizers once.
+
+    Takes effect when this process starts its forkserver (the first pool of the first parallel stage);
+    later stages and later runs in the same process fork from the same server.
+    """
+    if start_method == "forkserver":
+        import multiprocess
+
+        multiprocess.get_context("forkserver").set_forkserver_preload(["quintet.data.curation.preload"])
 
 
 def _claim_output(config: CurationConfig, out_dir: Path) -> None:
@@ -247,7 +306,8 @@ def curate(
         executors[-1].run()  # submits every stage, each depending on the one before, and returns
         return CurationResult(out, out / "curated", dropped, None, {})
     if config.executor.kind == "ray":
-        executors[-1].run()  # runs the stages it depends on first, then itself
+        with _ray_connection(config):
+            executors[-1].run()  # runs the stages it depends on first, then itself
         return curation_report(out, dropped)
     timing: dict[str, float] = {}
     with _quiet_datatrove(quiet):

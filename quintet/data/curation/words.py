@@ -1,0 +1,323 @@
+"""Word tokenization done once per text and shared by every quality heuristic, with datatrove's exact words.
+
+datatrove's Gopher, C4 and FineWeb filters each call `split_into_words(text, language)`, and C4 calls
+`split_into_sentences(line, language)` on every line it keeps, which tokenizes each line again. datatrove
+keeps the last 5 results (`split_into_parts` is an `lru_cache(5)`), so Gopher quality reuses Gopher
+repetition's words; but every tokenization runs spaCy in a fresh `memory_zone`, which throws away spaCy's
+own cache of whitespace-separated spans, so every word is tokenized from scratch every time, and FineWeb
+tokenizes C4's edited text again. `split_into_words` accepts a `WordTokenizer` object in place of a
+language code, so `SharedWords` is given to datatrove's filters as their `language`: the filters
+themselves run unchanged, and the words and sentences they see come from here.
+
+What makes it faster, and why the words stay datatrove's (tested against datatrove's tokenizer on every
+line and document of the demo corpus and a held-out one, `word_agreement` measures it per language):
+
+- A text seen again (C4's lines are tokenized once for their sentences and once more for the words of
+  the edited text, when C4 left it as it was) gets its tokens from a small memo of the last texts.
+- spaCy's rule-based tokenizers (English, Finnish: `SPAN_CACHED`) cut the text into runs of whitespace and
+  non-whitespace exactly as `Tokenizer._tokenize_affixes` does, and tokenize each run on its own (their
+  special cases never contain whitespace, checked at load), so a run's tokens depend on the run alone.
+  They are kept in a cache that lives across documents (bounded: cleared when it passes `max_cache`); only
+  runs never seen before go through spaCy, together, in one memory zone.
+- Japanese calls Sudachi directly with datatrove's own post-processing (`JapaneseTokenizer`: empty
+  surfaces dropped, runs of space tokens merged, gaps re-inserted), without building a spaCy Doc with
+  tags, lemmas and readings; Vietnamese calls spaCy's pyvi segmentation directly. Both then align the
+  words to the text as spaCy does, with `str.index(word, start)` instead of slicing the text each time.
+- Sentences (C4's count) come from the same tokens through spaCy's `Sentencizer` rule: a sentence starts
+  at the first token after one of its punctuation characters that is neither punctuation itself nor one of
+  them.
+
+Any other language is datatrove's own tokenizer, memoized.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from datatrove.utils.word_tokenizers import WordTokenizer, load_word_tokenizer, strip_strings
+
+SPAN_CACHED = ("en", "fi")  # spaCy language codes whose tokenizer is rule-based per whitespace run
+_RUNS = re.compile(r"\s+|\S+")
+_MEMO_SIZE = 8
+
+Token = tuple[int, int]  # (start, end) character offsets in the text
+
+
+class SharedWords(WordTokenizer):
+    """datatrove's word tokenizer for `language` (e.g. `eng_Latn`), computed once per text."""
+
+    def __init__(self, language: str, fast: bool = True, max_cache: int = 200_000):
+        super().__init__(language)
+        self.fast = fast
+        self.max_cache = max_cache
+        self._reference: WordTokenizer | None = None
+        self._kind: str | None = None
+        self._spans: dict[str, tuple[str, ...]] = {}
+        self._memo: dict[tuple[str, str], Any] = {}
+        self.calls = {"tokenized": 0, "memo_hits": 0, "span_hits": 0, "span_misses": 0}
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state.update(_reference=None, _kind=None, _spans={}, _memo={})  # rebuilt in each worker
+        return state
+
+    def __hash__(self) -> int:  # datatrove's load_word_tokenizer is an lru_cache keyed by the tokenizer
+        return id(self)
+
+    def __eq__(self, other: object) -> bool:
+        return self is other
+
+    # datatrove's tokenizer and which fast path applies
+
+    @property
+    def reference(self) -> WordTokenizer:
+        """datatrove's own tokenizer for this language (what the words must equal)."""
+        if self._reference is None:
+            self._reference = load_word_tokenizer(self.language)
+            self._kind = self._choose_kind(self._reference) if self.fast else "reference"
+        return self._reference
+
+    @property
+    def kind(self) -> str:
+        self.reference  # noqa: B018  (sets _kind)
+        return self._kind or "reference"
+
+    @staticmethod
+    def _choose_kind(tok: WordTokenizer) -> str:
+        lang = getattr(tok, "language", None)
+        if type(tok).__name__ != "SpaCyTokenizer":
+            return "reference"
+        if lang in SPAN_CACHED:
+            rules = getattr(tok.tokenizer.tokenizer, "rules", None) or {}
+            if all(len(key) == 1 or not any(c.isspace() for c in key) for key in rules):
+                return "spans"
+            return "reference"
+        return {"ja": "sudachi", "vi": "pyvi"}.get(lang, "reference")
+
+    # WordTokenizer API, as datatrove's filters call it
+
+    def word_tokenize(self, text: str) -> list[str]:
+        key = ("words", text)
+        if key in self._memo:
+            self.calls["memo_hits"] += 1
+            return list(self._memo[key])
+        if self.kind == "reference":
+            self.calls["tokenized"] += 1
+            words = self.reference.word_tokenize(text)
+        elif self.kind == "spans":  # the non-whitespace runs' tokens; whitespace runs' are stripped away
+            self.calls["tokenized"] += 1
+            runs = text.split()
+            cache = self._spans
+            missing = [run for run in runs if run not in cache]
+            if missing:
+                self._tokenize_runs(list(dict.fromkeys(missing)))
+            self.calls["span_misses"] += len(missing)
+            self.calls["span_hits"] += len(runs) - len(missing)
+            words = [piece for run in runs for piece in cache[run]]
+        else:
+            words = strip_strings([text[a:b] for a, b in self._tokens(text)])
+        self._remember(key, tuple(words))
+        return words
+
+    def span_tokenize(self, text: str) -> list[tuple[int, int]]:
+        key = ("spans", text)
+        if key in self._memo:
+            self.calls["memo_hits"] += 1
+            return list(self._memo[key])
+        if self.kind == "reference":
+            spans = list(self.reference.span_tokenize(text))
+        elif self.kind == "sudachi":
+            from datatrove.utils.word_tokenizers import chunk_text_on_bytes
+
+            spans = []
+            for chunk in [text] if not text else chunk_text_on_bytes(text, 40000):
+                start = spans[-1][1] if spans else 0  # datatrove's offset of the next chunk
+                tokens = self._sudachi_tokens(chunk)
+                spans += [(start + a, start + b) for a, b in self._sentences(chunk, tokens)]
+        elif self.kind == "pyvi":
+            spans = self._sentences(text, self._pyvi_sentence_tokens(text))
+        else:
+            spans = self._sentences(text, self._tokens(text))
+        self._remember(key, tuple(spans))
+        return spans
+
+    def sent_tokenize(self, text: str) -> list[str]:
+        return strip_strings([text[a:b] for a, b in self.span_tokenize(text)])
+
+    # tokens (all of spaCy's, whitespace tokens included) of a text
+
+    def _tokens(self, text: str) -> list[Token]:
+        key = ("tokens", text)
+        if key in self._memo:
+            return self._memo[key]
+        self.calls["tokenized"] += 1
+        kind = self.kind
+        if kind == "spans":
+            tokens = self._span_tokens(text)
+        elif kind == "sudachi":
+            from datatrove.utils.word_tokenizers import chunk_text_on_bytes
+
+            tokens, offset = [], 0
+            for chunk in chunk_text_on_bytes(text, 40000) if text else []:
+                tokens += [(offset + a, offset + b) for a, b in self._sudachi_tokens(chunk)]
+                offset += len(chunk)
+        elif kind == "pyvi":
+            tokens = self._pyvi_tokens(text)
+        else:
+            raise AssertionError(f"no token offsets for a {kind!r} tokenizer")
+        self._remember(key, tokens)
+        return tokens
+
+    def _remember(self, key: tuple[str, str], value: Any) -> None:
+        if len(self._memo) >= _MEMO_SIZE:
+            self._memo.pop(next(iter(self._memo)))
+        self._memo[key] = value
+
+    def _span_tokens(self, text: str) -> list[Token]:
+        """spaCy's tokens: the whitespace and non-whitespace runs `_tokenize_affixes` cuts, from the cache."""
+        runs: list[tuple[int, str]] = []
+        previous_word = False
+        for m in _RUNS.finditer(text):
+            start, run = m.start(), m.group()
+            if run[0].isspace():
+                if previous_word and run[0] == " ":  # one space after a word is that word's trailing space
+                    start, run = start + 1, run[1:]
+                previous_word = False
+                if not run:
+                    continue
+            else:
+                previous_word = True
+            runs.append((start, run))
+        cache = self._spans
+        missing = [run for _, run in runs if run not in cache]
+        if missing:
+            self._tokenize_runs(list(dict.fromkeys(missing)))
+            self.calls["span_misses"] += len(missing)
+        self.calls["span_hits"] += len(runs) - len(missing)
+        tokens: list[Token] = []
+        for start, run in runs:
+            for piece in cache[run]:
+                tokens.append((start, start + len(piece)))
+                start += len(piece)
+        return tokens
+
+    def _tokenize_runs(self, runs: list[str]) -> None:
+        if len(self._spans) + len(runs) > self.max_cache:
+            self._spans.clear()  # bounded memory; the runs asked for are added back below
+        nlp = self.reference.tokenizer
+        words = [r for r in runs if not r[0].isspace()]
+        with nlp.memory_zone():
+            # whitespace runs one by one (joined, they would merge); words joined by single spaces, which
+            # spaCy takes as trailing whitespace, so each comes back as its own run
+            for run in runs:
+                if run[0].isspace():
+                    self._spans[run] = tuple(t.text for t in _spacy_tokens(nlp, run))
+            if words:
+                joined = " ".join(words)
+                doc = _spacy_tokens(nlp, joined)
+                bounds, pos = [], 0
+                for w in words:
+                    bounds.append(pos)
+                    pos += len(w) + 1
+                pieces: list[list[str]] = [[] for _ in words]
+                index = 0
+                for t in doc:
+                    while index + 1 < len(words) and t.idx >= bounds[index + 1]:
+                        index += 1
+                    pieces[index].append(t.text)
+                for w, p in zip(words, pieces, strict=True):
+                    self._spans[w] = tuple(p)
+
+    def _sudachi_tokens(self, text: str) -> list[Token]:
+        """datatrove's JapaneseTokenizer's tokens (surfaces, merged spaces, gap tokens) as offsets."""
+        sudachi = self.reference.tokenizer.tokenizer.tokenizer
+        surfaces: list[str] = []
+        previous_space = False
+        for m in sudachi.tokenize(text):
+            surface = m.surface()
+            if not surface:
+                continue
+            space = surface.isspace() and "-".join(p for p in m.part_of_speech()[:4] if p != "*") == "空白"
+            if not (surfaces and space and previous_space):
+                surfaces.append(surface)
+            previous_space = space
+        return _align(text, surfaces, space_after=lambda i: i + 1 < len(surfaces) and surfaces[i + 1] == " ")
+
+    def _pyvi_tokens(self, text: str) -> list[Token]:
+        """spaCy's Vietnamese tokens (pyvi segmentation, aligned as `get_words_and_spaces` does)."""
+        words = self.reference.tokenizer.tokenizer.pyvi_tokenize(text)
+        return _align(text, [w for w in words if not w.isspace()], space_after=None)
+
+    def _pyvi_sentence_tokens(self, text: str) -> list[Token]:
+        """Tokens that give spaCy's Vietnamese sentences without pyvi's segmentation model, where they can.
+
+        pyvi joins syllables into words, but never a syllable that is a substring of `string.punctuation`.
+        When every punctuation syllable of the text is one, joining only merges neighbouring
+        non-punctuation tokens, which moves no sentence start or end (the Sentencizer starts a sentence at
+        the first non-punctuation token after a full stop); otherwise the full segmentation is used.
+        """
+        import string
+
+        vi = self.reference.tokenizer.tokenizer
+        syllables = [s for s in vi.pyvi_sylabelize_with_ws(text) if not s.isspace()]
+        punct_chars = self.reference.tokenizer.get_pipe("sentencizer").punct_chars
+        is_punct = _is_punct_getter(self.reference.tokenizer)
+        if all(s in string.punctuation for s in syllables if s in punct_chars or is_punct(s)):
+            return _align(text, syllables, space_after=None)
+        return self._tokens(text)
+
+    def _sentences(self, text: str, tokens: list[Token]) -> list[tuple[int, int]]:
+        """spaCy's Sentencizer over `tokens`: (start_char, end_char) of each sentence, as `span_tokenize`."""
+        if not tokens:
+            return []
+        nlp = self.reference.tokenizer
+        punct_chars = nlp.get_pipe("sentencizer").punct_chars
+        is_punct = _is_punct_getter(nlp)
+        starts, seen_period = [0], False
+        for i, (a, b) in enumerate(tokens):
+            word = text[a:b]
+            in_punct_chars = word in punct_chars
+            if seen_period and not in_punct_chars and not is_punct(word):
+                seen_period = False
+                starts.append(i)
+            elif in_punct_chars:
+                seen_period = True
+        ends = [*starts[1:], len(tokens)]
+        return [(tokens[s][0], tokens[e - 1][1]) for s, e in zip(starts, ends, strict=True)]
+
+
+def _spacy_tokens(nlp: Any, text: str) -> Any:
+    return nlp.tokenizer(text)  # the tokenizer alone: nlp() would add only the sentencizer's marks
+
+
+def _is_punct_getter(nlp: Any) -> Any:
+    from spacy.attrs import IS_PUNCT
+
+    return nlp.vocab.lex_attr_getters[IS_PUNCT]
+
+
+def _align(text: str, words: list[str], space_after: Any) -> list[Token]:
+    """Offsets of `words` in `text` with a gap token for each stretch between them, as spaCy aligns.
+
+    `space_after(i)` says whether one space after word i belongs to it (datatrove's Japanese rule: the next
+    token is a space); None uses spaCy's `get_words_and_spaces` rule (the next character is a space).
+    """
+    tokens: list[Token] = []
+    pos = 0
+    for i, word in enumerate(words):
+        if word.isspace():
+            continue
+        start = text.index(word, pos)  # == text[pos:].index(word) + pos
+        if start > pos:
+            tokens.append((pos, start))
+        tokens.append((start, start + len(word)))
+        pos = start + len(word)
+        if space_after is None:
+            if pos < len(text) and text[pos] == " ":
+                pos += 1
+        elif space_after(i):
+            pos += 1
+    if pos < len(text):
+        tokens.append((pos, len(text)))
+    return tokens
