@@ -112,7 +112,9 @@ def _kept(curated: Path) -> dict[str, list[dict]]:
 
 
 def _drops(stats: dict) -> list[tuple]:
-    return [(s["step"], s["total"], s["kept"], s["dropped"], sorted(s["reasons"].items())) for s in stats["steps"]]
+    return [
+        (s["step"], s["total"], s["kept"], s["dropped"], sorted(s["reasons"].items())) for s in stats["steps"]
+    ]
 
 
 def test_ray_executor_gives_the_local_output(ray_cluster, tmp_path):
