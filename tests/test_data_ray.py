@@ -138,7 +138,7 @@ def test_ray_executor_gives_the_local_output(ray_cluster, tmp_path):
 
 
 def test_ray_without_a_cluster_is_one_line_error(tmp_path, monkeypatch):
-    from quintet.data.curation.config import ConfigError
+    from quintet.errors import ConfigError
 
     corpus = tmp_path / "corpus"
     generate_demo_corpus(corpus)
