@@ -202,10 +202,15 @@ def main(argv: list[str] | None = None) -> int:
     banner("7b. Red-team: the aligned model against its FP4 copy (does quantization erode safety?)")
     run_redteam_demo(aligned, out / "fp4", out / "redteam-fp4", names=("aligned", "FP4"))
 
+    from quintet.align.demo_preferences import answer_is_correct
+    from quintet.align.preference_data import read_preferences
     from quintet.demo.serve import run_serve_demo
 
     banner("7c. Serve: the FP4 model behind an OpenAI-compatible server, one chat request")
-    run_serve_demo(out / "fp4")
+    held_out = next(p for p in read_preferences(out / "align" / "prefs-eval.jsonl") if p.lang == "en")
+    answer = run_serve_demo(out / "fp4", held_out.prompt)
+    verdict = "right" if answer_is_correct(answer, held_out.answer) else "wrong"
+    print(f"(a held-out alignment question, answer {held_out.answer}: the served model is {verdict})")
 
     if not args.skip_vitar:
         from quintet.demo.vision import run_vitar_demo
