@@ -10,7 +10,7 @@ import argparse
 import json
 import sys
 
-from quintet.commands import configure_logging, run_command
+from quintet.commands import add_debug_flag, configure_logging, run_command
 
 
 def _cmd_train_lm(args: argparse.Namespace) -> int:
@@ -70,5 +70,6 @@ def main(argv: list[str] | None = None) -> int:
     """`python -m quintet.train lm CONFIG [--resume]` (and `vision`): the train commands alone."""
     parser = argparse.ArgumentParser(prog="python -m quintet.train")
     add_train_parser(parser.add_subparsers(dest="command", required=True))
+    add_debug_flag(parser)
     args = parser.parse_args(["train", *(sys.argv[1:] if argv is None else argv)])
-    return run_command(args)
+    return run_command(args, prog="python -m quintet.train")
