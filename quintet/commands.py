@@ -109,7 +109,10 @@ def _stdout_gone() -> None:
 
 def run_command(args: argparse.Namespace, prog: str = "quintet") -> int:
     """Run a parsed command's handler (`args.func`) inside the error boundary (see the module docstring)."""
+    from quintet.processes import children_die_with_this_process
+
     debug = getattr(args, "debug", False) or os.environ.get("QUINTET_DEBUG", "") not in ("", "0")
+    children_die_with_this_process()  # a killed command leaves no worker behind
     try:
         code = args.func(args)
         sys.stdout.flush()  # a full disk or closed pipe behind stdout fails here, inside the boundary
