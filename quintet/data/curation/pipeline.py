@@ -263,7 +263,10 @@ def _preload_workers(start_method: str) -> None:
     if start_method == "forkserver":
         import multiprocess
 
-        multiprocess.get_context("forkserver").set_forkserver_preload(["quintet.data.curation.preload"])
+        os.environ["QUINTET_PARENT_PID"] = str(os.getpid())  # read by quintet.die_with_parent
+        multiprocess.get_context("forkserver").set_forkserver_preload(
+            ["quintet.die_with_parent", "quintet.data.curation.preload"]  # killed with this process
+        )
 
 
 def _claim_output(config: CurationConfig, out_dir: Path) -> None:

@@ -6,29 +6,22 @@ our machines). Named in `multiprocess`'s forkserver preload list (`pipeline.make
 does that work once per run in the forkserver, and every worker forked from it inherits the imported
 modules and the built tokenizers (datatrove's `load_word_tokenizer` cache).
 
-It also ties the forkserver and every worker forked from it to the run's process (`quintet.processes`):
-when `quintet data curate` is killed, even with SIGKILL, they are killed too.
+`quintet.die_with_parent`, preloaded before it, ties the forkserver and its workers to the run's process.
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
 
-from quintet.processes import children_die_with_this_process, die_with_parent
+import datatrove.pipeline.dedup  # noqa: F401
+import datatrove.pipeline.filters  # noqa: F401
+import datatrove.pipeline.readers  # noqa: F401
+import datatrove.pipeline.writers  # noqa: F401
+import lingua  # noqa: F401
+from datatrove.utils.word_tokenizers import load_word_tokenizer
 
-die_with_parent(os.getppid())  # the forkserver dies with the run that started it
-children_die_with_this_process()  # and each worker it forks dies with the forkserver
-
-import datatrove.pipeline.dedup  # noqa: F401, E402
-import datatrove.pipeline.filters  # noqa: F401, E402
-import datatrove.pipeline.readers  # noqa: F401, E402
-import datatrove.pipeline.writers  # noqa: F401, E402
-import lingua  # noqa: F401, E402
-from datatrove.utils.word_tokenizers import load_word_tokenizer  # noqa: E402
-
-import quintet.data.curation  # noqa: F401, E402
-from quintet.data.curation.quality import WORD_TOKENIZER  # noqa: E402
+import quintet.data.curation  # noqa: F401
+from quintet.data.curation.quality import WORD_TOKENIZER
 
 
 def build_word_tokenizers() -> None:
