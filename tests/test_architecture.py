@@ -21,7 +21,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent / "quintet"
 STAGES = ("train", "align", "eval", "safety", "deploy", "data", "demo", "serve")
 TOP_LEVEL_STAGES = ("cli", "commands", "loading", "generation", "__main__")
-LEAVES = ("errors", "io", "config", "chat", "lr_schedule", "tokenizer")
+LEAVES = ("errors", "io", "config", "chat", "lr_schedule", "tokenizer", "processes", "die_with_parent")
 LIFECYCLE = ("data", "eval", "train", "align", "safety", "deploy", "serve")
 RUNTIME = ("quintet.loading", "quintet.generation")
 RUNTIME_MAY_READ = ("quintet.deploy.quantized_folder",)
