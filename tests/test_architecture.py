@@ -1,7 +1,7 @@
 """The import rules of docs/architecture.md, read from the source (no module is imported).
 
 - `quintet/models/` and `quintet/kernels/` import no stage package; the kernels import no model either.
-- The shared leaves (errors, io, config, chat, lr_schedule, tokenizer) import only each other.
+- The shared leaves (`LEAVES`: errors, io, config, chat, tokenizer, processes, ...) import only each other.
 - The stages' libraries follow the lifecycle (`LIFECYCLE`): a stage imports only stages before it; only
   the command layer (each stage's `commands.py` and `__main__.py`, `quintet.cli`, `quintet.demo`) imports
   stages after it or another stage's commands.
