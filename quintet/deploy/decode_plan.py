@@ -139,7 +139,7 @@ class DecodePlan:
         self.layers, self.final, self.head = layers, final, head
 
     def __call__(self, input_ids: torch.Tensor, cache: HybridCache | None) -> torch.Tensor | None:
-        if cache is None or input_ids.shape != (1, 1) or current_trace() is not None:
+        if not isinstance(cache, HybridCache) or input_ids.shape != (1, 1) or current_trace() is not None:
             return None
         if getattr(cache, "row_attention_mask", None) is not None:
             return None  # a server's slot cache: rows of their own lengths
@@ -152,7 +152,8 @@ class DecodePlan:
             self._bind(binding)
         if self.layers is None or scan._loader.get() is None:
             return None
-        if any(None in cache.mamba_state(i) for i in self.mamba_layers):
+        states = cache.conv_states, cache.ssm_states
+        if any(states[0][i] is None or states[1][i] is None for i in self.mamba_layers):
             return None  # no prompt yet: the modules run the first step
         x = self.lm.model.embed_tokens(input_ids)[0]
         if x.dtype != torch.float32 or x.requires_grad:
