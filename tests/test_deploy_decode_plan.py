@@ -25,7 +25,7 @@ def _engine(quantized: bool, activations: str = "float32"):
     return engine
 
 
-def _decode(engine, use_plan: bool, steps: int = 12) -> tuple[torch.Tensor, int]:
+def _decode(engine, use_plan: bool, steps: int = 12, rows: int = 1) -> tuple[torch.Tensor, int]:
     """Logits of a prompt's continuation, teacher-forced on fixed tokens; and how many steps the plan ran."""
     plan = engine.decode_plan
     ran = 0
@@ -39,9 +39,11 @@ def _decode(engine, use_plan: bool, steps: int = 12) -> tuple[torch.Tensor, int]
     engine.decode_plan = counted if use_plan else (lambda ids, cache: None)
     try:
         cache = engine.new_cache()
-        out = [engine(torch.arange(3, 20).unsqueeze(0), cache=cache, logits_to_keep=1).logits]
+        prompt = torch.arange(3, 20).repeat(rows, 1) + 50 * torch.arange(rows)[:, None]
+        out = [engine(prompt, cache=cache, logits_to_keep=1).logits]
         for t in range(steps):
-            out.append(engine(torch.tensor([[40 + 7 * t]]), cache=cache, logits_to_keep=1).logits)
+            ids = 40 + 7 * t + 3 * torch.arange(rows)[:, None]
+            out.append(engine(ids, cache=cache, logits_to_keep=1).logits)
         return torch.cat(out, dim=1), ran
     finally:
         engine.decode_plan = plan
@@ -58,6 +60,16 @@ def test_plan_gives_the_modules_logits_bit_for_bit(quantized, activations):
         ref, _ = _decode(engine, use_plan=False)
         got, ran = _decode(engine, use_plan=True)
     assert ran == 12  # every one-token step ran through the plan, none through the modules
+    assert torch.equal(got, ref)
+
+
+@pytest.mark.parametrize("activations", ["float32", "int8"])
+def test_plan_runs_a_batch_of_rows_as_the_modules_do(activations):
+    engine = _engine(True, activations)
+    with torch.inference_mode():
+        ref, _ = _decode(engine, use_plan=False, rows=3)  # the MoE's sorted dispatch, each expert once
+        got, ran = _decode(engine, use_plan=True, rows=3)
+    assert ran == 12 and got.shape[0] == 3
     assert torch.equal(got, ref)
 
 
@@ -79,7 +91,7 @@ def test_plan_steps_aside_without_kernels_batches_or_unfused_models(monkeypatch)
         cache = engine.new_cache()
         engine(torch.arange(3, 9).unsqueeze(0), cache=cache)
         assert engine.decode_plan(torch.tensor([[5]]), cache) is not None
-        assert engine.decode_plan(torch.tensor([[5], [6]]), cache) is None  # two rows: the modules
+        assert engine.decode_plan(torch.tensor([[5, 6]]), cache) is None  # two new tokens: the modules
         assert engine.decode_plan(torch.tensor([[5]]), engine.new_cache()) is None  # no prompt yet
         monkeypatch.setenv(m0e4_cpu.DISABLE_ENV, "1")
         assert engine.decode_plan(torch.tensor([[5]]), cache) is None

@@ -1,4 +1,4 @@
-"""The engine's one-token decode step as a list of kernel calls with their weights bound.
+"""The engine's decode step as a list of kernel calls with their weights bound.
 
 A decode step of a Jamba engine is some sixty kernel calls (M0E4 or float GEMVs, the fused Mamba step,
 SwiGLU, residual + RMSNorm), and running them through the modules costs more Python than the kernels
@@ -10,10 +10,11 @@ feed-forward (the SwiGLU kernel, or the MoE router, top-k and the chosen experts
 
 It makes exactly the calls the modules make (the same kernels on the same arguments: the tests check
 bit-for-bit equality with the module path), so the math is still written once, in `quintet.models.jamba`
-and the kernels; what the plan adds is only the binding. It runs one row (batch 1) of one new token
-without tracing; anything else, or a model it cannot bind (layers not fused, weights it does not know,
-kernels not built), takes the modules. It rebinds when what the calls depend on changes (the kernels'
-instruction set from the environment, the decode activations).
+and the kernels; what the plan adds is only the binding. It runs decode steps (one new token for each of
+at most `gemv_max_rows()` rows: a generation, or a server's batch of slots) without tracing. Anything
+else, or a model it cannot bind (layers not fused, weights it does not know, kernels not built), takes
+the modules. It rebinds when what the calls depend on changes (the instruction set chosen through the
+environment, the decode activations).
 """
 
 from __future__ import annotations
@@ -24,7 +25,13 @@ import torch
 
 from quintet.deploy.fusions import EngineRMSNorm, FusedSwiGLU
 from quintet.kernels import selective_scan_cpu as scan
-from quintet.kernels.m0e4_cpu import bind_add_rms_norm, bind_linear, bind_swiglu, decode_binding
+from quintet.kernels.m0e4_cpu import (
+    bind_add_rms_norm,
+    bind_linear,
+    bind_swiglu,
+    decode_binding,
+    gemv_max_rows,
+)
 from quintet.models.jamba import JambaForCausalLM
 from quintet.models.jamba.cache import HybridCache
 from quintet.models.jamba.moe import JambaSparseMoeBlock
@@ -56,16 +63,25 @@ def _feed_forward(ff, binding) -> Callable[[torch.Tensor], torch.Tensor]:
         raise CannotBind
     router = _need(bind_linear(ff.router, binding))
     experts = [_feed_forward(e, binding) for e in ff.experts]
-    top_k = ff.top_k
+    top_k, n_experts = ff.top_k, ff.num_experts
 
-    def moe(h: torch.Tensor) -> torch.Tensor:  # JambaSparseMoeBlock.forward's one-token path
+    def moe(h: torch.Tensor) -> torch.Tensor:  # JambaSparseMoeBlock.forward's decode paths, op for op
         probs = torch.softmax(router(h), dim=-1, dtype=torch.float32)
         weights, chosen = torch.topk(probs, top_k, dim=-1)
-        out = None
-        for e, w in zip(chosen[0].tolist(), weights[0].tolist(), strict=True):
-            y = experts[e](h) * w
-            out = y if out is None else out + y
-        return out
+        if h.shape[0] == 1:  # one token: its k experts
+            out = None
+            for e, w in zip(chosen[0].tolist(), weights[0].tolist(), strict=True):
+                y = experts[e](h) * w
+                out = y if out is None else out + y
+            return out
+        flat = chosen.reshape(-1)  # a few rows: each expert once, on the rows routed to it
+        order = torch.argsort(flat, stable=True)
+        token_of = order // top_k
+        counts = torch.bincount(flat, minlength=n_experts).tolist()
+        pieces = h.index_select(0, token_of).split(counts)
+        out = torch.cat([experts[e](p) if len(p) else p for e, p in enumerate(pieces)])
+        out = out * weights.reshape(-1)[order].unsqueeze(-1)
+        return torch.zeros_like(h).index_add_(0, token_of, out)
 
     return moe
 
@@ -118,8 +134,8 @@ def _layer(layer, binding) -> Step:
 
 
 class DecodePlan:
-    """`plan(input_ids, cache)`: the logits (1, 1, vocab) of one new token, or None where the modules must
-    run (see the module's docstring). Built from a fused `JambaForCausalLM` (the engine's)."""
+    """`plan(input_ids, cache)`: the logits (rows, 1, vocab) of one new token per row, or None where the
+    modules must run (see the module's docstring). Built from a fused `JambaForCausalLM` (the engine's)."""
 
     def __init__(self, lm: JambaForCausalLM):
         self.lm = lm
@@ -138,11 +154,10 @@ class DecodePlan:
             return
         self.layers, self.final, self.head = layers, final, head
 
-    def __call__(self, input_ids: torch.Tensor, cache: HybridCache | None) -> torch.Tensor | None:
-        if not isinstance(cache, HybridCache) or input_ids.shape != (1, 1) or current_trace() is not None:
+    def __call__(self, input_ids: torch.Tensor, cache) -> torch.Tensor | None:
+        rows, length = input_ids.shape
+        if cache is None or length != 1 or rows > gemv_max_rows() or current_trace() is not None:
             return None
-        if getattr(cache, "row_attention_mask", None) is not None:
-            return None  # a server's slot cache: rows of their own lengths
         binding = decode_binding()
         if binding is None:
             return None
@@ -152,13 +167,14 @@ class DecodePlan:
             self._bind(binding)
         if self.layers is None or scan._loader.get() is None:
             return None
-        states = cache.conv_states, cache.ssm_states
-        if any(states[0][i] is None or states[1][i] is None for i in self.mamba_layers):
-            return None  # no prompt yet: the modules run the first step
-        x = self.lm.model.embed_tokens(input_ids)[0]
+        for i in self.mamba_layers:
+            conv_state, ssm_state = cache.mamba_state(i)
+            if conv_state is None or ssm_state is None:
+                return None  # no prompt yet: the modules run the first step
+        x = self.lm.model.embed_tokens(input_ids)[:, 0]
         if x.dtype != torch.float32 or x.requires_grad:
             return None
         for layer in self.layers:
             x = layer(x, cache)
         cache.advance(1)
-        return self.head(self.final(x, None)[1]).unsqueeze(0)
+        return self.head(self.final(x, None)[1]).unsqueeze(1)
