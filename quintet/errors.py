@@ -15,3 +15,8 @@ class ConfigError(ValueError):
 
 class CheckpointError(ValueError):
     """A model folder or a training checkpoint is missing, corrupt or does not match its config."""
+
+
+class OutputInUseError(ValueError):
+    """An output folder is locked by another running process (the message names its PID), or holds a
+    previous run that the command would silently overwrite or extend."""
