@@ -15,7 +15,7 @@ def _cmd_model_init(args: argparse.Namespace) -> int:
     from quintet.models.jamba.create import create_model
     from quintet.models.jamba.info import format_info, model_info
 
-    model = create_model(args.preset, args.out, seed=args.seed)
+    model = create_model(args.preset, args.out, seed=args.seed, overwrite=args.overwrite)
     print(f"wrote {args.preset} to {args.out}")
     print(format_info(model_info(model.config)))
     return 0
@@ -41,7 +41,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     config = GenerationConfig(
         max_new_tokens=args.max_new_tokens,
         do_sample=args.temperature > 0,
-        temperature=args.temperature if args.temperature > 0 else 1.0,
+        temperature=args.temperature if args.temperature != 0 else 1.0,  # a negative one is refused
         top_k=args.top_k,
         top_p=args.top_p,
         seed=args.seed,
@@ -101,7 +101,12 @@ def build_parser() -> argparse.ArgumentParser:
     init = model.add_parser("init", help="write a freshly initialised model folder from a preset")
     init.add_argument("--preset", required=True, help="jamba-tiny, jamba-small or jamba-v0.1")
     init.add_argument("--out", required=True, help="model folder to write")
-    init.add_argument("--seed", type=int, default=0)
+    init.add_argument("--seed", type=int, default=0, help="seed of the initial weights (default %(default)s)")
+    init.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace a model already in --out (its weights, config and tokenizer files are removed first)",
+    )
     init.set_defaults(func=_cmd_model_init)
 
     info = model.add_parser("info", help="parameters, layout, cache memory of a model folder or preset")

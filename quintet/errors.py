@@ -15,3 +15,8 @@ class ConfigError(ValueError):
 
 class CheckpointError(ValueError):
     """A model folder or a training checkpoint is missing, corrupt or does not match its config."""
+
+
+class OutputExistsError(ValueError):
+    """An output folder already holds results that a command would replace: the message names the folder,
+    what it holds and the option that replaces it (e.g. `--overwrite`)."""

@@ -45,9 +45,11 @@ def _cmd_curate(args: argparse.Namespace) -> int:
 
 def _cmd_tokenizer(args: argparse.Namespace) -> int:
     from quintet.data.tokenizer_training import train_tokenizer
+    from quintet.tokenizer import HFTokenizer
 
     path = train_tokenizer(args.data, args.out, vocab_size=args.vocab_size, min_frequency=args.min_frequency)
-    print(f"wrote {path} (vocab {args.vocab_size}) and {path.parent / 'tokenizer_config.json'}")
+    vocab = HFTokenizer(path).vocab_size  # what the file holds: fewer than asked when the corpus is small
+    print(f"wrote {path} (vocab {vocab}) and {path.parent / 'tokenizer_config.json'}")
     return 0
 
 

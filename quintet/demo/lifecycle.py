@@ -37,7 +37,7 @@ def banner(title: str) -> None:
 
 def jamba_model_stage(out: Path) -> None:
     banner("1. Jamba: jamba-small, and the paper's shape counted from its config")
-    model = create_model("jamba-small", out, seed=0)
+    model = create_model("jamba-small", out, seed=0, overwrite=True)  # the demo writes it afresh
     print(format_info(model_info(model.config)))
     print()
     print(format_info(model_info(JambaConfig.from_preset("jamba-v0.1"))))
@@ -94,7 +94,7 @@ def pretraining_stage(out: Path, shards: list[Path], tokenizer_vocab: int, full:
 
     banner("4. Continual pretraining: CAP then CAT (Aurora-M), from a jamba-tiny base")
     base = out / "base"
-    create_model("jamba-tiny", base, seed=0)
+    create_model("jamba-tiny", base, seed=0, overwrite=True)
     web = {"en": 1.0, "fi": 1.0, "hi": 1.0, "ja": 1.0, "vi": 1.0, "code": 1.0}
     cat = {**web, "code": 0.5, "instructions": 2.0, "safety": 2.0}
     total = 2_000_000 if full else 160_000
