@@ -83,10 +83,23 @@ def render_template(
     source: str = "chat template",
     **special_tokens: str,
 ) -> str:
-    """`messages` through `template`, as text (transformers' `apply_chat_template(tokenize=False)`)."""
-    return compile_template(template, source).render(
-        messages=messages, add_generation_prompt=add_generation_prompt, **special_tokens
-    )
+    """`messages` through `template`, as text (transformers' `apply_chat_template(tokenize=False)`).
+
+    A template the sandbox stops (jinja2's SecurityError: it reached for an attribute or method that
+    could run code) or that fails while rendering raises ValueError naming `source`."""
+    from jinja2.exceptions import SecurityError, TemplateError
+
+    try:
+        return compile_template(template, source).render(
+            messages=messages, add_generation_prompt=add_generation_prompt, **special_tokens
+        )
+    except SecurityError as err:
+        raise ValueError(
+            f"{source}: the chat template was stopped by the sandbox ({err}); a template may read the "
+            "messages and the special tokens, not Python attributes or methods that change state"
+        ) from None
+    except TemplateError as err:
+        raise ValueError(f"{source}: the chat template failed on these messages ({err})") from None
 
 
 def apply_chat_template(

@@ -8,7 +8,7 @@ import sys
 from collections.abc import Sequence
 
 from quintet import __version__
-from quintet.commands import run_command
+from quintet.commands import add_debug_flag, run_command
 
 
 def _cmd_model_init(args: argparse.Namespace) -> int:
@@ -147,6 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     stages = (add_train_parser, add_data_parser, add_safety_parser, add_eval_parser, add_deploy_parser)
     for add in (*stages, add_serve_parser, add_vitar_parser):
         add(sub)
+    add_debug_flag(parser)
     return parser
 
 

@@ -121,6 +121,17 @@ class ConfigFile:
                 key=unknown[0],
             )
 
+    def check_types(self, values: Mapping, target: Any, label: str, **where: Any) -> None:
+        """Every value of `values` fits the annotation of the setting it fills in `target` (a dataclass, a
+        class whose `__init__` is annotated, a function, or a mapping of names to types); else an error at
+        its line naming the setting, the value and the expected type. Unannotated ones are not checked."""
+        for key, value in values.items():
+            expected = annotations(target).get(key)
+            if expected is not None and not type_matches(value, expected):
+                raise self.error(
+                    f"{label}.{key} = {value!r}: expected {type_name(expected)}", key=key, **where
+                )
+
     def require(self, table: Mapping, key: str, what: str, meaning: str, **where: Any) -> Any:
         if key not in table:
             raise self.error(f"{what}.{key} is missing: {meaning}", **where)
@@ -145,13 +156,7 @@ class ConfigFile:
             raise self.error(f"{label}: expected a table of settings, got {type(values).__name__}", **where)
         fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
         self.check_keys(values, fields, label, **where)
-        hints = typing.get_type_hints(cls)
-        for key, value in values.items():
-            expected = hints.get(key)
-            if expected is not None and not type_matches(value, expected):
-                raise self.error(
-                    f"{label}.{key} = {value!r}: expected {type_name(expected)}", key=key, **where
-                )
+        self.check_types(values, cls, label, **where)
         try:
             return cls(**values)
         except (ValueError, TypeError) as err:
@@ -163,6 +168,21 @@ class ConfigFile:
 
 
 # ---------------------------------------------------------------------------------------- type checks
+def annotations(target: Any) -> dict[str, Any]:
+    """The resolved annotations of a dataclass's fields, a class's `__init__` or a function's parameters
+    (empty where they cannot be resolved, e.g. a forward reference to a name never imported)."""
+    if isinstance(target, Mapping):  # the annotations themselves
+        return dict(target)
+    plain_class = isinstance(target, type) and not dataclasses.is_dataclass(target)
+    hints_of = target.__init__ if plain_class else target
+    try:
+        hints = typing.get_type_hints(hints_of)
+    except (NameError, TypeError, AttributeError):
+        return {}
+    hints.pop("return", None)
+    return hints
+
+
 def type_matches(value: Any, annotation: Any) -> bool:
     """Whether a value parsed from TOML/YAML/JSON fits a dataclass field's annotation (ints are floats;
     strings are paths; lists are tuples)."""

@@ -17,6 +17,6 @@ class CheckpointError(ValueError):
     """A model folder or a training checkpoint is missing, corrupt or does not match its config."""
 
 
-class OutputExistsError(ValueError):
-    """An output folder already holds results that a command would replace: the message names the folder,
-    what it holds and the option that replaces it (e.g. `--overwrite`)."""
+class OutputInUseError(ValueError):
+    """An output folder is locked by another running process (the message names its PID), or holds a
+    previous run that the command would silently overwrite or extend."""

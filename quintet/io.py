@@ -1,5 +1,6 @@
-"""Files written so that an interrupted run never leaves a half-written output behind, and the one reader
-and writer of safetensors weights (quintet never unpickles a file)."""
+"""Files written so that an interrupted run never leaves a half-written output behind, the one reader
+and writer of safetensors weights (quintet never unpickles a file), and the lock that gives one run at a
+time an output folder (`output_lock`)."""
 
 from __future__ import annotations
 
@@ -9,8 +10,9 @@ import os
 import secrets
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
-from quintet.errors import CheckpointError
+from quintet.errors import CheckpointError, OutputInUseError
 
 
 @contextlib.contextmanager
@@ -129,21 +131,37 @@ def missing_weights(path: str | os.PathLike) -> CheckpointError:
     return CheckpointError(f"{path}: missing; a model folder holds its weights in {path.name}")
 
 
-def read_safetensors(path: str | os.PathLike, device: str = "cpu") -> dict:
-    """Every tensor of a safetensors file; a missing, truncated or garbled file raises `CheckpointError`."""
-    from safetensors import safe_open
+def _corrupt(path: Path, err: Exception) -> CheckpointError:
+    return CheckpointError(
+        f"{path}: not a readable safetensors file ({err}); the file is corrupt or truncated: write it again "
+        "or use another copy"
+    )
+
+
+@contextlib.contextmanager
+def open_safetensors(path: str | os.PathLike, device: str = "cpu") -> Iterator[Any]:
+    """`safetensors.safe_open(path)`; a missing file, or a truncated or garbled one (safetensors raises
+    `SafetensorError` for every header problem), raises `CheckpointError` naming the file."""
+    from safetensors import SafetensorError, safe_open
 
     path = Path(path)
     if not path.is_file():
         raise missing_weights(path)
     try:
-        with safe_open(str(path), framework="pt", device=device) as f:
-            return {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 (no __iter__)
-    except Exception as err:  # safetensors raises its own error types for truncated or garbled files
-        raise CheckpointError(
-            f"{path}: not a readable safetensors file ({type(err).__name__}: {err}); the file is corrupt or "
-            "truncated: write it again"
-        ) from None
+        handle = safe_open(str(path), framework="pt", device=device)
+    except SafetensorError as err:
+        raise _corrupt(path, err) from None
+    with handle as f:
+        try:
+            yield f
+        except SafetensorError as err:
+            raise _corrupt(path, err) from None
+
+
+def read_safetensors(path: str | os.PathLike, device: str = "cpu") -> dict:
+    """Every tensor of a safetensors file; a missing, truncated or garbled file raises `CheckpointError`."""
+    with open_safetensors(path, device) as f:
+        return {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 (no __iter__)
 
 
 def tensor_mismatches(
@@ -160,3 +178,70 @@ def tensor_mismatches(
         if tuple(expected[k]) != tuple(found[k])
     ]
     return lines
+
+
+# ------------------------------------------------------------------------------------------ output lock
+LOCK_NAME = ".quintet.lock"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
+def _lock_holder(fd: int) -> tuple[int | None, str]:
+    """(PID, host) written in a lock file, (None, "") when it holds none."""
+    parts = os.pread(fd, 256, 0).decode("utf-8", "replace").split()
+    if not parts or not parts[0].isdigit():
+        return None, ""
+    return int(parts[0]), parts[1] if len(parts) > 1 else ""
+
+
+@contextlib.contextmanager
+def output_lock(out_dir: str | os.PathLike, what: str = "run") -> Iterator[Path]:
+    """Hold an exclusive lock on the output folder `out_dir` while the block runs.
+
+    `fcntl.flock` on `out_dir/.quintet.lock`, which holds the holder's PID and host. A second process
+    asking for the same folder gets `OutputInUseError` naming that PID. The kernel drops the lock of a
+    process that died (even by kill -9), so a lock file left by a dead run is simply taken over (with a
+    warning naming the dead PID). Used by every command that writes a run folder: `train lm`, `train
+    vision`, `align sft|dpo|sdpo` and `data curate`."""
+    import fcntl
+    import logging
+    import socket
+
+    folder = Path(out_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / LOCK_NAME
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            pid, host = _lock_holder(fd)
+            holder = f"PID {pid}" + (f" on {host}" if host else "") if pid is not None else "a process"
+            if pid is not None and host == socket.gethostname() and not _pid_alive(pid):
+                holder += " (exited; processes it started still hold the lock)"
+            raise OutputInUseError(
+                f"{folder}: in use by another {what} ({holder}, lock file {path}); wait for it to finish or "
+                "stop it, or choose another output folder"
+            ) from None
+        pid, host = _lock_holder(fd)
+        if pid is not None and pid != os.getpid():
+            where = f" on {host}" if host else ""
+            logging.getLogger("quintet.io").warning(
+                "%s: taking over the lock of PID %d%s, which has exited", folder, pid, where
+            )
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()} {socket.gethostname()}\n".encode(), 0)
+        try:
+            yield path
+        finally:
+            os.ftruncate(fd, 0)  # released: the file stays (removing it would race a process opening it)
+    finally:
+        os.close(fd)  # closing the descriptor releases the lock

@@ -1,7 +1,12 @@
 """The import rules of docs/architecture.md, read from the source (no module is imported).
 
 - `quintet/models/` and `quintet/kernels/` import no stage package; the kernels import no model either.
-- The shared leaves (errors, io, config, chat, lr_schedule, tokenizer) import only each other.
+- The shared leaves (`LEAVES`: errors, io, config, chat, tokenizer, processes, ...) import only each other.
+- The stages' libraries follow the lifecycle (`LIFECYCLE`): a stage imports only stages before it; only
+  the command layer (each stage's `commands.py` and `__main__.py`, `quintet.cli`, `quintet.demo`) imports
+  stages after it or another stage's commands.
+- The runtime (`quintet.loading`, `quintet.generation`) imports leaves, kernels, models and, of the stages,
+  only the FP4 folder format (`quintet.deploy.quantized_folder`, which every loader must read).
 - No import circle among quintet's modules. Imports under `if TYPE_CHECKING:` do not count (they never
   run); imports inside functions do (they run when called).
 """
@@ -16,7 +21,27 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent / "quintet"
 STAGES = ("train", "align", "eval", "safety", "deploy", "data", "demo", "serve")
 TOP_LEVEL_STAGES = ("cli", "commands", "loading", "generation", "__main__")
-LEAVES = ("errors", "io", "config", "chat", "lr_schedule", "tokenizer")
+LEAVES = ("errors", "io", "config", "chat", "lr_schedule", "tokenizer", "processes", "die_with_parent")
+LIFECYCLE = ("data", "eval", "train", "align", "safety", "deploy", "serve")
+RUNTIME = ("quintet.loading", "quintet.generation")
+RUNTIME_MAY_READ = ("quintet.deploy.quantized_folder",)
+COMMAND_LAYER = ("quintet.cli", "quintet.demo", "quintet.__main__")
+
+
+def _within(name: str, prefix: str) -> bool:
+    return name == prefix or name.startswith(prefix + ".")
+
+
+def stage_of(module: str) -> str | None:
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 and parts[1] in LIFECYCLE else None
+
+
+def is_command(module: str) -> bool:
+    return any(_within(module, c) for c in COMMAND_LAYER) or module.rsplit(".", 1)[-1] in (
+        "commands",
+        "__main__",
+    )
 
 
 def module_name(path: Path) -> str:
@@ -132,6 +157,18 @@ def forbidden_imports(graph: dict[str, set[str]]) -> list[str]:
                 problems.append(f"{module} (a kernel) imports the model module {target}")
             if module in leaves and target not in leaves:
                 problems.append(f"{module} (a shared leaf) imports {target}")
+            source_stage, target_stage = stage_of(module), stage_of(target)
+            if not is_command(module):
+                if is_command(target) and target != "quintet.commands":
+                    problems.append(f"{module} (a library) imports the command module {target}")
+                elif (
+                    source_stage
+                    and target_stage
+                    and LIFECYCLE.index(target_stage) > LIFECYCLE.index(source_stage)
+                ):
+                    problems.append(f"{module} ({source_stage}) imports {target}, a later stage")
+            if module in RUNTIME and target_stage and not any(_within(target, r) for r in RUNTIME_MAY_READ):
+                problems.append(f"{module} (the runtime) imports the stage module {target}")
     return problems
 
 
@@ -170,6 +207,20 @@ def test_the_checks_catch_what_they_forbid():
         ),
         "quintet.deploy.b": ("from quintet.deploy.a import z\n", False),
         "quintet.deploy": ("", True),
+        "quintet.data.reader": ("from quintet.align import pairs\n", False),
+        "quintet.align": ("", True),
+        "quintet.align.pairs": (
+            "from quintet.data import reader\nfrom quintet.eval.commands import x\n",
+            False,
+        ),
+        "quintet.align.commands": ("from quintet.serve import app\n", False),
+        "quintet.eval.commands": ("", False),
+        "quintet.serve.app": ("", False),
+        "quintet.loading": (
+            "from quintet.deploy.quantized_folder import f\nfrom quintet.deploy.b import y\n",
+            False,
+        ),
+        "quintet.deploy.quantized_folder": ("", False),
     }
     graph = import_graph(sources)
     assert graph["quintet.train.loop"] == {"quintet.models", "quintet.models.m"}
@@ -178,6 +229,11 @@ def test_the_checks_catch_what_they_forbid():
     assert any("quintet.models.m imports the stage module quintet.train" in p for p in problems)
     assert any("quintet.kernels.k (a kernel) imports the model" in p for p in problems)
     assert any("quintet.chat (a shared leaf) imports quintet.train" in p for p in problems)
+    assert "quintet.data.reader (data) imports quintet.align.pairs, a later stage" in problems
+    assert "quintet.align.pairs (a library) imports the command module quintet.eval.commands" in problems
+    assert not any(p.startswith("quintet.align.commands") for p in problems)  # the command layer may
+    assert "quintet.loading (the runtime) imports the stage module quintet.deploy.b" in problems
+    assert not any("quantized_folder" in p for p in problems)
     circles = import_circles(graph)
     assert ["quintet.deploy.a", "quintet.deploy.b"] in circles
     assert any("quintet.models.m" in c and "quintet.train.loop" in c for c in circles)

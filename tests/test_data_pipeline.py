@@ -11,7 +11,8 @@ import pytest
 
 from quintet.data.commands import DEMO_CONFIG, add_data_parser
 from quintet.data.curation import curate
-from quintet.data.demo_corpus import generate_demo_corpus, load_labels, score_curation
+from quintet.data.curation_scoring import score_curation
+from quintet.data.demo_corpus import generate_demo_corpus, load_labels
 from quintet.data.mixture import MixtureSampler
 from quintet.data.shards import iter_documents, load_index, tokenize_curated
 from quintet.data.tokenizer_training import curated_texts, train_tokenizer

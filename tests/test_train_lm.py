@@ -173,3 +173,27 @@ def test_two_processes_follow_the_one_process_loss_curve(shards, tmp_path, paral
     for (_, la), (_, lb) in zip(a, b, strict=True):
         assert abs(la - lb) < 2e-4 * max(1.0, abs(la))  # the MoE aux loss is per process: not bitwise
     shutil.rmtree(tmp_path / "two" / "checkpoints")
+
+
+def test_no_resume_refused_and_resume_after_a_kill_writes_each_step_once(shards, tmp_path):
+    from quintet.errors import OutputInUseError
+
+    full = train_lm(TrainConfig.from_dict(_config(shards, tmp_path / "full")), progress=False)
+    train_lm(TrainConfig.from_dict(_config(shards, tmp_path / "cut", max_steps=7)), progress=False)
+    # as if killed after writing step 7's metrics row, the last checkpoint at step 5 (checkpoint_every)
+    checkpoints = tmp_path / "cut" / "checkpoints"
+    shutil.rmtree(checkpoints / "step-000007")
+    (checkpoints / "latest").write_text("step-000005\n")
+    with (tmp_path / "cut" / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 8, "loss": 1.')  # and half a row
+    again = TrainConfig.from_dict(_config(shards, tmp_path / "cut"))
+    with pytest.raises(OutputInUseError, match="--resume to continue it, or --overwrite"):
+        train_lm(again, progress=False)
+    rest = train_lm(again, resume=True, progress=False)
+    steps = [s for s, _ in _losses(rest.metrics)]
+    assert steps == sorted(set(steps)) == list(range(1, 25))  # each step once
+    assert _losses(rest.metrics) == _losses(full.metrics)
+    over = train_lm(
+        TrainConfig.from_dict(_config(shards, tmp_path / "cut", max_steps=3)), overwrite=True, progress=False
+    )
+    assert [s for s, _ in _losses(over.metrics)] == [1, 2, 3]

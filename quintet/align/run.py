@@ -23,8 +23,10 @@ per-step metrics to `out_dir/metrics.jsonl` and a summary to `out_dir/summary.js
 
 from __future__ import annotations
 
+import functools
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +35,7 @@ from quintet.align.preference_data import read_preferences
 from quintet.align.sdpo import SPLITS, split_steps, train_sdpo
 from quintet.align.sft import SFTConfig, read_sft_examples, train_sft
 from quintet.config import read_config
-from quintet.io import atomic_write_text, copy_model_files
+from quintet.io import atomic_write_text, copy_model_files, output_lock
 from quintet.loading import load_trainable_model
 from quintet.models.jamba import JambaForCausalLM
 from quintet.tokenizer import load_tokenizer
@@ -55,6 +57,17 @@ def _load(path: str | os.PathLike, kind: str) -> dict[str, Any]:
     return data
 
 
+def _locked(run: Callable[..., dict[str, Any]]) -> Callable[..., dict[str, Any]]:
+    """`run` holding its config's `[run].out_dir` for itself (`quintet.io.output_lock`)."""
+
+    @functools.wraps(run)
+    def locked(config_path: str | os.PathLike, progress: bool = True) -> dict[str, Any]:
+        with output_lock(_load(config_path, run.__name__)["run"]["out_dir"], "alignment run"):
+            return run(config_path, progress)
+
+    return locked
+
+
 def _section(data: dict[str, Any], name: str, cls: type) -> Any:
     return data["_config"].section(name, cls)
 
@@ -70,6 +83,7 @@ def _write_metrics(out_dir: Path, rows: list[dict[str, Any]]) -> None:
     atomic_write_text(out_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
 
 
+@_locked
 def run_sft(config_path: str | os.PathLike, progress: bool = True) -> dict[str, Any]:
     data = _load(config_path, "sft")
     cfg = _section(data, "sft", SFTConfig)
@@ -94,6 +108,7 @@ def _eval_accuracy(
     return preference_accuracy(model, tokenizer, read_preferences(path), max_len) if path else None
 
 
+@_locked
 def run_dpo(config_path: str | os.PathLike, progress: bool = True) -> dict[str, Any]:
     data = _load(config_path, "dpo")
     cfg = _section(data, "dpo", DPOConfig)
@@ -118,6 +133,7 @@ def run_dpo(config_path: str | os.PathLike, progress: bool = True) -> dict[str, 
     return summary
 
 
+@_locked
 def run_sdpo(config_path: str | os.PathLike, progress: bool = True) -> dict[str, Any]:
     data = _load(config_path, "sdpo")
     cfg = _section(data, "dpo", DPOConfig)

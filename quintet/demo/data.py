@@ -15,7 +15,8 @@ def run_data_demo(out_dir: Path, config: Path | None = None, verbose: bool = Tru
     shard_index.
     """
     from quintet.data.curation import curate
-    from quintet.data.demo_corpus import generate_demo_corpus, score_curation
+    from quintet.data.curation_scoring import score_curation
+    from quintet.data.demo_corpus import generate_demo_corpus
     from quintet.data.mixture import MixtureSampler
     from quintet.data.shards import load_index, tokenize_curated
     from quintet.data.tokenizer_training import train_tokenizer

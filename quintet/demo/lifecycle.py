@@ -24,6 +24,7 @@ import json
 import time
 from pathlib import Path
 
+from quintet.commands import add_debug_flag, run_command
 from quintet.generation import GenerationConfig, stream_text
 from quintet.models.jamba import JambaConfig
 from quintet.models.jamba.create import create_model
@@ -109,7 +110,7 @@ def pretraining_stage(out: Path, shards: list[Path], tokenizer_vocab: int, full:
         run=RunSection(out_dir=str(out / "pretrain"), checkpoint_every=100, heldout_tokens=2048),
     )
     start = time.perf_counter()
-    result = train_lm(cfg)
+    result = train_lm(cfg, overwrite=True)  # a rerun of the demo starts its pretraining over
     rows = [json.loads(line) for line in result.metrics.read_text().splitlines()]
     for name in ("CAP", "CAT"):
         losses = [r["loss"] for r in rows if r.get("stage") == name and "loss" in r]
@@ -175,7 +176,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("runs/demo"))
     parser.add_argument("--full", action="store_true", help="train longer at every stage")
     parser.add_argument("--skip-vitar", action="store_true")
-    args = parser.parse_args(argv)
+    add_debug_flag(parser)
+    parser.set_defaults(func=run_demo)
+    return run_command(parser.parse_args(argv), prog="python -m quintet.demo")
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    """Every stage, one after another, into `args.out` (a rerun starts each stage over)."""
     out: Path = args.out
     start = time.perf_counter()
 
@@ -202,10 +209,15 @@ def main(argv: list[str] | None = None) -> int:
     banner("7b. Red-team: the aligned model against its FP4 copy (does quantization erode safety?)")
     run_redteam_demo(aligned, out / "fp4", out / "redteam-fp4", names=("aligned", "FP4"))
 
+    from quintet.align.demo_preferences import answer_is_correct
+    from quintet.align.preference_data import read_preferences
     from quintet.demo.serve import run_serve_demo
 
     banner("7c. Serve: the FP4 model behind an OpenAI-compatible server, one chat request")
-    run_serve_demo(out / "fp4")
+    held_out = next(p for p in read_preferences(out / "align" / "prefs-eval.jsonl") if p.lang == "en")
+    answer = run_serve_demo(out / "fp4", held_out.prompt)
+    verdict = "right" if answer_is_correct(answer, held_out.answer) else "wrong"
+    print(f"(a held-out alignment question, answer {held_out.answer}: the served model is {verdict})")
 
     if not args.skip_vitar:
         from quintet.demo.vision import run_vitar_demo

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import torch
 
+from quintet.models.jamba.cache import HybridCache
 from quintet.models.jamba.configuration import JambaConfig
 
 
@@ -27,9 +28,8 @@ def round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
-class SubTensorKVCache:
-    """The cache interface of `HybridCache` (update_kv, mamba_state, set_mamba_state, get_seq_length,
-    advance) over preallocated, in-place K/V buffers."""
+class SubTensorKVCache(HybridCache):
+    """`HybridCache` (its Mamba states, length and byte count) with preallocated, in-place K/V buffers."""
 
     def __init__(
         self,
@@ -43,21 +43,12 @@ class SubTensorKVCache:
             raise ValueError(f"pad_multiple = {pad_multiple!r}: must be a positive integer (1 = no padding)")
         if not isinstance(max_length, int) or max_length < 1:
             raise ValueError(f"max_length = {max_length!r}: must be a positive integer")
-        self.config = config
+        super().__init__(config)
         self.pad_multiple = pad_multiple
         self.capacity = round_up(max_length, pad_multiple)
         self.dtype = dtype
         self.device = torch.device(device)
-        n = config.num_hidden_layers
-        self.keys: list[torch.Tensor | None] = [None] * n
-        self.values: list[torch.Tensor | None] = [None] * n
-        self.conv_states: list[torch.Tensor | None] = [None] * n
-        self.ssm_states: list[torch.Tensor | None] = [None] * n
-        self.seq_length = 0
         self.reallocations = 0
-
-    def get_seq_length(self) -> int:
-        return self.seq_length
 
     def attended_length(self, length: int) -> int:
         """The key length attention sees when `length` tokens are real: rounded up to `pad_multiple`."""
@@ -93,23 +84,8 @@ class SubTensorKVCache:
         t = self.attended_length(end)
         return self.keys[layer][:, :, :t], self.values[layer][:, :, :t]
 
-    def mamba_state(self, layer: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        return self.conv_states[layer], self.ssm_states[layer]
-
-    def set_mamba_state(self, layer: int, conv_state: torch.Tensor, ssm_state: torch.Tensor) -> None:
-        self.conv_states[layer], self.ssm_states[layer] = conv_state, ssm_state
-
-    def advance(self, num_tokens: int) -> None:
-        self.seq_length += num_tokens
-
     def reset(self) -> None:
         """Start a new sequence in the same buffers (no reallocation)."""
         self.seq_length = 0
         self.conv_states = [None] * len(self.conv_states)
         self.ssm_states = [None] * len(self.ssm_states)
-
-    def nbytes(self) -> dict[str, int]:
-        """Bytes held now: `kv` (the whole preallocated buffers), `mamba` (conv + SSM states)."""
-        kv = sum(t.nbytes for t in self.keys + self.values if t is not None)
-        mamba = sum(t.nbytes for t in self.conv_states + self.ssm_states if t is not None)
-        return {"kv": kv, "mamba": mamba}

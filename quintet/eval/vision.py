@@ -141,7 +141,15 @@ def predict_files(
     from quintet.data.images import load_image, resize
     from quintet.loading import load_model
 
+    if top_k < 1:
+        raise ValueError(f"--top-k {top_k}: expected a positive number of classes, e.g. 3")
     model = load_model(model_dir)
+    patch = getattr(model.config, "patch_size", 1)
+    if resolution is not None and resolution < patch:
+        raise ValueError(
+            f"--resolution {resolution}: expected a square size in pixels of at least the model's patch size "
+            f"({patch}), e.g. {max(patch, 224)}; leave it out to classify each image at its own size"
+        )
     results = []
     for path in paths:
         image = load_image(path)

@@ -34,8 +34,10 @@ def _discretise_delta(delta: torch.Tensor, delta_bias: torch.Tensor | None, soft
 
 
 def _finish(y: torch.Tensor, u: torch.Tensor, D: torch.Tensor | None, z: torch.Tensor | None) -> torch.Tensor:
+    """The skip term and the gate: y + D * u, times silu(z); u is (b, d, L) or one step (b, d)."""
     if D is not None:
-        y = y + D.to(y.dtype).unsqueeze(-1) * u
+        D = D.to(y.dtype)
+        y = y + (D.unsqueeze(-1) if u.dim() == 3 else D) * u
     if z is not None:
         y = y * F.silu(z.to(y.dtype))
     return y
@@ -100,11 +102,7 @@ def selective_state_update(
         dtype
     ).unsqueeze(1)
     y = torch.bmm(new_state, C.to(dtype).unsqueeze(-1)).squeeze(-1)
-    if D is not None:
-        y = y + D.to(dtype) * u32
-    if z is not None:
-        y = y * F.silu(z.to(dtype))
-    return y.to(u.dtype), new_state
+    return _finish(y, u32, D, z).to(u.dtype), new_state
 
 
 def selective_scan_ref(

@@ -34,9 +34,9 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
-from quintet.io import atomic_path, atomic_write_text
+from quintet.io import atomic_path, atomic_write_text, read_safetensors
 from quintet.safety.redteam_sets import (
     LANGUAGES,
     _resource_dir,
@@ -132,7 +132,7 @@ class NgramClassifier:
             vocab = meta["vocab"]
         except (json.JSONDecodeError, KeyError, TypeError) as err:
             raise JudgeClassifierError(f"{directory / META_FILE}: malformed ({err!r}); rebuild it") from None
-        tensors = load_file(str(directory / WEIGHTS_FILE))
+        tensors = read_safetensors(directory / WEIGHTS_FILE)
         return cls(vocab, tensors["weight"], float(tensors["bias"][0]), settings), meta.get("data_sha256", "")
 
 

@@ -130,3 +130,26 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
         config=payload.get("config"),
         rng=read_safetensors(path / "rng.safetensors"),
     )
+
+
+def truncate_metrics(path: str | os.PathLike, step: int) -> int:
+    """Keep the rows of a metrics JSONL file up to `step` (what the checkpoint a run resumes from had
+    seen), drop the later ones and any line a killed writer left half-written; so a resumed run, which
+    writes those steps again, never holds a step twice. Returns the number of rows dropped."""
+    path = Path(path)
+    if not path.is_file():
+        return 0
+    kept, dropped = [], 0
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            dropped += bool(line.strip())
+            continue
+        if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] > step:
+            dropped += 1
+            continue
+        kept.append(line + "\n")
+    if dropped:
+        atomic_write_text(path, "".join(kept))
+    return dropped

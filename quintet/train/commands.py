@@ -1,6 +1,8 @@
 """`quintet train lm | vision`: thin argparse handlers, one library call each.
 
-Both trainers start fresh unless given `--resume` (continue from the newest checkpoint in out_dir).
+Both trainers start fresh unless given `--resume` (continue from the newest checkpoint in out_dir); an
+out_dir that holds an earlier run is refused unless `--resume` or `--overwrite` (start over). One run at a
+time may write an out_dir (a second one is refused, naming the first one's PID).
 `python -m quintet.train ...` (what `torchrun -m` launches) parses the same arguments.
 """
 
@@ -10,14 +12,16 @@ import argparse
 import json
 import sys
 
-from quintet.commands import configure_logging, run_command
+from quintet.commands import add_debug_flag, configure_logging, run_command
+
+OVERWRITE_HELP = "start over in an out_dir that holds an earlier run (deletes its checkpoints and metrics)"
 
 
 def _cmd_train_lm(args: argparse.Namespace) -> int:
     from quintet.train.lm import train_lm
     from quintet.train.lm_config import TrainConfig
 
-    result = train_lm(TrainConfig.from_file(args.config), resume=args.resume)
+    result = train_lm(TrainConfig.from_file(args.config), resume=args.resume, overwrite=args.overwrite)
     summary = {
         "final_model": str(result.final_model),
         "metrics": str(result.metrics),
@@ -35,7 +39,7 @@ def train_vision_command(args: argparse.Namespace, resume: bool) -> int:
     configure_logging()
     overrides = {"out_dir": args.out} if args.out else {}
     config = load_train_config(args.config, **overrides)
-    result = train_vision(config, resume=resume)
+    result = train_vision(config, resume=resume, overwrite=args.overwrite)
     print(f"trained {result.steps} steps; final loss {result.final_loss:.4f}; model in {result.model_dir}")
     for row in result.evaluation:
         accuracy, gflops = 100 * row["accuracy"], row["flops"] / 1e9
@@ -46,6 +50,7 @@ def train_vision_command(args: argparse.Namespace, resume: bool) -> int:
 def add_vision_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", help="training config (.toml or .json), e.g. configs/vitar-tiny.toml")
     parser.add_argument("--out", help="output folder (overrides out_dir of the config)")
+    parser.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
 
 
 def add_train_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -57,6 +62,7 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     )
     lm.add_argument("config", help="training TOML")
     lm.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in out_dir")
+    lm.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     lm.set_defaults(func=_cmd_train_lm)
 
     vision = sub.add_parser("vision", help="multi-resolution ViTAR / ViT training from a TOML config")
@@ -70,5 +76,6 @@ def main(argv: list[str] | None = None) -> int:
     """`python -m quintet.train lm CONFIG [--resume]` (and `vision`): the train commands alone."""
     parser = argparse.ArgumentParser(prog="python -m quintet.train")
     add_train_parser(parser.add_subparsers(dest="command", required=True))
+    add_debug_flag(parser)
     args = parser.parse_args(["train", *(sys.argv[1:] if argv is None else argv)])
-    return run_command(args)
+    return run_command(args, prog="python -m quintet.train")

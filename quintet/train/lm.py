@@ -27,11 +27,18 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from tqdm import tqdm
 
-from quintet.io import copy_model_files
+from quintet.errors import OutputInUseError
+from quintet.io import copy_model_files, output_lock
 from quintet.loading import load_trainable_model
 from quintet.models.jamba import JambaConfig, JambaForCausalLM
 from quintet.models.jamba.checkpoint import save_state_dict
-from quintet.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from quintet.train.checkpoint import (
+    checkpoint_dir,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+    truncate_metrics,
+)
 from quintet.train.curriculum import Stage
 from quintet.train.distributed import DistInfo, all_reduce_mean, setup_distributed, teardown, wrap_model
 from quintet.train.lm_config import TrainConfig
@@ -154,18 +161,66 @@ def heldout_losses(model: torch.nn.Module, cfg: TrainConfig, device: torch.devic
 
 
 # ---------------------------------------------------------------------------------------------- loop
-def train_lm(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> TrainResult:
-    """Run (or resume) the curriculum; returns where the final model and the metrics are."""
+def train_lm(
+    cfg: TrainConfig, resume: bool = False, progress: bool = True, overwrite: bool = False
+) -> TrainResult:
+    """Run (or `resume`) the curriculum; returns where the final model and the metrics are.
+
+    The run holds `out_dir` for itself (`quintet.io.output_lock`). A folder that already holds a run is
+    refused unless `resume` (continue from its newest checkpoint) or `overwrite` (delete what the trainer
+    wrote there and start over)."""
+    if resume and overwrite:
+        raise ValueError("--resume and --overwrite: give one of them (continue the run, or start it over)")
     info = setup_distributed()
     try:
-        return _train(cfg, info, resume, progress)
+        out = Path(cfg.run.out_dir)
+        if not info.is_main:  # the main process locks, checks and cleans the folder
+            return _train(cfg, info, resume, progress)
+        with output_lock(out, "training run"):
+            prepare_out_dir(out, resume, overwrite)
+            return _train(cfg, info, resume, progress)
     finally:
         teardown(info)
 
 
+def _previous_run(out: Path) -> str | None:
+    """What a folder holds of an earlier run ("checkpoint step-000120", "metrics.jsonl"), or None."""
+    checkpoint = latest_checkpoint(out)
+    if checkpoint is not None:
+        return f"checkpoint {checkpoint.name}"
+    if checkpoint_dir(out).is_dir() and any(checkpoint_dir(out).iterdir()):
+        return f"{checkpoint_dir(out).name}/"
+    metrics = out / "metrics.jsonl"
+    if metrics.is_file() and metrics.stat().st_size:
+        return "metrics.jsonl"
+    return None
+
+
+def prepare_out_dir(out: Path, resume: bool, overwrite: bool) -> None:
+    """Refuse a folder holding an earlier run unless `resume` or `overwrite`; with `overwrite` remove what
+    the trainer writes: checkpoints, metrics, stage and final models, the loss plot. Nothing else in the
+    folder is touched."""
+    out.mkdir(parents=True, exist_ok=True)
+    previous = _previous_run(out)
+    if previous is None or resume:
+        return
+    if not overwrite:
+        raise OutputInUseError(
+            f"{out}: holds an earlier training run ({previous}); pass --resume to continue it, or "
+            "--overwrite to delete its checkpoints and metrics and start over (or choose another out_dir)"
+        )
+    import shutil
+
+    for path in [checkpoint_dir(out), out / "final", *out.glob("stage-*")]:
+        if path.is_dir():
+            shutil.rmtree(path)
+    for path in (out / "metrics.jsonl", out / "loss.png"):
+        path.unlink(missing_ok=True)
+    log.info("--overwrite: removed the earlier run's checkpoints and metrics in %s", out)
+
+
 def _train(cfg: TrainConfig, info: DistInfo, resume: bool, progress: bool) -> TrainResult:
     out = Path(cfg.run.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.run.seed)
     model = build_model(cfg).to(info.device)
     model.gradient_checkpointing = cfg.run.activation_checkpointing
@@ -213,6 +268,10 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool, progress: bool) -> Tr
             copy_tokenizer_files(cfg.data.shards, folder)
 
     metrics_path = out / "metrics.jsonl"
+    if info.is_main:  # rows after the checkpoint (written before a kill) are written again below
+        dropped = truncate_metrics(metrics_path, state.step)
+        if dropped:
+            log.info("%s: dropped %d rows after step %d, the checkpoint's", metrics_path, dropped, state.step)
     metrics = metrics_path.open("a") if info.is_main else None
     stages = cfg.curriculum.stages
     seq, micro, accum = cfg.data.seq_len, cfg.optim.micro_batch_size, cfg.optim.grad_accum

@@ -140,8 +140,10 @@ class TrainConfig:
             )
         }
         try:
-            curriculum = _curriculum(data)
+            curriculum = _curriculum(data, config)
         except (ConfigError, TypeError) as err:
+            if config.path and str(err).startswith(f"{config.name}:"):  # already names the file and line
+                raise
             section = "stages" if "stages" in data else "curriculum"
             raise config.error(str(err), section=section) from None
         return cls(curriculum=curriculum, **sections)
@@ -157,14 +159,25 @@ class TrainConfig:
         return self.optim.micro_batch_size * self.optim.grad_accum
 
 
-def _curriculum(data: dict[str, Any]) -> Curriculum:
+def _curriculum(data: dict[str, Any], config: ConfigFile) -> Curriculum:
+    """The stages, each value type-checked at its line (`ConfigFile.check_types`)."""
     if "stages" in data and "curriculum" in data:
         raise ConfigError("give [[stages]] or [curriculum], not both")
     if "stages" in data:
-        return Curriculum(
-            [Stage.from_dict(s, where=f"[[stages]] #{i + 1}") for i, s in enumerate(data["stages"])]
-        )
+        if not isinstance(data["stages"], list):
+            raise ConfigError(
+                "[[stages]]: expected a list of tables (each [[stages]] with name, tokens, mixture)"
+            )
+        stages = []
+        for i, spec in enumerate(data["stages"]):
+            where = f"[[stages]] #{i + 1}"
+            if not isinstance(spec, dict):
+                raise ConfigError(f"{where}: expected a table with name, tokens and mixture")
+            config.check_types(spec, Stage, where, section="stages", index=i)
+            stages.append(Stage.from_dict(spec, where=where))
+        return Curriculum(stages)
     spec = dict(data.get("curriculum", {}))
+    config.check_types(spec, aurora_m_stages, "[curriculum]", section="curriculum")
     preset = spec.pop("preset", None)
     if preset != "aurora-m":
         raise ConfigError(

@@ -27,6 +27,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -41,8 +42,8 @@ from tqdm import tqdm
 
 from quintet.config import read_config
 from quintet.data.procedural_images import make_dataset
-from quintet.errors import CheckpointError
-from quintet.io import atomic_write_text, write_safetensors
+from quintet.errors import CheckpointError, OutputInUseError
+from quintet.io import atomic_write_text, output_lock, write_safetensors
 from quintet.lr_schedule import lr_at_step
 from quintet.models.vitar.checkpoint import build_model, load_model, load_state
 from quintet.models.vitar.configuration import ConfigError, ViTARConfig, preset_config
@@ -466,16 +467,25 @@ def _is_procedural(dataset) -> bool:  # noqa: ANN001
     return isinstance(dataset, ProceduralImages)
 
 
-def train_vision(config: VisionTrainConfig, resume: bool = True) -> TrainResult:
+def train_vision(config: VisionTrainConfig, resume: bool = True, overwrite: bool = False) -> TrainResult:
     """Train (resuming from the newest checkpoint in `out_dir` when there is one and `resume`), save,
-    evaluate."""
+    evaluate. The run holds `out_dir` for itself (`quintet.io.output_lock`); without `resume`, a folder
+    with a checkpoint is refused unless `overwrite` (its checkpoints and model are deleted first)."""
     if config.num_threads is not None:
         torch.set_num_threads(config.num_threads)
-    trainer = VisionTrainer(config)
-    if resume:
-        trainer.resume()
-    elif latest_checkpoint(config.out_dir) is not None:
-        raise FileExistsError(
-            f"{checkpoint_dir(config.out_dir)}: a checkpoint exists; resume it or choose another out_dir"
-        )
-    return trainer.run()
+    out = Path(config.out_dir)
+    with output_lock(out, "training run"):
+        if overwrite and not resume:
+            for path in (checkpoint_dir(out), out / "model"):
+                if path.is_dir():
+                    shutil.rmtree(path)
+            (out / "train_result.json").unlink(missing_ok=True)
+        elif not resume and latest_checkpoint(out) is not None:
+            raise OutputInUseError(
+                f"{checkpoint_dir(out)}: holds a checkpoint of an earlier run; pass --resume to continue it, "
+                "or --overwrite to delete it and start over (or choose another out_dir)"
+            )
+        trainer = VisionTrainer(config)
+        if resume:
+            trainer.resume()
+        return trainer.run()

@@ -57,6 +57,7 @@ COMPRESSIONS = ("none", "gzip", "zstd")
 EXECUTORS = ("local", "slurm", "ray")
 _TOP_KEYS = ("languages", "code", "inputs", "steps", "output", "executor")
 _INPUT_KEYS = ("name", "type", "path", "glob", "on_error", "lang", "extensions")
+_INPUT_TYPES = {key: str for key in _INPUT_KEYS} | {"extensions": list[str]}
 _OUTPUT_KEYS = ("format", "compression", "write_dropped")
 _STEP_COMMON = ("type", "name")
 _INJECTED = ("self", "exclusion_writer", "languages", "name")  # set by the pipeline, not the file
@@ -180,6 +181,7 @@ def _inputs(loc: ConfigFile, raw: Any, root: Path) -> list[InputConfig]:
         if not isinstance(item, dict):
             raise loc.error(f"inputs[{i}]: expected a table with type and path", **where)
         loc.check_keys(item, _INPUT_KEYS, f"inputs[{i}]", **where)
+        loc.check_types(item, _INPUT_TYPES, f"inputs[{i}]", **where)
         kind = item.get("type")
         if kind not in INPUT_TYPES:
             raise loc.error(
@@ -243,6 +245,7 @@ def _steps(loc: ConfigFile, raw: Any, languages: list[str], root: Path) -> list[
             raise loc.error(f"steps[{i}]: dedup must be the last step (it runs as separate stages)", **where)
         options = {k: v for k, v in item.items() if k not in _STEP_COMMON}
         loc.check_keys(options, _step_parameters(kind), f"steps[{i}] ({kind})", **where)
+        loc.check_types(options, STEP_TYPES[kind], f"steps[{i}] ({kind})", **where)
         if kind == "toxicity" and "lists" in options:
             options["lists"] = {
                 lang: str(p if Path(p).is_absolute() else root / p) for lang, p in options["lists"].items()

@@ -46,7 +46,8 @@ from quintet.data.curation.readers import (
 )
 from quintet.data.curation.stats import collect_stats, write_stats
 from quintet.errors import ConfigError
-from quintet.io import atomic_write_text
+from quintet.io import atomic_write_text, output_lock
+from quintet.processes import children_die_with_this_process
 
 _READERS = {
     "jsonl": JsonlDocumentReader,
@@ -262,7 +263,10 @@ def _preload_workers(start_method: str) -> None:
     if start_method == "forkserver":
         import multiprocess
 
-        multiprocess.get_context("forkserver").set_forkserver_preload(["quintet.data.curation.preload"])
+        os.environ["QUINTET_PARENT_PID"] = str(os.getpid())  # read by quintet.die_with_parent
+        multiprocess.get_context("forkserver").set_forkserver_preload(
+            ["quintet.die_with_parent", "quintet.data.curation.preload"]  # killed with this process
+        )
 
 
 def _claim_output(config: CurationConfig, out_dir: Path) -> None:
@@ -295,9 +299,14 @@ def curate(
     """
     if not isinstance(config, CurationConfig):
         config = load_config(config, data_root=data_root)
+    children_die_with_this_process()  # datatrove's Manager and workers die with this process
     out = Path(out_dir)
     check_inputs(config)
-    out.mkdir(parents=True, exist_ok=True)
+    with output_lock(out, "curation"):  # one run at a time in `out`
+        return _curate(config, out, quiet)
+
+
+def _curate(config: CurationConfig, out: Path, quiet: bool) -> CurationResult:
     _claim_output(config, out)
     stages = build_stages(config, out)
     executors = make_executors(stages, config, out / "logs")

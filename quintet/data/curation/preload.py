@@ -5,6 +5,8 @@ import spaCy, pyvi, Sudachi and lingua and build the word tokenizers again (3-5 
 our machines). Named in `multiprocess`'s forkserver preload list (`pipeline.make_executors`), this module
 does that work once per run in the forkserver, and every worker forked from it inherits the imported
 modules and the built tokenizers (datatrove's `load_word_tokenizer` cache).
+
+`quintet.die_with_parent`, preloaded before it, ties the forkserver and its workers to the run's process.
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@
 //   B, C                : (b, L, n) contiguous (time-major, so one step reads n contiguous values)
 //   D, delta_bias       : (d,)                            states : (b, d, n) contiguous
 //
-// Per channel and step (the math of quintet/models/jamba/selective_scan.py):
+// Per channel and step (the math of quintet/kernels/selective_scan.py):
 //   dt = softplus(delta + bias);  h = exp(dt * A) * h + dt * u * B;  y = (C . h + D * u) * silu(z)
 // The discretisation is computed inside the time loop; nothing of size (b, d, L, n) is ever stored.
 // Time is processed in chunks of kChunk steps: the forward pass can save the state entering each chunk,

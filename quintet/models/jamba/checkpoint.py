@@ -19,10 +19,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-from safetensors import safe_open
 
 from quintet.errors import CheckpointError
-from quintet.io import atomic_write_text, missing_weights, tensor_mismatches, write_safetensors
+from quintet.io import (
+    atomic_write_text,
+    missing_weights,
+    open_safetensors,
+    tensor_mismatches,
+    write_safetensors,
+)
 from quintet.models.jamba.configuration import JambaConfig
 
 if TYPE_CHECKING:
@@ -122,7 +127,7 @@ def _weight_files(directory: Path) -> dict[str, Path]:
     """Map each tensor name to the file that holds it."""
     single, index = directory / WEIGHTS_NAME, directory / INDEX_NAME
     if single.is_file():
-        with safe_open(str(single), framework="pt") as f:
+        with open_safetensors(single) as f:
             return dict.fromkeys(f.keys(), single)
     if index.is_file():
         try:
@@ -160,7 +165,7 @@ def load_pretrained(
     files = _weight_files(directory)
     shapes: dict[str, tuple[int, ...]] = {}
     for path in sorted(set(files.values())):
-        with safe_open(str(path), framework="pt") as f:
+        with open_safetensors(path) as f:
             for name in f.keys():
                 if files.get(name) == path:
                     shapes[name] = tuple(f.get_slice(name).get_shape())
@@ -171,7 +176,7 @@ def load_pretrained(
 
     state = {}
     for path in sorted(set(files.values())):
-        with safe_open(str(path), framework="pt", device=str(device)) as f:
+        with open_safetensors(path, device=str(device)) as f:
             for name in f.keys():
                 if name in expected and files[name] == path:
                     state[name] = f.get_tensor(name).to(dtype)

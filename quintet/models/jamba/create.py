@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from quintet.errors import OutputExistsError
+from quintet.errors import OutputInUseError
 from quintet.io import MODEL_FILES
 from quintet.models.jamba.checkpoint import is_weight_file
 from quintet.models.jamba.configuration import JambaConfig
@@ -39,7 +39,7 @@ def create_model(
     out = Path(out_dir)
     found = model_files_in(out)
     if found and not overwrite:
-        raise OutputExistsError(
+        raise OutputInUseError(
             f"{out}: already holds a model ({', '.join(found)}); pass --overwrite to replace it (its "
             "weights and tokenizer files are removed), or choose another --out"
         )

@@ -54,12 +54,14 @@ class JambaMambaMixer(nn.Module):
         self.b_layernorm = RMSNorm(self.d_state, eps=config.rms_norm_eps)
         self.c_layernorm = RMSNorm(self.d_state, eps=config.rms_norm_eps)
         self.register_buffer("frozen_A", None, persistent=False)
+        self._frozen_step: tuple | None = None
 
     @torch.no_grad()
     def freeze(self) -> None:
         """For inference (the deploy engine): compute A = -exp(A_log) once instead of at every step. The
         weights must not change afterwards."""
         self.frozen_A = -torch.exp(self.A_log.detach().float())
+        self._frozen_step = None  # the fused step's weight arguments, bound at the first step
 
     def _A(self) -> torch.Tensor:
         return self.frozen_A.float() if self.frozen_A is not None else -torch.exp(self.A_log.float())
@@ -134,15 +136,15 @@ class JambaMambaMixer(nn.Module):
             x = F.conv1d(window, self.conv1d.weight, self.conv1d.bias, groups=self.d_inner)
         return F.silu(x).transpose(1, 2), window[..., window.shape[-1] - (self.d_conv - 1) :]
 
-    def _fused_step(self, h: torch.Tensor, cache: HybridCache) -> torch.Tensor | None:
-        """One cached token through the fused mixer step (quintet.kernels), or None where it cannot run
-        (no state yet, autograd on, another dtype or device, or the kernel is unavailable)."""
-        conv_state, ssm_state = cache.mamba_state(self.layer_idx)
+    def _step_weights(self, h: torch.Tensor) -> tuple | None:
+        """The fused step's weight arguments (conv weight .. D, after the states' slot), or None where the
+        kernel cannot take them (4-bit x_proj codes, several eps, another dtype, autograd on). A frozen
+        mixer's weights never change, so its tuple is built once, at the first step."""
+        if self.frozen_A is not None and self._frozen_step is not None:
+            return self._frozen_step[0]
         x_proj_weight = getattr(self.x_proj, "weight", None)  # none when x_proj holds 4-bit codes
-        if conv_state is None or ssm_state is None or not isinstance(x_proj_weight, torch.Tensor):
-            return None
         eps = {self.dt_layernorm.eps, self.b_layernorm.eps, self.c_layernorm.eps}
-        if len(eps) != 1:  # the kernel normalises dt, B and C with one eps
+        if not isinstance(x_proj_weight, torch.Tensor) or len(eps) != 1:  # the kernel has one eps
             return None
         weights = (
             self.conv1d.weight,
@@ -155,25 +157,38 @@ class JambaMambaMixer(nn.Module):
             self.A_log,
             self.D,
         )
-        if not fused.inference_kernels_available(h, conv_state, ssm_state, *weights):
+        if not fused.inference_kernels_available(h, *weights):
             return None
-        xz = self.in_proj(h[:, 0])
-        y, conv_state, ssm_state = fused.mamba_mixer_step_fused(
-            xz,
-            conv_state,
-            self.conv1d.weight,
+        d = self.d_inner
+        args = (
+            self.conv1d.weight.reshape(d, -1).contiguous(),
             self.conv1d.bias,
-            x_proj_weight,
+            x_proj_weight.contiguous(),
             self.dt_layernorm.weight,
             self.b_layernorm.weight,
             self.c_layernorm.weight,
             self.dt_layernorm.eps,
-            self.dt_proj.weight,
+            self.dt_proj.weight.contiguous(),
             self.dt_proj.bias,
             self.A_log,
             self.D,
-            ssm_state,
-            A=self.frozen_A,
+        )
+        if self.frozen_A is not None:
+            self._frozen_step = (args,)
+        return args
+
+    def _fused_step(self, h: torch.Tensor, cache: HybridCache) -> torch.Tensor | None:
+        """One cached token through the fused mixer step (quintet.kernels), or None where it cannot run
+        (no state yet, autograd on, another dtype or device, or the kernel is unavailable)."""
+        conv_state, ssm_state = cache.mamba_state(self.layer_idx)
+        if conv_state is None or ssm_state is None:
+            return None
+        args = self._step_weights(h)
+        if args is None or not fused.inference_kernels_available(h, conv_state, ssm_state):
+            return None
+        xz = self.in_proj(h[:, 0])
+        y, conv_state, ssm_state = fused.mamba_mixer_step_fused(
+            xz, conv_state, *args, ssm_state, A=self.frozen_A
         )
         cache.set_mamba_state(self.layer_idx, conv_state, ssm_state)
         return self.out_proj(y).unsqueeze(1)
