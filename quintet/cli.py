@@ -8,7 +8,7 @@ import sys
 from collections.abc import Sequence
 
 from quintet import __version__
-from quintet.commands import add_debug_flag, run_command
+from quintet.commands import add_debug_flag, run_command, show_defaults
 
 
 def _cmd_model_init(args: argparse.Namespace) -> int:
@@ -101,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     init = model.add_parser("init", help="write a freshly initialised model folder from a preset")
     init.add_argument("--preset", required=True, help="jamba-tiny, jamba-small or jamba-v0.1")
     init.add_argument("--out", required=True, help="model folder to write")
-    init.add_argument("--seed", type=int, default=0, help="seed of the initial weights (default %(default)s)")
+    init.add_argument("--seed", type=int, default=0, help="seed of the initial weights")
     init.add_argument(
         "--overwrite",
         action="store_true",
@@ -113,19 +113,24 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("model", nargs="?", help="model folder (with config.json)")
     info.add_argument("--preset", help="a preset name instead of a folder")
     info.add_argument("--context", type=int, default=262144, help="context length in tokens (default 256K)")
-    info.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
-    info.add_argument("--batch", type=int, default=1)
+    info.add_argument(
+        "--dtype",
+        default="bfloat16",
+        choices=["float32", "bfloat16", "float16"],
+        help="dtype the weights and the cache are counted in",
+    )
+    info.add_argument("--batch", type=int, default=1, help="sequences whose cache is counted")
     info.add_argument("--json", action="store_true", help="print JSON instead of text")
     info.set_defaults(func=_cmd_model_info)
 
     gen = sub.add_parser("generate", help="generate text from a model folder")
     gen.add_argument("--model", required=True, help="model folder")
     gen.add_argument("--prompt", required=True, action="append", help="prompt text; repeat for a batch")
-    gen.add_argument("--max-new-tokens", type=int, default=64)
-    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    gen.add_argument("--top-k", type=int, default=0)
-    gen.add_argument("--top-p", type=float, default=1.0)
-    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate per prompt")
+    gen.add_argument("--temperature", type=float, default=0.0, help="sampling temperature, >= 0; 0 = greedy")
+    gen.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest tokens (0: all)")
+    gen.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: smallest set with this mass")
+    gen.add_argument("--seed", type=int, default=0, help="seed of the sampling")
     gen.set_defaults(func=_cmd_generate)
 
     align = sub.add_parser("align", help="SFT, DPO and stepwise DPO").add_subparsers(
@@ -148,6 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     for add in (*stages, add_serve_parser, add_vitar_parser):
         add(sub)
     add_debug_flag(parser)
+    show_defaults(parser)
     return parser
 
 

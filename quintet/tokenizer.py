@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import codecs
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Protocol
@@ -123,10 +124,11 @@ def read_chat_template(folder: str | os.PathLike, config: dict | None = None) ->
 def load_tokenizer(model_dir: str | os.PathLike, vocab_size: int | None = None) -> TextTokenizer:
     """The folder's `tokenizer.json` if it has one, else the byte-level tokenizer.
 
-    With `vocab_size` (the model's), checks that every id the tokenizer can produce fits the model, and
-    that a tokenizer.json is not smaller than the model's vocabulary by more than padding (`vocab_padding`):
-    a tokenizer of another, smaller vocabulary turns text into ids that stood for other text in training,
-    and the model's answers into nonsense.
+    With `vocab_size` (the model's), checks that every id the tokenizer can produce fits the model (an
+    error), and warns when a tokenizer.json is smaller than the model's vocabulary by more than padding
+    (`vocab_padding`): a tokenizer of another, smaller vocabulary turns text into ids that stood for other
+    text in training, and the answers into nonsense. Only a warning: sizes alone cannot tell it from a
+    model trained from a preset with a smaller tokenizer (rows past the tokenizer unused).
     """
     path = Path(model_dir) / "tokenizer.json"
     if not path.is_file():
@@ -149,10 +151,15 @@ def load_tokenizer(model_dir: str | os.PathLike, vocab_size: int | None = None) 
         and path.is_file()
         and vocab_size - tokenizer.vocab_size >= vocab_padding(vocab_size)
     ):
-        raise CheckpointError(
-            f"{path}: {tokenizer.vocab_size} tokens, but the model's vocab_size is {vocab_size} "
-            f"(config.json; padding allows at most {vocab_padding(vocab_size) - 1} more): not the tokenizer "
-            "the model was trained with; copy the model's own tokenizer files into the folder"
+        logging.getLogger("quintet.tokenizer").warning(
+            "warning: %s holds %d tokens, but the model's vocab_size is %d (config.json): more unused rows "
+            "than padding (%d at most); unless the model was trained with this tokenizer (as `train lm` "
+            "from a preset with a smaller one), it is another model's, and the output will be nonsense: "
+            "copy the model's own tokenizer files into the folder",
+            path,
+            tokenizer.vocab_size,
+            vocab_size,
+            vocab_padding(vocab_size) - 1,
         )
     return tokenizer
 

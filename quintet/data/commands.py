@@ -76,7 +76,7 @@ def add_data_parser(subparsers: Any) -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo-corpus", help="write the labelled multilingual demo corpus")
     p.add_argument("--out", type=Path, required=True, help="folder to write the corpus into")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the generated documents")
     p.set_defaults(func=_cmd_demo_corpus)
 
     p = sub.add_parser("curate", help="run a curation config (TOML or YAML) as datatrove pipelines")
@@ -92,8 +92,10 @@ def add_data_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument(
         "--out", type=Path, required=True, help="folder for tokenizer.json and tokenizer_config.json"
     )
-    p.add_argument("--vocab-size", type=int, default=4096)
-    p.add_argument("--min-frequency", type=int, default=2)
+    p.add_argument(
+        "--vocab-size", type=int, default=4096, help="tokens to learn, special tokens included (at most)"
+    )
+    p.add_argument("--min-frequency", type=int, default=2, help="a pair must occur this often to be merged")
     p.set_defaults(func=_cmd_tokenizer)
 
     p = sub.add_parser("tokenize", help="write uint16/uint32 token shards with a JSON index")
@@ -101,6 +103,8 @@ def add_data_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", type=Path, required=True, help="tokenizer.json or its folder")
     p.add_argument("--out", type=Path, required=True, help="folder for index.json and the shards")
     p.add_argument("--sources", nargs="+", default=None, help="curated subfolders to tokenize (default: all)")
-    p.add_argument("--heldout-fraction", type=float, default=0.05)
+    p.add_argument(
+        "--heldout-fraction", type=float, default=0.05, help="share of documents in the held-out split"
+    )
     p.set_defaults(func=_cmd_tokenize)
     return data

@@ -24,7 +24,7 @@ import json
 import time
 from pathlib import Path
 
-from quintet.commands import add_debug_flag, run_command
+from quintet.commands import add_debug_flag, run_command, show_defaults
 from quintet.generation import GenerationConfig, stream_text
 from quintet.models.jamba import JambaConfig
 from quintet.models.jamba.create import create_model
@@ -173,10 +173,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--out", type=Path, default=Path("runs/demo"))
+    parser.add_argument("--out", type=Path, default=Path("runs/demo"), help="folder for every stage's output")
     parser.add_argument("--full", action="store_true", help="train longer at every stage")
-    parser.add_argument("--skip-vitar", action="store_true")
+    parser.add_argument("--skip-vitar", action="store_true", help="leave out the ViTAR stages")
     add_debug_flag(parser)
+    show_defaults(parser)
     parser.set_defaults(func=run_demo)
     return run_command(parser.parse_args(argv), prog="python -m quintet.demo")
 

@@ -12,7 +12,7 @@ import argparse
 import json
 import sys
 
-from quintet.commands import add_debug_flag, configure_logging, run_command
+from quintet.commands import add_debug_flag, configure_logging, run_command, show_defaults
 
 OVERWRITE_HELP = "start over in an out_dir that holds an earlier run (deletes its checkpoints and metrics)"
 
@@ -77,5 +77,6 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m quintet.train")
     add_train_parser(parser.add_subparsers(dest="command", required=True))
     add_debug_flag(parser)
+    show_defaults(parser)
     args = parser.parse_args(["train", *(sys.argv[1:] if argv is None else argv)])
     return run_command(args, prog="python -m quintet.train")
