@@ -8,7 +8,7 @@ import sys
 from collections.abc import Sequence
 
 from quintet import __version__
-from quintet.commands import add_debug_flag, run_command, show_defaults
+from quintet.commands import add_debug_flag, configure_logging, run_command, show_defaults
 
 
 def _cmd_model_init(args: argparse.Namespace) -> int:
@@ -65,6 +65,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
 def _cmd_align(args: argparse.Namespace) -> int:
     from quintet.align import run
+
+    configure_logging()  # what it is doing before the first progress bar (reference log-probs, ...)
 
     summary = {"sft": run.run_sft, "dpo": run.run_dpo, "sdpo": run.run_sdpo}[args.align_command](args.config)
     print(json.dumps(summary, indent=2, ensure_ascii=False))

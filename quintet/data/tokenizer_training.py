@@ -112,12 +112,11 @@ def train_tokenizer(
     trained = tokenizer.get_vocab_size(with_added_tokens=True)
     if trained < vocab_size:
         log.warning(
-            "vocab_size = %d: the corpus supports only %d tokens (no pair of tokens is left that occurs "
-            "min_frequency = %d times); the tokenizer has %d",
+            "warning: vocab_size = %d: the tokenizer has only %d tokens (the corpus has no pair of tokens "
+            "left that occurs min_frequency = %d times)",
             vocab_size,
             trained,
             min_frequency,
-            trained,
         )
     for i, token in enumerate(specials):
         if tokenizer.token_to_id(token) != i:

@@ -33,16 +33,21 @@ def create_model(
 ) -> JambaForCausalLM:
     """Build `preset` (with config `overrides`), initialise it from `seed`, save it to `out_dir`.
 
-    A folder that already holds a model is refused unless `overwrite`, which first removes its model files
-    (weights, config, tokenizer and generation files), so no file of the old model stays beside the new one.
+    A folder that already holds a model (a config.json or weights) is refused unless `overwrite`, which
+    first removes its model files (weights, config, tokenizer and generation files), so no file of the old
+    model stays beside the new one. A folder with only tokenizer files keeps them (a model assembled
+    around its tokenizer).
     """
     out = Path(out_dir)
     found = model_files_in(out)
-    if found and not overwrite:
+    model_found = [n for n in found if n == "config.json" or is_weight_file(n)]
+    if model_found and not overwrite:
         raise OutputInUseError(
             f"{out}: already holds a model ({', '.join(found)}); pass --overwrite to replace it (its "
             "weights and tokenizer files are removed), or choose another --out"
         )
+    if not overwrite:
+        found = []
     config = JambaConfig.from_preset(preset, **overrides)
     torch.manual_seed(seed)
     model = JambaForCausalLM(config).to(dtype)
