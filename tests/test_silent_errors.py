@@ -326,3 +326,25 @@ def test_help_shows_defaults(capsys):
         main(["generate", "--help"])
     out = " ".join(capsys.readouterr().out.split())
     assert "(default: 0.0)" in out and "(default: None)" not in out, out
+
+
+# ------------------------------------------------------------------------------------------ curation
+def test_the_filter_stage_counts_its_documents_for_the_progress_bar(tmp_path):
+    from datatrove.data import Document
+
+    from quintet.data.curation.base import DocumentProgress
+    from quintet.data.curation.config import load_config
+    from quintet.data.curation.pipeline import build_stages, progress_dir
+
+    step = DocumentProgress(str(tmp_path / "progress"), every_s=0.0)
+    docs = (Document(text=f"doc {i}", id=str(i)) for i in range(200))
+    seen = 0
+    for _ in step.run(docs, rank=3):
+        seen += 1
+        if seen == 130:  # written while the task runs, not only at its end
+            assert int((tmp_path / "progress" / "00003").read_text()) == 128
+    assert seen == 200 and (tmp_path / "progress" / "00003").read_text() == "200"
+    config = load_config(Path(__file__).resolve().parents[1] / "configs" / "curation-demo.toml")
+    filter_stage = build_stages(config, tmp_path / "out")[0]
+    counters = [s for s in filter_stage.pipeline if isinstance(s, DocumentProgress)]
+    assert [c.folder for c in counters] == [str(progress_dir(tmp_path / "out", "filter"))]

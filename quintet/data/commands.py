@@ -28,7 +28,10 @@ def _cmd_demo_corpus(args: argparse.Namespace) -> int:
 
 
 def _cmd_curate(args: argparse.Namespace) -> int:
+    from quintet.commands import configure_logging
     from quintet.data.curation import curate, curation_report
+
+    configure_logging()  # each stage's steps, before its progress bar
 
     if args.report_only:
         result = curation_report(args.out)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 
 from quintet.commands import add_debug_flag, configure_logging, run_command, show_defaults
@@ -18,10 +19,14 @@ OVERWRITE_HELP = "start over in an out_dir that holds an earlier run (deletes it
 
 
 def _cmd_train_lm(args: argparse.Namespace) -> int:
-    from quintet.train.lm import train_lm
     from quintet.train.lm_config import TrainConfig
 
-    result = train_lm(TrainConfig.from_file(args.config), resume=args.resume, overwrite=args.overwrite)
+    configure_logging()  # what it is doing before the first progress bar
+    config = TrainConfig.from_file(args.config)
+    logging.getLogger("quintet.train").info("%s: loading the trainer (torch)", args.config)
+    from quintet.train.lm import train_lm
+
+    result = train_lm(config, resume=args.resume, overwrite=args.overwrite)
     summary = {
         "final_model": str(result.final_model),
         "metrics": str(result.metrics),

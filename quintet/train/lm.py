@@ -284,6 +284,8 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool, progress: bool) -> Tr
     try:
         while state.stage < len(stages):
             stage = stages[state.stage]
+            if info.is_main:
+                log.info("stage %s: %d tokens from %s", stage.name, stage.tokens, cfg.data.shards)
             sampler = open_stage_data(cfg, stage, state.stage)
             if state.sampler is not None:
                 sampler.load_state_dict(state.sampler)
