@@ -210,6 +210,25 @@ def test_negative_temperature_is_refused(data, capsys):
 
 
 # -------------------------------------------------------------------------------------------- images
+def _write_png16_rgb(path: Path, array: np.ndarray) -> None:
+    """A 16-bit-per-channel RGB PNG (Pillow cannot write one): IHDR bit depth 16, colour type 2."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    h, w, _ = array.shape
+    raw = b"".join(b"\x00" + array[y].astype(">u2").tobytes() for y in range(h))
+    header = struct.pack(">IIBBBBB", w, h, 16, 2, 0, 0, 0)
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(raw))
+        + chunk(b"IEND", b"")
+    )
+
+
 def test_a_16_bit_grey_png_is_read_at_its_depth_not_clipped(tmp_path):
     from PIL import Image
 
@@ -225,6 +244,11 @@ def test_a_16_bit_grey_png_is_read_at_its_depth_not_clipped(tmp_path):
     # the same picture at 8 bits reads the same to within one 8-bit step
     Image.fromarray((values // 257).astype(np.uint8)).save(tmp_path / "eight.png")
     assert float((load_image(tmp_path / "eight.png") - image).abs().max()) <= 1 / 255
+    # 16-bit colour: Pillow keeps the high byte of each sample (no clipping to white)
+    colour = np.array([[[0, 257, 65535], [40000, 32768, 65280]]], dtype=np.uint16)
+    _write_png16_rgb(tmp_path / "colour.png", colour)
+    read = load_image(tmp_path / "colour.png").permute(1, 2, 0).numpy() * 255
+    np.testing.assert_allclose(read, (colour >> 8).astype(np.float32), atol=1e-4)
     Image.fromarray(np.ones((2, 2), dtype=np.float32)).save(tmp_path / "float.tiff")
     with pytest.raises(ImageLoadError, match="float grey image"):
         load_image(tmp_path / "float.tiff")
