@@ -139,10 +139,13 @@ def test_continued_pretraining_on_shards_of_another_tokenizer_is_refused(data, t
     other = train_tokenizer(other_curated, tmp_path / "other-tok", vocab_size=280, min_frequency=2)
     shards = tokenize_curated(data["curated"], other, tmp_path / "other-shards").parent
     sha = json.loads((shards / "index.json").read_text())["tokenizer"]["sha256"]
-    code, _, err = run_cli(capsys, "train", "lm", _train_toml(tmp_path, data["model"], shards))
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n')  # an earlier run
+    config = _train_toml(tmp_path, data["model"], shards)
+    code, _, err = run_cli(capsys, "train", "lm", config, "--overwrite")
     assert_one_line_error(code, err, str(shards / "index.json"), "another tokenizer", sha[:12])
     assert str(data["model"] / "tokenizer.json") in err
-    assert not (tmp_path / "run" / "final").exists()
+    assert (tmp_path / "run" / "metrics.jsonl").is_file()  # refused before --overwrite deleted anything
 
 
 def test_continued_pretraining_on_shards_of_its_own_tokenizer_trains(data, tmp_path, capsys):

@@ -175,8 +175,10 @@ def train_lm(
     try:
         out = Path(cfg.run.out_dir)
         if not info.is_main:  # the main process locks, checks and cleans the folder
+            check_data_tokenizer(cfg)
             return _train(cfg, info, resume, progress)
         with output_lock(out, "training run"):
+            check_data_tokenizer(cfg)  # before anything in out_dir is written or deleted
             prepare_out_dir(out, resume, overwrite)
             return _train(cfg, info, resume, progress)
     finally:
@@ -225,7 +227,6 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool, progress: bool) -> Tr
     if info.is_main:
         log.info("loading the model (%s)", cfg.model.init_from or f"preset {cfg.model.preset}")
     model = build_model(cfg).to(info.device)
-    check_data_tokenizer(cfg, model)
     model.gradient_checkpointing = cfg.run.activation_checkpointing
     model.train()
     wrapped = wrap_model(model, info, cfg.run.parallel)
@@ -382,7 +383,7 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool, progress: bool) -> Tr
     return TrainResult(out, final, state, metrics_path)
 
 
-def check_data_tokenizer(cfg: TrainConfig, model: JambaForCausalLM) -> None:
+def check_data_tokenizer(cfg: TrainConfig) -> None:
     """Refuse shards whose ids mean something else to the model: ids past its vocabulary, or (continued
     pretraining) shards made with another tokenizer than the model folder's tokenizer.json, as recorded in
     the shards' index.json (`tokenizer.sha256`). Another tokenizer that keeps every token of the model's at
@@ -394,10 +395,16 @@ def check_data_tokenizer(cfg: TrainConfig, model: JambaForCausalLM) -> None:
     index = load_index(shards[0])
     recorded = index["tokenizer"]
     where = Path(index["root"]) / "index.json"
-    if recorded["vocab_size"] > model.config.vocab_size:
+    if cfg.model.vocab_size is not None:
+        vocab_size = cfg.model.vocab_size
+    elif cfg.model.preset is not None:
+        vocab_size = JambaConfig.from_preset(cfg.model.preset).vocab_size
+    else:
+        vocab_size = JambaConfig.from_pretrained(cfg.model.init_from).vocab_size
+    if recorded["vocab_size"] > vocab_size:
         raise ShardError(
             f"{where}: the shards' tokenizer has {recorded['vocab_size']} tokens, the model's vocab_size is "
-            f"{model.config.vocab_size}; set [model].vocab_size = {recorded['vocab_size']} to extend it"
+            f"{vocab_size}; set [model].vocab_size = {recorded['vocab_size']} to extend it"
         )
     if cfg.model.init_from is None:
         return
