@@ -112,6 +112,7 @@ def reference_logps(
     if path is not None and path.is_file():
         log.info("reference log-probs from cache %s", path)
         return load_file(path)["logps"]
+    log.info("reference log-probs of %d pairs (a forward pass of the reference model each)", len(pairs))
     was_training = ref_model.training
     ref_model.eval()
     out = []
@@ -135,8 +136,10 @@ def train_dpo(
     ref_model: torch.nn.Module | None = None,
     ref: torch.Tensor | None = None,
     progress: bool = True,
+    desc: str = "dpo",
 ) -> list[dict[str, float]]:
     """Train `model` in place on `pairs`; return one metrics dict per optimizer step (TRL's names).
+    `desc` names the progress bar (sDPO: which step).
 
     The reference is `ref` (precomputed (n, 2) log-probs) if given, else `ref_model` (cached on disk
     through `reference_logps` when `cfg.precompute_reference`, or run live at every step).
@@ -155,7 +158,7 @@ def train_dpo(
     history = []
     model.train()
     bar = tqdm(
-        total=-(-len(pairs) // cfg.batch_size) * cfg.epochs, desc="dpo", unit="step", disable=not progress
+        total=-(-len(pairs) // cfg.batch_size) * cfg.epochs, desc=desc, unit="step", disable=not progress
     )
     for step, idx, lr in batches:
         batch = [pairs[i] for i in idx]
@@ -184,6 +187,7 @@ def preference_accuracy(
     model: torch.nn.Module, tokenizer: TextTokenizer, pairs: list[PreferencePair], max_len: int = 256
 ) -> float:
     """Fraction of pairs where the model gives the chosen response a higher log-prob than the rejected."""
+    log.info("preference accuracy on %d held-out pairs", len(pairs))
     was_training = model.training
     model.eval()
     wins = 0

@@ -18,6 +18,7 @@ How steps are formed (`split_steps`):
 from __future__ import annotations
 
 import copy
+import logging
 import random
 from dataclasses import dataclass
 
@@ -26,6 +27,8 @@ import torch
 from quintet.align.dpo import DPOConfig, model_hash, pair_logps, reference_logps, train_dpo
 from quintet.align.preference_data import PreferencePair
 from quintet.tokenizer import TextTokenizer
+
+log = logging.getLogger("quintet.align")
 
 SPLITS = ("step", "source", "easy_to_hard", "score", "random")
 
@@ -90,6 +93,7 @@ def split_steps(
     else:
         if sft_model is None or tokenizer is None:
             raise ValueError("by='easy_to_hard' needs the SFT model and its tokenizer to measure difficulty")
+        log.info("easy_to_hard: the SFT model's margin on each of %d pairs", len(pairs))
         margins = reference_margins(sft_model, tokenizer, pairs, max_len).tolist()
         ordered = [p for _, p in sorted(zip(margins, pairs, strict=True), key=lambda mp: -mp[0])]
     size = -(-len(ordered) // steps)
@@ -112,7 +116,8 @@ def train_sdpo(
             p.requires_grad_(False)
         ref = reference_logps(reference, tokenizer, pairs, cfg)
         margin = float((ref[:, 0] - ref[:, 1]).mean())
-        metrics = train_dpo(model, tokenizer, pairs, cfg, ref=ref, progress=progress)
+        desc = f"sdpo step {t}/{len(step_pairs)}"
+        metrics = train_dpo(model, tokenizer, pairs, cfg, ref=ref, progress=progress, desc=desc)
         results.append(
             StepResult(
                 step=t,
