@@ -8,7 +8,10 @@
 - dequantization inside the matmul: quintet's M0E4 GEMV against dequantizing the weight and a float32
   matmul, per call; and the GEMV against the dequantized-tiles path by rows (the decode / prefill split,
   `quintet.kernels.m0e4_cpu.GEMV_MAX_ROWS`);
-- the whole FP4 decode step with fusions on and off, and with float32 (the default) or bfloat16 activations.
+- the whole FP4 decode step with fusions on and off, and with float32 (the default) or bfloat16 activations;
+- the whole decode step through the modules against the engine's decode plan (the same kernel calls with
+  their weights bound once, `quintet.deploy.decode_plan`), FP4 with float32 and int8 activations, and the
+  float32 engine.
 Decode = 1 row, prefill = 512 rows. Times are medians of --runs; "speedup" = unfused time / fused time.
 """
 
@@ -26,11 +29,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from timing import markdown_table, median_seconds, set_threads, write_results  # noqa: E402
 
 from quintet.deploy.convert import quantize_folder  # noqa: E402
+from quintet.deploy.engine import to_engine  # noqa: E402
 from quintet.deploy.fusions import add_rms_norm, merge_linears  # noqa: E402
 from quintet.deploy.qlinear import M0E4Linear  # noqa: E402
 from quintet.deploy.quantized_folder import load_quantized  # noqa: E402
 from quintet.kernels.m0e4 import quantize_rtn  # noqa: E402
 from quintet.kernels.m0e4_cpu import m0e4_matmul, matmul_path  # noqa: E402
+from quintet.loading import load_model  # noqa: E402
 from quintet.models.jamba import JambaConfig  # noqa: E402
 from quintet.models.jamba.create import create_model  # noqa: E402
 from quintet.models.jamba.norm import RMSNorm  # noqa: E402
@@ -129,11 +134,19 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             create_model("jamba-small", Path(tmp) / "f", seed=0)
             quantize_folder(Path(tmp) / "f", Path(tmp) / "q", group_size=64)
-            engines = {
-                "fused": load_quantized(Path(tmp) / "q"),
-                "unfused": load_quantized(Path(tmp) / "q", fuse=False),
-                "bfloat16 activations": load_quantized(Path(tmp) / "q", dtype=torch.bfloat16),
+            q = Path(tmp) / "q"
+            makers = {
+                "fused": lambda: load_quantized(q),
+                "int8 activations": lambda: load_quantized(q, activations="int8"),
+                "float32 engine": lambda: to_engine(load_model(Path(tmp) / "f")),
             }
+            engines = {name: make() for name, make in makers.items()}
+            engines["unfused"] = load_quantized(q, fuse=False)
+            engines["bfloat16 activations"] = load_quantized(q, dtype=torch.bfloat16)
+            engines["bfloat16 activations"].decode_plan = None  # compared with "fused, modules"
+            for name, make in makers.items():  # the same engines with their decode plan switched off
+                engines[f"{name}, modules"] = engine = make()
+                engine.decode_plan = None
             prompt = torch.randint(3, cfg.vocab_size, (1, 128), generator=torch.Generator().manual_seed(0))
             steps = {}
             for name, eng in engines.items():
@@ -148,7 +161,7 @@ def main() -> None:
                 "engine decode step: fusions",
                 "jamba-small FP4, past 128",
                 steps["unfused"],
-                steps["fused"],
+                steps["fused, modules"],
                 args.runs,
             )
             _row(
@@ -156,9 +169,22 @@ def main() -> None:
                 "engine decode step: float32 activations (vs bf16)",
                 "jamba-small FP4, past 128",
                 steps["bfloat16 activations"],
-                steps["fused"],
+                steps["fused, modules"],
                 args.runs,
             )
+            for name, label in (
+                ("fused", "FP4, float32 activations"),
+                ("int8 activations", "FP4, int8 activations"),
+                ("float32 engine", "float32 engine"),
+            ):
+                _row(
+                    rows,
+                    "engine decode step: decode plan (vs modules)",
+                    f"jamba-small {label}, past 128",
+                    steps[f"{name}, modules"],
+                    steps[name],
+                    args.runs,
+                )
     print(f"threads={args.threads}, median of {args.runs}; speedup = unfused / fused")
     print(markdown_table(rows, ["fusion", "shape", "unfused us", "fused us", "speedup"]))
     write_results(args.out, "deploy_fusions", rows, threads=args.threads, runs=args.runs)

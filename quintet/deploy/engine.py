@@ -98,7 +98,8 @@ class JambaEngine(nn.Module):
         use_engine_linears(lm)  # float Linears (after the merges): decode matmuls by quintet's GEMV
         for p in lm.parameters():  # an inference engine: tools that run it with autograd on (evaluation
             p.requires_grad_(False)  # loops) then take the kernels, not the differentiable fallback
-        self.decode_plan = DecodePlan(lm)  # one-token steps as bound kernel calls (decode_plan.py)
+        # One-token steps as bound kernel calls (decode_plan.py); None runs them through the modules.
+        self.decode_plan: DecodePlan | None = DecodePlan(lm)
         if any(isinstance(m, M0E4Linear) for m in lm.modules()):
             matmul_dtype()  # measured here, at load, once per process
         self.lm = lm.eval()
@@ -133,7 +134,8 @@ class JambaEngine(nn.Module):
                     logits_to_keep=logits_to_keep,
                     **kwargs,
                 )
-            logits = self.decode_plan(input_ids, cache) if path == "gemv" else None
+            plan = self.decode_plan if path == "gemv" else None
+            logits = plan(input_ids, cache) if plan is not None else None
             if logits is None:
                 logits = self.step(input_ids, cache, logits_to_keep)
             return CausalLMOutput(logits=logits, cache=cache)
