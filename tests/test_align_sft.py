@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from quintet.align.sequences import encode_example, pad_batch
+from quintet.align.sequences import Tokenization, encode_example, pad_batch
 from quintet.align.sft import SFTConfig, SFTDataError, _pack, read_sft_examples, sft_loss, train_sft
 from quintet.chat import render_prompt
 from quintet.models.jamba import JambaConfig, JambaForCausalLM
@@ -21,7 +21,9 @@ def test_loss_ignores_prompt_tokens():
     la = sft_loss(model, *pad_batch([a], 0))
     ids, resp = pad_batch([a], 0)
     assert resp.sum() == len(tok.encode("4.")) + 1  # response bytes + eos
-    assert resp[0, : len(render_prompt(tok, "What is 2 plus 2?"))].sum() == 0
+    assert resp[0, : len(tok.encode("What is 2 plus 2?"))].sum() == 0  # a string prompt is used as given
+    chat = encode_example(tok, "What is 2 plus 2?", "4.", 2, Tokenization(128, chat_template=True))
+    assert chat.prompt_len == len(render_prompt(tok, "What is 2 plus 2?"))
     assert torch.isfinite(la) and torch.isfinite(sft_loss(model, *pad_batch([b], 0)))
 
 
@@ -53,10 +55,10 @@ def test_read_formats_and_errors(tmp_path):
         {"messages": [{"role": "user", "content": "u"}, {"role": "assistant", "content": "a"}]},
     ]
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    assert read_sft_examples(path) == [("p", "c"), ("u", "a")]
+    assert read_sft_examples(path) == rows
     path.write_text(json.dumps({"prompt": "p", "response": "c"}) + "\n")
     with pytest.raises(SFTDataError, match=r"sft.jsonl:1: needs 'prompt' and 'completion'"):
         read_sft_examples(path)
-    path.write_text(json.dumps({"messages": [{"role": "user", "content": "u"}]}) + "\n")
-    with pytest.raises(SFTDataError, match="must end with a user turn then an assistant turn"):
+    path.write_text(json.dumps({"messages": [{"role": "user", "content": 3}]}) + "\n")
+    with pytest.raises(SFTDataError, match=r"sft.jsonl:1: field 'messages': messages\[0\].content"):
         read_sft_examples(path)

@@ -26,12 +26,13 @@ def scheduled_batches(
 
 def optimizer_step(
     model: torch.nn.Module, optimizer: torch.optim.Optimizer, loss: torch.Tensor, lr: float, grad_clip: float
-) -> None:
-    """Set the learning rate, backpropagate `loss`, clip (when `grad_clip` > 0) and step."""
+) -> float:
+    """Set the learning rate, backpropagate `loss`, clip (when `grad_clip` > 0) and step. Returns the
+    gradients' total norm before clipping (what transformers' Trainer logs as `grad_norm`)."""
     for group in optimizer.param_groups:
         group["lr"] = lr
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
-    if grad_clip:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip else float("inf"))
     optimizer.step()
+    return float(norm)
