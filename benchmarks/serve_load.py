@@ -1,20 +1,28 @@
 """A bounded load against `quintet serve` and against llama.cpp's OpenAI server, on the same weights.
 
-    python benchmarks/serve_load.py [--preset jamba-small] [--requests 64] [--concurrency 1 4 8]
-                                    [--max-tokens 32] [--threads 2] [--out runs/benchmarks/serve_load.json]
+    python benchmarks/serve_load.py [--preset jamba-small | --model-dir FLOAT | --fp4-dir FP4 [--gguf Q4_0]]
+                                    [--requests 64] [--concurrency 1 4 8] [--repeats 1] [--max-tokens 32]
+                                    [--threads 2] [--time-limit 3600] [--out runs/benchmarks/serve_load.json]
 
 The model is --preset with seed-0 weights (or --model-dir, a float Jamba folder), quantized to M0E4 (group
 32) for quintet and exported from that FP4 folder to GGUF Q4_0 (`quintet deploy export-gguf`) for
-llama.cpp, so both serve the same 4-bit weights. llama.cpp's server is llama-cpp-python's
-`llama_cpp.server` (the `bench` extra); without it only quintet runs, and the table says so.
+llama.cpp, so both serve the same 4-bit weights; --fp4-dir / --gguf use folders made before instead.
+llama.cpp's server is llama-cpp-python's `llama_cpp.server` (the `bench` extra); without it only quintet
+runs, and the table says so.
 
-Both servers run on 127.0.0.1 with --threads threads each, one at a time: for each concurrency the
+Both servers run on 127.0.0.1 with --threads threads each (llama.cpp: --n_threads and --n_threads_batch;
+quintet: torch's threads), side by side but loaded one at a time: for each concurrency and repeat the
 systems are interleaved (anchor, ours), each running --requests streamed completions of mixed prompt
-lengths (16..512 tokens), --max-tokens tokens each (ignore_eos), temperature 0. Reported per run:
-aggregate output tokens/s (tokens / wall time), p50 / p95 time to first token, p50 / p95 inter-token
-latency, errors. Then the shared-prefix variant on quintet: chat requests that share a 400-token system
-prompt, time to first token on a prefix-cache miss (`cache_prompt: false`) against a hit, interleaved.
-The load average is printed before and after. Stops by itself; the servers are stopped on exit.
+lengths (the same prompts for both; the tokenizer is byte-level, 20 to 500 tokens), temperature 0 and
+exactly --max-tokens tokens each (quintet: `ignore_eos`; llama.cpp: `min_tokens`). Tokens are counted
+from the servers' `usage`. Reported per concurrency, the median over --repeats runs of: aggregate output
+tokens/s (tokens / wall time), p50 / p95 time to first token, p50 / p95 inter-token latency, errors,
+short answers (fewer than --max-tokens tokens) and the 1-minute load average after the run.
+Then the shared-prefix variant on quintet: chat requests that share a 400-token system prompt, time to
+first token on a prefix-cache miss (`cache_prompt: false`) against a hit, interleaved, medians.
+
+The load average is printed before and after. Bounded: past --time-limit seconds the remaining runs are
+skipped (the table says which ran); the servers are stopped on exit, whatever happens.
 """
 
 from __future__ import annotations
@@ -61,10 +69,16 @@ def llama_server(gguf: Path, threads: int, ctx: int):
         str(port),
         "--n_threads",
         str(threads),
+        "--n_threads_batch",
+        str(threads),
         "--n_ctx",
         str(ctx),
         "--model_alias",
         "anchor",
+        # llama-cpp-python's server runs one request at a time; by default a new request cuts off the one
+        # that is streaming (its stream just ends), which would count as fewer tokens, not as load: queue
+        "--interrupt_requests",
+        "False",
     ]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
@@ -86,7 +100,7 @@ def llama_server(gguf: Path, threads: int, ctx: int):
 def one_request(url: str, body: dict, path: str = "/v1/completions") -> dict:
     """One streamed request: time to first token, the gaps between tokens, tokens received."""
     start = time.perf_counter()
-    stamps = []
+    stamps, usage = [], None
     with httpx.Client(timeout=600) as http, http.stream("POST", url + path, json=body) as r:
         if r.status_code != 200:
             r.read()
@@ -95,13 +109,24 @@ def one_request(url: str, body: dict, path: str = "/v1/completions") -> dict:
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue
             chunk = json.loads(line[6:])
+            if "error" in chunk:
+                return {"error": str(chunk["error"])[:200]}
+            usage = chunk.get("usage") or usage
             choices = chunk.get("choices") or []
-            if choices and (choices[0].get("text") or (choices[0].get("delta") or {}).get("content")):
+            # A chunk that carries a piece of the answer: llama.cpp's server sends one per token (its text
+            # may be empty), quintet one per token whose bytes complete a character. Neither the chat's
+            # opening role chunk nor the closing finish_reason chunk counts.
+            if (
+                choices
+                and choices[0].get("finish_reason") is None
+                and "role" not in (choices[0].get("delta") or {})
+            ):
                 stamps.append(time.perf_counter())
     if not stamps:
         return {"error": "no tokens"}
     gaps = [b - a for a, b in zip(stamps, stamps[1:], strict=False)]
-    return {"ttft": stamps[0] - start, "gaps": gaps, "tokens": len(stamps), "end": stamps[-1]}
+    tokens = usage["completion_tokens"] if usage else len(stamps)  # the server's count where it sends one
+    return {"ttft": stamps[0] - start, "gaps": gaps, "tokens": tokens, "end": stamps[-1]}
 
 
 def run_load(
@@ -135,6 +160,7 @@ def run_load(
         t.join()
     wall = time.perf_counter() - start
     ok = [r for r in results if "error" not in r]
+    short = sum(r["tokens"] < max_tokens for r in ok)  # both servers are asked for exactly max_tokens
     ttft = sorted(r["ttft"] for r in ok)
     gaps = sorted(g for r in ok for g in r["gaps"])
 
@@ -148,6 +174,7 @@ def run_load(
         "itl_p50": pct(gaps, 0.5),
         "itl_p95": pct(gaps, 0.95),
         "errors": len(results) - len(ok),
+        "short": short,
         "wall_s": wall,
     }
 
@@ -223,11 +250,42 @@ def prepare(args) -> tuple[Path, Path | None]:
     return fp4, gguf
 
 
+def given(args) -> tuple[Path, Path | None]:
+    """--fp4-dir / --gguf: folders made before (checked, not rebuilt)."""
+    fp4 = Path(args.fp4_dir)
+    if not (fp4 / "config.json").is_file():
+        raise SystemExit(f"--fp4-dir {fp4}: no config.json there (an FP4 folder from `quintet deploy`)")
+    gguf = Path(args.gguf) if args.gguf else None
+    if gguf is not None and not gguf.is_file():
+        raise SystemExit(f"--gguf {gguf}: no such file")
+    if gguf is not None:
+        try:
+            import llama_cpp.server  # noqa: F401
+        except ImportError:
+            raise SystemExit(
+                "--gguf given but llama-cpp-python[server] is not installed (the `bench` extra)"
+            ) from None
+    return fp4, gguf
+
+
+def median_row(runs: list[dict]) -> dict:
+    """Per field, the median over the repeats (errors: the sum)."""
+    out = {k: statistics.median(r[k] for r in runs) for k in runs[0] if k not in ("errors", "short")}
+    out["errors"] = sum(r["errors"] for r in runs)
+    out["short"] = sum(r["short"] for r in runs)
+    out["repeats"] = len(runs)
+    return out
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="jamba-small")
     p.add_argument("--model-dir", help="a float Jamba folder instead of --preset")
+    p.add_argument("--fp4-dir", help="an FP4 folder made before (skips creating and quantizing)")
+    p.add_argument("--gguf", help="with --fp4-dir: the Q4_0 GGUF exported from it, for llama.cpp")
     p.add_argument("--requests", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=1, help="runs per system and concurrency (medians)")
+    p.add_argument("--time-limit", type=float, default=3600, help="seconds; later runs are skipped")
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 8])
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--threads", type=int, default=2)
@@ -236,7 +294,10 @@ def main() -> int:
     p.add_argument("--out", default="runs/benchmarks/serve_load.json")
     args = p.parse_args()
     Path(args.work).mkdir(parents=True, exist_ok=True)
-    fp4, gguf = prepare(args)
+    if args.gguf and not args.fp4_dir:
+        raise SystemExit("--gguf needs --fp4-dir (the FP4 folder it was exported from)")
+    fp4, gguf = given(args) if args.fp4_dir else prepare(args)
+    deadline = time.monotonic() + args.time_limit
     rng = random.Random(0)
     prompts = [text_of(rng.choice([4, 16, 40, 100]), rng) for _ in range(args.requests)]
     load_before = os.getloadavg()
@@ -258,20 +319,37 @@ def main() -> int:
             )
         )
         anchor = stack.enter_context(llama_server(gguf, args.threads, 2048)) if gguf else None
-        systems = ([("llama.cpp server Q4_0", anchor, "anchor", {})] if anchor else []) + [
-            ("quintet serve FP4", ours, fp4.name, {"ignore_eos": True, "cache_prompt": False})
+        systems = (
+            [("llama.cpp server Q4_0", anchor, "anchor", {"min_tokens": args.max_tokens})] if anchor else []
+        ) + [
+            (
+                "quintet serve FP4",
+                ours,
+                fp4.name,
+                {"ignore_eos": True, "cache_prompt": False, "stream_options": {"include_usage": True}},
+            )
         ]
+        for _name, url, model, extra in systems:  # the first request of a process pays one-time costs
+            run_load(url, model, prompts[:2], 1, 4, extra)
+        runs: dict[tuple[str, int], list[dict]] = {}
         for c in args.concurrency:
-            for name, url, model, extra in systems:
-                r = run_load(url, model, prompts, c, args.max_tokens, extra)
-                rows.append({"system": name, "concurrency": c, **r})
-                print(
-                    f"{name:24s} c={c}: {r['tokens_per_s']:7.1f} tok/s  "
-                    f"TTFT p50 {r['ttft_p50'] * 1e3:6.0f} ms "
-                    f"p95 {r['ttft_p95'] * 1e3:6.0f} ms  ITL p50 {r['itl_p50'] * 1e3:5.1f} ms "
-                    f"p95 {r['itl_p95'] * 1e3:5.1f} ms  errors {r['errors']}",
-                    flush=True,
-                )
+            for rep in range(args.repeats):
+                for name, url, model, extra in systems:
+                    if time.monotonic() > deadline:
+                        print(f"--time-limit reached: {name} c={c} repeat {rep + 1} skipped", flush=True)
+                        continue
+                    r = run_load(url, model, prompts, c, args.max_tokens, extra)
+                    r["load1"] = os.getloadavg()[0]  # the machine's 1-minute load average after the run
+                    runs.setdefault((name, c), []).append(r)
+                    print(
+                        f"{name:24s} c={c} run {rep + 1}: {r['tokens_per_s']:7.1f} tok/s  "
+                        f"TTFT p50 {r['ttft_p50'] * 1e3:6.0f} ms "
+                        f"p95 {r['ttft_p95'] * 1e3:6.0f} ms  ITL p50 {r['itl_p50'] * 1e3:5.1f} ms "
+                        f"p95 {r['itl_p95'] * 1e3:5.1f} ms  errors {r['errors']}  short {r['short']}  "
+                        f"load {r['load1']:.2f}",
+                        flush=True,
+                    )
+        rows = [{"system": name, "concurrency": c, **median_row(rs)} for (name, c), rs in runs.items()]
         prefix = prefix_variant(ours, fp4.name, args.prefix_rounds, rng)
     print(
         f"shared system prompt ({prefix['prompt_tokens']} prompt tokens, "
@@ -279,9 +357,21 @@ def main() -> int:
         f"hit {prefix['ttft_hit_p50'] * 1e3:.0f} ms: "
         f"{prefix['ratio']:.1f}x"
     )
+    print("\nmedians over the repeats:")
+    print(
+        "| system | concurrency | runs | tokens/s | TTFT p50 ms | TTFT p95 ms | ITL p50 ms | ITL p95 ms "
+        "| errors | short |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(
+            f"| {r['system']} | {r['concurrency']} | {r['repeats']} | {r['tokens_per_s']:.1f} | "
+            f"{r['ttft_p50'] * 1e3:.0f} | {r['ttft_p95'] * 1e3:.0f} | {r['itl_p50'] * 1e3:.1f} | "
+            f"{r['itl_p95'] * 1e3:.1f} | {r['errors']} | {r['short']} |"
+        )
     for c in args.concurrency:
         by = {r["system"]: r for r in rows if r["concurrency"] == c}
-        if len(by) == 2:
+        if len(by) == 2 and by["llama.cpp server Q4_0"]["tokens_per_s"] > 0:
             a, o = by["llama.cpp server Q4_0"], by["quintet serve FP4"]
             print(
                 f"c={c}: quintet / llama.cpp aggregate tokens/s = "
@@ -295,7 +385,9 @@ def main() -> int:
             {
                 "threads": args.threads,
                 "requests": args.requests,
+                "repeats": args.repeats,
                 "max_tokens": args.max_tokens,
+                "command": " ".join(sys.argv),
                 "load": [load_before[0], load_after[0]],
                 "rows": rows,
                 "prefix": prefix,

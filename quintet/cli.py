@@ -8,14 +8,14 @@ import sys
 from collections.abc import Sequence
 
 from quintet import __version__
-from quintet.commands import add_debug_flag, run_command
+from quintet.commands import add_debug_flag, configure_logging, run_command, show_defaults
 
 
 def _cmd_model_init(args: argparse.Namespace) -> int:
     from quintet.models.jamba.create import create_model
     from quintet.models.jamba.info import format_info, model_info
 
-    model = create_model(args.preset, args.out, seed=args.seed)
+    model = create_model(args.preset, args.out, seed=args.seed, overwrite=args.overwrite)
     print(f"wrote {args.preset} to {args.out}")
     print(format_info(model_info(model.config)))
     return 0
@@ -41,7 +41,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     config = GenerationConfig(
         max_new_tokens=args.max_new_tokens,
         do_sample=args.temperature > 0,
-        temperature=args.temperature if args.temperature > 0 else 1.0,
+        temperature=args.temperature if args.temperature != 0 else 1.0,  # a negative one is refused
         top_k=args.top_k,
         top_p=args.top_p,
         seed=args.seed,
@@ -65,6 +65,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
 def _cmd_align(args: argparse.Namespace) -> int:
     from quintet.align import run
+
+    configure_logging()  # what it is doing before the first progress bar (reference log-probs, ...)
 
     summary = {"sft": run.run_sft, "dpo": run.run_dpo, "sdpo": run.run_sdpo}[args.align_command](args.config)
     print(json.dumps(summary, indent=2, ensure_ascii=False))
@@ -101,26 +103,36 @@ def build_parser() -> argparse.ArgumentParser:
     init = model.add_parser("init", help="write a freshly initialised model folder from a preset")
     init.add_argument("--preset", required=True, help="jamba-tiny, jamba-small or jamba-v0.1")
     init.add_argument("--out", required=True, help="model folder to write")
-    init.add_argument("--seed", type=int, default=0)
+    init.add_argument("--seed", type=int, default=0, help="seed of the initial weights")
+    init.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace a model already in --out (its weights, config and tokenizer files are removed first)",
+    )
     init.set_defaults(func=_cmd_model_init)
 
     info = model.add_parser("info", help="parameters, layout, cache memory of a model folder or preset")
     info.add_argument("model", nargs="?", help="model folder (with config.json)")
     info.add_argument("--preset", help="a preset name instead of a folder")
     info.add_argument("--context", type=int, default=262144, help="context length in tokens (default 256K)")
-    info.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
-    info.add_argument("--batch", type=int, default=1)
+    info.add_argument(
+        "--dtype",
+        default="bfloat16",
+        choices=["float32", "bfloat16", "float16"],
+        help="dtype the weights and the cache are counted in",
+    )
+    info.add_argument("--batch", type=int, default=1, help="sequences whose cache is counted")
     info.add_argument("--json", action="store_true", help="print JSON instead of text")
     info.set_defaults(func=_cmd_model_info)
 
     gen = sub.add_parser("generate", help="generate text from a model folder")
     gen.add_argument("--model", required=True, help="model folder")
     gen.add_argument("--prompt", required=True, action="append", help="prompt text; repeat for a batch")
-    gen.add_argument("--max-new-tokens", type=int, default=64)
-    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    gen.add_argument("--top-k", type=int, default=0)
-    gen.add_argument("--top-p", type=float, default=1.0)
-    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate per prompt")
+    gen.add_argument("--temperature", type=float, default=0.0, help="sampling temperature, >= 0; 0 = greedy")
+    gen.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest tokens (0: all)")
+    gen.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: smallest set with this mass")
+    gen.add_argument("--seed", type=int, default=0, help="seed of the sampling")
     gen.set_defaults(func=_cmd_generate)
 
     align = sub.add_parser("align", help="SFT, DPO and stepwise DPO").add_subparsers(
@@ -143,6 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     for add in (*stages, add_serve_parser, add_vitar_parser):
         add(sub)
     add_debug_flag(parser)
+    show_defaults(parser)
     return parser
 
 

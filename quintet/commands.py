@@ -67,6 +67,35 @@ def _add_debug_below(parser: argparse.ArgumentParser) -> None:
                 _add_debug_below(sub)
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """argparse's help with each option's default (`(default: 4096)`), except where the help text already
+    says it or there is none to show (None, a flag's False)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if "default" in text or any(
+            action.default is nothing for nothing in (None, False, argparse.SUPPRESS)
+        ):
+            return text
+        return super()._get_help_string(action)
+
+
+class RawDescriptionHelpFormatter(HelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """`HelpFormatter` for a parser whose description keeps its own line breaks."""
+
+
+def show_defaults(parser: argparse.ArgumentParser) -> None:
+    """`HelpFormatter` on `parser` and every sub-command below it (a raw description stays raw)."""
+    if issubclass(parser.formatter_class, argparse.RawDescriptionHelpFormatter):
+        parser.formatter_class = RawDescriptionHelpFormatter
+    else:
+        parser.formatter_class = HelpFormatter
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in set(action.choices.values()):
+                show_defaults(sub)
+
+
 def _os_error_message(err: OSError) -> str:
     """`path: what is wrong; what to do` for an OSError, or its own message when it was written by us."""
     if err.errno is None or len(err.args) < 2:  # raised with a message of ours: it names the path

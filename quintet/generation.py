@@ -31,6 +31,8 @@ class GenerationConfig:
     def __post_init__(self) -> None:
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 0:
             raise ValueError(f"max_new_tokens = {self.max_new_tokens!r}: must be an integer >= 0")
+        if not isinstance(self.temperature, (int, float)) or not self.temperature >= 0:
+            raise ValueError(f"temperature = {self.temperature!r}: must be >= 0 (0 = greedy decoding)")
         if self.do_sample and not self.temperature > 0:
             raise ValueError(f"temperature = {self.temperature!r}: must be > 0 when sampling")
         if not isinstance(self.top_k, int) or self.top_k < 0:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import codecs
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Protocol
@@ -15,6 +16,17 @@ from typing import Protocol
 from tokenizers import Tokenizer
 
 from quintet.chat import compile_template, render_template
+from quintet.errors import CheckpointError
+
+
+def vocab_padding(vocab_size: int) -> int:
+    """How many more embedding rows than tokenizer ids a model may have: padding, not another tokenizer.
+
+    Models pad their vocabulary for fast matmuls (nanoGPT: GPT-2's 50257 tokens in 50304 rows, a multiple
+    of 64; Megatron-LM to a multiple of 128 per tensor-parallel rank); a gap of 128 ids or 1% of the rows,
+    whichever is larger, or more, means a tokenizer.json of another, smaller vocabulary.
+    """
+    return max(128, vocab_size // 100)
 
 
 class TextTokenizer(Protocol):
@@ -123,7 +135,11 @@ def read_chat_template(folder: str | os.PathLike, config: dict | None = None) ->
 def load_tokenizer(model_dir: str | os.PathLike, vocab_size: int | None = None) -> TextTokenizer:
     """The folder's `tokenizer.json` if it has one, else the byte-level tokenizer.
 
-    With `vocab_size` (the model's), checks that every id the tokenizer can produce fits the model.
+    With `vocab_size` (the model's), checks that every id the tokenizer can produce fits the model (an
+    error), and warns when a tokenizer.json is smaller than the model's vocabulary by more than padding
+    (`vocab_padding`): a tokenizer of another, smaller vocabulary turns text into ids that stood for other
+    text in training, and the answers into nonsense. Only a warning: sizes alone cannot tell it from a
+    model trained from a preset with a smaller tokenizer (rows past the tokenizer unused).
     """
     path = Path(model_dir) / "tokenizer.json"
     if not path.is_file():
@@ -138,8 +154,23 @@ def load_tokenizer(model_dir: str | os.PathLike, vocab_size: int | None = None) 
     tokenizer: TextTokenizer = HFTokenizer(path) if path.is_file() else ByteTokenizer()
     if vocab_size is not None and tokenizer.vocab_size > vocab_size:
         source = path if path.is_file() else "the byte-level tokenizer"
-        raise ValueError(
+        raise CheckpointError(
             f"{source}: {tokenizer.vocab_size} tokens do not fit the model's vocab_size = {vocab_size}"
+        )
+    if (
+        vocab_size is not None
+        and path.is_file()
+        and vocab_size - tokenizer.vocab_size >= vocab_padding(vocab_size)
+    ):
+        logging.getLogger("quintet.tokenizer").warning(
+            "warning: %s holds %d tokens, but the model's vocab_size is %d (config.json): more unused rows "
+            "than padding (%d at most); unless the model was trained with this tokenizer (as `train lm` "
+            "from a preset with a smaller one), it is another model's, and the output will be nonsense: "
+            "copy the model's own tokenizer files into the folder",
+            path,
+            tokenizer.vocab_size,
+            vocab_size,
+            vocab_padding(vocab_size) - 1,
         )
     return tokenizer
 

@@ -167,14 +167,14 @@ def test_vitar_predict_resolution_zero(tmp_path):
     assert_one_line_error(quintet(*argv), "--resolution 0", "at least the model's patch size")
 
 
-def test_chat_template_stopped_by_the_sandbox(model, tmp_path):
-    import shutil
-
+def test_chat_template_stopped_by_the_sandbox(tmp_path):
     from quintet.data.tokenizer_training import train_tokenizer
+    from quintet.models.jamba.create import create_model
+    from quintet.tokenizer import load_tokenizer
 
     folder = tmp_path / "model"
-    shutil.copytree(model, folder)
     train_tokenizer(["the cat sat on the mat"] * 20, folder, vocab_size=300, min_frequency=1)
+    create_model("jamba-tiny", folder, vocab_size=load_tokenizer(folder).vocab_size)  # the tokenizer's size
     template = folder / "chat_template.jinja"
     template.write_text("{% for m in messages %}{{ m.__class__.__mro__ }}{{ m['content'] }}{% endfor %}")
     row = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}

@@ -181,14 +181,19 @@ BAD = {
     "no prompt": ({"model": "tiny-fp4"}, 400),
     "n = 2": ({"model": "tiny-fp4", "prompt": "hi", "n": 2}, 400),
     "top_p 0": ({"model": "tiny-fp4", "prompt": "hi", "top_p": 0}, 400),
+    "streamed, max_tokens -1": ({"model": "tiny-fp4", "prompt": "hi", "max_tokens": -1, "stream": True}, 400),
+    "token id past the vocabulary": ({"model": "tiny-fp4", "prompt": [1, 10**9]}, 400),
 }
 
 
 @pytest.mark.parametrize("case", BAD)
 def test_bad_completion_requests_get_openai_errors(server, case):
     body, status = BAD[case]
-    r = httpx.post(server + "/v1/completions", json=body, headers={"Authorization": f"Bearer {KEY}"})
+    auth = {"Authorization": f"Bearer {KEY}"}
+    r = httpx.post(server + "/v1/completions", json=body, headers=auth)
     _error(r, status)
+    good = {"model": "tiny-fp4", "prompt": "hi", "max_tokens": 2}  # and the server keeps serving
+    assert httpx.post(server + "/v1/completions", json=good, headers=auth).json()["choices"]
 
 
 def test_bad_chat_requests_malformed_json_and_a_huge_body(server, client):

@@ -185,6 +185,7 @@ def reference_logps(
         log.info("reference log-probs from cache %s", path)
         return load_file(path)["logps"]
     _, examples = encode_pairs(tokenizer, pairs, ref_model.config.eos_token_ids[0], cfg)
+    log.info("reference log-probs of %d pairs (a forward pass of the reference model each)", len(examples))
     was_training = ref_model.training
     ref_model.eval()
     out = []
@@ -222,7 +223,7 @@ def train_dpo(
 
     The reference is `ref` (precomputed (n, 2) log-probs of the pairs `encode_pairs` keeps) if given, else
     `ref_model` (cached on disk through `reference_logps` when `cfg.precompute_reference`, or run live at
-    every step). `desc` labels the progress bar.
+    every step). `desc` names the progress bar (sDPO: which step).
     """
     if ref is None and ref_model is None:
         raise ValueError("train_dpo: give a reference model or precomputed reference log-probs")
@@ -287,6 +288,7 @@ def preference_accuracy(
     settings: Tokenization | DPOConfig | int = TRL_DEFAULTS,
 ) -> float:
     """Fraction of pairs where the model gives the chosen response a higher log-prob than the rejected."""
+    log.info("preference accuracy on %d held-out pairs", len(pairs))
     was_training = model.training
     model.eval()
     wins = 0

@@ -18,6 +18,7 @@ How steps are formed (`split_steps`):
 from __future__ import annotations
 
 import copy
+import logging
 import random
 from dataclasses import dataclass
 
@@ -27,6 +28,8 @@ from quintet.align.dpo import DPOConfig, model_hash, pair_logps, reference_logps
 from quintet.align.preference_data import PreferencePair
 from quintet.align.sequences import TRL_DEFAULTS, Tokenization
 from quintet.tokenizer import TextTokenizer
+
+log = logging.getLogger("quintet.align")
 
 SPLITS = ("step", "source", "easy_to_hard", "score", "random")
 
@@ -94,6 +97,7 @@ def split_steps(
     else:
         if sft_model is None or tokenizer is None:
             raise ValueError("by='easy_to_hard' needs the SFT model and its tokenizer to measure difficulty")
+        log.info("easy_to_hard: the SFT model's margin on each of %d pairs", len(pairs))
         margins = reference_margins(sft_model, tokenizer, pairs, settings).tolist()
         ordered = [p for _, p in sorted(zip(margins, pairs, strict=True), key=lambda mp: -mp[0])]
     size = -(-len(ordered) // steps)

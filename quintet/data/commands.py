@@ -28,7 +28,10 @@ def _cmd_demo_corpus(args: argparse.Namespace) -> int:
 
 
 def _cmd_curate(args: argparse.Namespace) -> int:
+    from quintet.commands import configure_logging
     from quintet.data.curation import curate, curation_report
+
+    configure_logging()  # each stage's steps, before its progress bar
 
     if args.report_only:
         result = curation_report(args.out)
@@ -45,9 +48,11 @@ def _cmd_curate(args: argparse.Namespace) -> int:
 
 def _cmd_tokenizer(args: argparse.Namespace) -> int:
     from quintet.data.tokenizer_training import train_tokenizer
+    from quintet.tokenizer import HFTokenizer
 
     path = train_tokenizer(args.data, args.out, vocab_size=args.vocab_size, min_frequency=args.min_frequency)
-    print(f"wrote {path} (vocab {args.vocab_size}) and {path.parent / 'tokenizer_config.json'}")
+    vocab = HFTokenizer(path).vocab_size  # what the file holds: fewer than asked when the corpus is small
+    print(f"wrote {path} (vocab {vocab}) and {path.parent / 'tokenizer_config.json'}")
     return 0
 
 
@@ -74,7 +79,7 @@ def add_data_parser(subparsers: Any) -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo-corpus", help="write the labelled multilingual demo corpus")
     p.add_argument("--out", type=Path, required=True, help="folder to write the corpus into")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the generated documents")
     p.set_defaults(func=_cmd_demo_corpus)
 
     p = sub.add_parser("curate", help="run a curation config (TOML or YAML) as datatrove pipelines")
@@ -90,8 +95,10 @@ def add_data_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument(
         "--out", type=Path, required=True, help="folder for tokenizer.json and tokenizer_config.json"
     )
-    p.add_argument("--vocab-size", type=int, default=4096)
-    p.add_argument("--min-frequency", type=int, default=2)
+    p.add_argument(
+        "--vocab-size", type=int, default=4096, help="tokens to learn, special tokens included (at most)"
+    )
+    p.add_argument("--min-frequency", type=int, default=2, help="a pair must occur this often to be merged")
     p.set_defaults(func=_cmd_tokenizer)
 
     p = sub.add_parser("tokenize", help="write uint16/uint32 token shards with a JSON index")
@@ -99,6 +106,8 @@ def add_data_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", type=Path, required=True, help="tokenizer.json or its folder")
     p.add_argument("--out", type=Path, required=True, help="folder for index.json and the shards")
     p.add_argument("--sources", nargs="+", default=None, help="curated subfolders to tokenize (default: all)")
-    p.add_argument("--heldout-fraction", type=float, default=0.05)
+    p.add_argument(
+        "--heldout-fraction", type=float, default=0.05, help="share of documents in the held-out split"
+    )
     p.set_defaults(func=_cmd_tokenize)
     return data

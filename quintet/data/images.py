@@ -29,7 +29,8 @@ class ImageLoadError(ValueError):
 
 
 def load_image(path: str | os.PathLike) -> torch.Tensor:
-    """Decode an image file to float32 (3, H, W) in [0, 1] (RGB; grey and alpha are converted)."""
+    """Decode an image file to float32 (3, H, W) in [0, 1] (RGB; grey and alpha are converted; 16-bit grey
+    is scaled from [0, 65535], as Pillow itself reads 16-bit colour as 8-bit)."""
     from PIL import Image, UnidentifiedImageError
 
     path = Path(path)
@@ -40,7 +41,10 @@ def load_image(path: str | os.PathLike) -> torch.Tensor:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as image:
                 image.load()
-                rgb = image.convert("RGB")
+                if image.mode.startswith("I") or image.mode == "F":  # 16/32-bit grey, float
+                    wide = (np.asarray(image), image.mode, image.format)
+                else:
+                    wide, rgb = None, image.convert("RGB")
     except UnidentifiedImageError:
         raise ImageLoadError(f"{path}: not an image file Pillow can read") from None
     except (
@@ -51,8 +55,29 @@ def load_image(path: str | os.PathLike) -> torch.Tensor:
         Image.DecompressionBombWarning,
     ) as err:
         raise ImageLoadError(f"{path}: corrupt or truncated image ({type(err).__name__}: {err})") from None
+    if wide is not None:
+        return _wide_grey(*wide, path)
     array = np.asarray(rgb, dtype=np.uint8)
     return torch.from_numpy(array.copy()).permute(2, 0, 1).float().div_(255.0)
+
+
+def _wide_grey(array: np.ndarray, mode: str, fmt: str | None, path: Path) -> torch.Tensor:
+    """A 16-bit grey image (Pillow's modes I;16*, or I from a PNG, whose depth is at most 16 bits) scaled
+    from [0, 65535] to [0, 1] at full precision: `convert("RGB")` would clip every value above 255 to white.
+    32-bit integer and float images have no agreed range and are refused."""
+    if not (mode.startswith("I;16") or (mode == "I" and fmt == "PNG")):
+        kind = "float" if mode == "F" else "32-bit integer"
+        raise ImageLoadError(
+            f"{path}: a {kind} grey image (Pillow mode {mode!r}) has no agreed value range; convert it to "
+            "8 or 16 bits per channel"
+        )
+    values = array.astype(np.float32)
+    if values.size and (values.min() < 0 or values.max() > 65535):
+        raise ImageLoadError(
+            f"{path}: grey values {int(values.min())}..{int(values.max())} outside the 16-bit range "
+            "[0, 65535]"
+        )
+    return torch.from_numpy(values / 65535.0).expand(3, *values.shape).contiguous()
 
 
 def save_image(image: torch.Tensor, path: str | os.PathLike) -> None:

@@ -21,7 +21,6 @@ from __future__ import annotations
 import os
 import zlib
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -179,10 +178,3 @@ def heldout_windows(index_or_dirs: Any, seq_len: int, max_tokens: int) -> dict[s
         out[source] = [torch.from_numpy(w) for w in windows]
     return out
 
-
-def source_token_counts(index_or_dir: str | os.PathLike) -> dict[str, dict[str, int]]:
-    """{source: {split: tokens}} of a shard index."""
-    index = load_index(Path(index_or_dir))
-    return {
-        s: {split: info["tokens"] for split, info in splits.items()} for s, splits in index["sources"].items()
-    }

@@ -244,8 +244,47 @@ def load_index(index_or_dir: str | os.PathLike) -> dict[str, Any]:
                         f"{bin_path}: {size} bytes, the index ({source}/{split}) says "
                         f"{f['tokens']} tokens x {itemsize} bytes"
                     )
+                check_boundaries(path.parent / f["boundaries"], f["documents"], f["tokens"])
     index["root"] = str(path.parent)
     return index
+
+
+def check_boundaries(idx_path: Path, documents: int, tokens: int) -> np.ndarray:
+    """A shard's document offsets, checked: `documents + 1` of them, from 0 to `tokens`, each document at
+    least one token (its end-of-sequence id) long. A corrupt offset would silently drop or merge
+    documents; the error names the file and the first bad offset."""
+    if not idx_path.is_file() or idx_path.stat().st_size != (documents + 1) * 8:
+        size = idx_path.stat().st_size if idx_path.is_file() else "missing"
+        raise ShardError(
+            f"{idx_path}: {size} bytes, the index says {documents} documents "
+            f"({documents + 1} offsets x 8 bytes)"
+        )
+    bounds = np.fromfile(idx_path, dtype="<u8")
+    if int(bounds[0]) != 0:
+        raise ShardError(f"{idx_path}: offset 0 is {int(bounds[0])}, must be 0 (the first document's start)")
+    steps = np.diff(bounds.astype(np.int64))
+    bad = np.flatnonzero(steps < 1)
+    if bad.size:
+        i = int(bad[0]) + 1
+        raise ShardError(
+            f"{idx_path}: offset {i} is {int(bounds[i])}, not past offset {i - 1} ({int(bounds[i - 1])}): "
+            "corrupt document boundaries (every document holds at least its end-of-sequence id)"
+        )
+    if int(bounds[-1]) != tokens:
+        raise ShardError(
+            f"{idx_path}: last offset {int(bounds[-1])}, but the shard holds {tokens} tokens (index.json)"
+        )
+    return bounds
+
+
+def check_token_ids(tokens: np.ndarray, vocab_size: int, where: Path, start: int = 0) -> None:
+    """Every id in `tokens` (read from `where` at token offset `start`) below the shards' `vocab_size`."""
+    if tokens.size and int(tokens.max()) >= vocab_size:
+        i = int(np.flatnonzero(tokens >= vocab_size)[0])
+        raise ShardError(
+            f"{where}: token {start + i} is id {int(tokens[i])}, outside the shards' tokenizer "
+            f"(vocab_size {vocab_size}, index.json): a corrupt shard"
+        )
 
 
 @dataclass
@@ -254,6 +293,8 @@ class TokenStream:
 
     files: list[np.memmap]
     starts: np.ndarray  # cumulative token offsets of the files, with the total last
+    paths: list[Path] | None = None  # the files' paths, for error messages
+    vocab_size: int | None = None  # ids read must be below it (the shards' tokenizer)
 
     @classmethod
     def open(cls, index: dict[str, Any], source: str, split: str = "train") -> TokenStream:
@@ -264,9 +305,10 @@ class TokenStream:
         if info is None:
             raise ShardError(f"{root}: source {source!r} has no {split!r} split")
         dtype = np.dtype(index["dtype"]).newbyteorder("<")
-        files = [np.memmap(root / f["path"], dtype=dtype, mode="r") for f in info["files"] if f["tokens"]]
+        paths = [root / f["path"] for f in info["files"] if f["tokens"]]
+        files = [np.memmap(p, dtype=dtype, mode="r") for p in paths]
         starts = np.cumsum([0] + [len(f) for f in files])
-        return cls(files, starts)
+        return cls(files, starts, paths, index["tokenizer"].get("vocab_size"))
 
     def __len__(self) -> int:
         return int(self.starts[-1])
@@ -282,6 +324,9 @@ class TokenStream:
             local = pos - int(self.starts[i])
             take = min(length - filled, len(self.files[i]) - local)
             out[filled : filled + take] = self.files[i][local : local + take]
+            if self.vocab_size is not None:  # a corrupt id would index past the embedding, or train garbage
+                where = self.paths[i] if self.paths else Path(f"file {i}")
+                check_token_ids(out[filled : filled + take], self.vocab_size, where, local)
             filled += take
             pos += take
         return out
@@ -294,10 +339,21 @@ def iter_documents(
     index = index_or_dir if isinstance(index_or_dir, dict) else load_index(index_or_dir)
     root = Path(index["root"])
     dtype = np.dtype(index["dtype"]).newbyteorder("<")
+    vocab_size, eos = index["tokenizer"].get("vocab_size"), index["tokenizer"].get("eos_token_id")
     for f in index["sources"][source][split]["files"]:
         tokens = np.fromfile(root / f["path"], dtype=dtype)
-        bounds = np.fromfile(root / f["boundaries"], dtype="<u8")
-        if len(bounds) != f["documents"] + 1 or int(bounds[-1]) != len(tokens):
-            raise ShardError(f"{root / f['boundaries']}: boundaries do not match {f['path']}")
+        bounds = check_boundaries(root / f["boundaries"], f["documents"], len(tokens))
+        if vocab_size is not None:
+            check_token_ids(tokens, vocab_size, root / f["path"])
+        if eos is not None and index.get("document_end") == "eos" and len(bounds) > 1:
+            ends = bounds[1:].astype(np.int64) - 1
+            wrong = np.flatnonzero(tokens[ends] != eos)
+            if wrong.size:
+                d = int(wrong[0])
+                raise ShardError(
+                    f"{root / f['boundaries']}: offset {d + 1} is {int(bounds[d + 1])}, but token "
+                    f"{int(ends[d])} of {f['path']} is id {int(tokens[ends[d]])}, not the end-of-sequence id "
+                    f"{eos}: corrupt document boundaries"
+                )
         for a, b in zip(bounds[:-1], bounds[1:], strict=True):
             yield tokens[int(a) : int(b) - 1].astype(np.int64)

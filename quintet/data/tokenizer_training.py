@@ -17,6 +17,7 @@ import gzip
 import hashlib
 import io
 import json
+import logging
 import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -26,6 +27,8 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from quintet.chat import BOS, CHAT_TEMPLATE, EOS, PAD, SPECIAL_TOKENS
 from quintet.io import atomic_path, atomic_write_text
+
+log = logging.getLogger("quintet.data")
 
 
 def new_tokenizer() -> Tokenizer:
@@ -106,6 +109,15 @@ def train_tokenizer(
         show_progress=False,
     )
     tokenizer.train_from_iterator(texts, trainer=trainer)
+    trained = tokenizer.get_vocab_size(with_added_tokens=True)
+    if trained < vocab_size:
+        log.warning(
+            "warning: vocab_size = %d: the tokenizer has only %d tokens (the corpus has no pair of tokens "
+            "left that occurs min_frequency = %d times)",
+            vocab_size,
+            trained,
+            min_frequency,
+        )
     for i, token in enumerate(specials):
         if tokenizer.token_to_id(token) != i:
             raise RuntimeError(f"special token {token} got id {tokenizer.token_to_id(token)}, expected {i}")

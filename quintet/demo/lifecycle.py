@@ -24,7 +24,7 @@ import json
 import time
 from pathlib import Path
 
-from quintet.commands import add_debug_flag, run_command
+from quintet.commands import add_debug_flag, run_command, show_defaults
 from quintet.generation import GenerationConfig, stream_text
 from quintet.models.jamba import JambaConfig
 from quintet.models.jamba.create import create_model
@@ -38,7 +38,7 @@ def banner(title: str) -> None:
 
 def jamba_model_stage(out: Path) -> None:
     banner("1. Jamba: jamba-small, and the paper's shape counted from its config")
-    model = create_model("jamba-small", out, seed=0)
+    model = create_model("jamba-small", out, seed=0, overwrite=True)  # the demo writes it afresh
     print(format_info(model_info(model.config)))
     print()
     print(format_info(model_info(JambaConfig.from_preset("jamba-v0.1"))))
@@ -95,7 +95,7 @@ def pretraining_stage(out: Path, shards: list[Path], tokenizer_vocab: int, full:
 
     banner("4. Continual pretraining: CAP then CAT (Aurora-M), from a jamba-tiny base")
     base = out / "base"
-    create_model("jamba-tiny", base, seed=0)
+    create_model("jamba-tiny", base, seed=0, overwrite=True)
     web = {"en": 1.0, "fi": 1.0, "hi": 1.0, "ja": 1.0, "vi": 1.0, "code": 1.0}
     cat = {**web, "code": 0.5, "instructions": 2.0, "safety": 2.0}
     total = 2_000_000 if full else 160_000
@@ -174,10 +174,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--out", type=Path, default=Path("runs/demo"))
+    parser.add_argument("--out", type=Path, default=Path("runs/demo"), help="folder for every stage's output")
     parser.add_argument("--full", action="store_true", help="train longer at every stage")
-    parser.add_argument("--skip-vitar", action="store_true")
+    parser.add_argument("--skip-vitar", action="store_true", help="leave out the ViTAR stages")
     add_debug_flag(parser)
+    show_defaults(parser)
     parser.set_defaults(func=run_demo)
     return run_command(parser.parse_args(argv), prog="python -m quintet.demo")
 

@@ -25,6 +25,7 @@ import time
 import torch
 from torch import nn
 
+from quintet.deploy.decode_plan import DecodePlan
 from quintet.deploy.fusions import EngineRMSNorm, FusedSwiGLU, merge_linears, use_engine_linears
 from quintet.deploy.kv_cache import SubTensorKVCache
 from quintet.deploy.qlinear import M0E4Embedding, M0E4Linear
@@ -97,6 +98,7 @@ class JambaEngine(nn.Module):
         use_engine_linears(lm)  # float Linears (after the merges): decode matmuls by quintet's GEMV
         for p in lm.parameters():  # an inference engine: tools that run it with autograd on (evaluation
             p.requires_grad_(False)  # loops) then take the kernels, not the differentiable fallback
+        self.decode_plan = DecodePlan(lm)  # one-token steps as bound kernel calls (decode_plan.py)
         if any(isinstance(m, M0E4Linear) for m in lm.modules()):
             matmul_dtype()  # measured here, at load, once per process
         self.lm = lm.eval()
@@ -131,7 +133,10 @@ class JambaEngine(nn.Module):
                     logits_to_keep=logits_to_keep,
                     **kwargs,
                 )
-            return CausalLMOutput(logits=self.step(input_ids, cache, logits_to_keep), cache=cache)
+            logits = self.decode_plan(input_ids, cache) if path == "gemv" else None
+            if logits is None:
+                logits = self.step(input_ids, cache, logits_to_keep)
+            return CausalLMOutput(logits=logits, cache=cache)
 
     def step(
         self, input_ids: torch.Tensor, cache: SubTensorKVCache | None, logits_to_keep: int = 0

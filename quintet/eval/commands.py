@@ -118,13 +118,13 @@ def add_vision_eval_arguments(ev: argparse.ArgumentParser) -> None:
     ev.add_argument("--model", required=True, help="model folder (config.json + model.safetensors)")
     ev.add_argument("--resolutions", required=True, type=_resolutions, help="pixels, e.g. 32,64,128,256")
     ev.add_argument("--data", default="procedural", help="'procedural' (held-out scenes) or an image folder")
-    ev.add_argument("--num-images", type=int, default=500)
+    ev.add_argument("--num-images", type=int, default=500, help="procedural scenes evaluated")
     ev.add_argument("--seed", type=int, default=999_999, help="seed of the procedural evaluation scenes")
     ev.add_argument("--max-tokens", type=int, default=1 << 16, help="patch tokens per evaluation batch")
     ev.add_argument(
         "--skip-above-tokens", type=int, help="skip resolutions where the encoder sees more tokens"
     )
-    ev.add_argument("--device", default="cpu")
+    ev.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
     ev.add_argument("--json", action="store_true", help="print JSON instead of a table")
     ev.set_defaults(func=_cmd_vision)
 
@@ -132,7 +132,7 @@ def add_vision_eval_arguments(ev: argparse.ArgumentParser) -> None:
 def add_predict_arguments(pr: argparse.ArgumentParser) -> None:
     pr.add_argument("--model", required=True, help="model folder")
     pr.add_argument("images", nargs="+", help="image files (any size; PNG, JPEG, ...)")
-    pr.add_argument("--top-k", type=int, default=3)
+    pr.add_argument("--top-k", type=int, default=3, help="classes printed per image")
     pr.add_argument("--resolution", type=int, help="resize to this square size first (default: native size)")
     pr.add_argument("--json", action="store_true", help="one JSON object per image")
     pr.set_defaults(func=_cmd_predict)
@@ -158,8 +158,8 @@ def add_eval_parser(subparsers: argparse._SubParsersAction) -> argparse.Argument
         help="quintet (rules + classifier, default), rules, classifier, classifier:DIR, hf-classifier:DIR, "
         "hf-guard:DIR (local folders only)",
     )
-    red.add_argument("--max-new-tokens", type=int, default=64)
-    red.add_argument("--batch-size", type=int, default=16)
+    red.add_argument("--max-new-tokens", type=int, default=64, help="answer length limit in tokens")
+    red.add_argument("--batch-size", type=int, default=16, help="prompts generated together")
     red.add_argument("--seed", type=int, default=0, help="seed of the --limit slice")
     red.set_defaults(func=_cmd_redteam)
 
@@ -170,7 +170,7 @@ def add_eval_parser(subparsers: argparse._SubParsersAction) -> argparse.Argument
     )
     ppl.add_argument("--lang", help="language of every JSONL row (default: each row's 'lang')")
     ppl.add_argument("--max-length", type=int, default=1024, help="context window in tokens")
-    ppl.add_argument("--batch-size", type=int, default=4)
+    ppl.add_argument("--batch-size", type=int, default=4, help="windows scored together")
     ppl.add_argument("--max-documents", type=int, help="at most N documents per language")
     ppl.add_argument("--out", help="write the result as JSON")
     ppl.set_defaults(func=_cmd_perplexity)
@@ -178,8 +178,13 @@ def add_eval_parser(subparsers: argparse._SubParsersAction) -> argparse.Argument
     mc = sub.add_parser("mc", help="multiple-choice log-likelihood task from JSONL (acc, acc_norm)")
     mc.add_argument("--model", required=True, help="model folder")
     mc.add_argument("--task", required=True, help='JSONL: {"question", "choices", "answer", "lang"?}')
-    mc.add_argument("--batch-size", type=int, default=8)
-    mc.add_argument("--max-length", type=int, default=1024)
+    mc.add_argument("--batch-size", type=int, default=8, help="choices scored together")
+    mc.add_argument(
+        "--max-length",
+        type=int,
+        default=1024,
+        help="context window in tokens",
+    )
     mc.add_argument("--out", help="write the result (with per-item scores) as JSON")
     mc.set_defaults(func=_cmd_mc)
 

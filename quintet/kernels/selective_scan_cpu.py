@@ -341,3 +341,40 @@ def causal_conv1d_silu_fused(
     state = None if conv_state is None else conv_state.contiguous()
     _loader.get().causal_conv(x, state, w, bias, silu, out, new_state)
     return out, new_state
+
+
+def bind_mixer_step(
+    conv_weight: torch.Tensor,
+    conv_bias: torch.Tensor | None,
+    x_proj_weight: torch.Tensor,
+    dt_norm_weight: torch.Tensor,
+    b_norm_weight: torch.Tensor,
+    c_norm_weight: torch.Tensor,
+    eps: float,
+    dt_proj_weight: torch.Tensor,
+    dt_bias: torch.Tensor,
+    A_log: torch.Tensor,
+    D: torch.Tensor | None,
+    A: torch.Tensor,
+) -> Any | None:
+    """`mamba_mixer_step_fused` with its weights bound (made contiguous once): a function of
+    (xz, conv_state, ssm_state) for one decode row, giving the same `(y, new_conv_state, new_ssm_state)`
+    by the same kernel call; None where the extension is not loaded."""
+    ops = _loader.get()
+    if ops is None:
+        return None
+    d = conv_weight.shape[0]
+    weights = (
+        conv_weight.reshape(d, -1).contiguous(), conv_bias, x_proj_weight.contiguous(), dt_norm_weight,
+        b_norm_weight, c_norm_weight, float(eps), dt_proj_weight.contiguous(), dt_bias, A.contiguous(), D,
+    )  # fmt: skip
+    mixer_step = ops.mixer_step
+
+    def step(xz: torch.Tensor, conv_state: torch.Tensor, ssm_state: torch.Tensor):
+        y = xz.new_empty((xz.shape[0], d))
+        conv_state, ssm_state = conv_state.contiguous(), ssm_state.contiguous()
+        new_conv, new_ssm = torch.empty_like(conv_state), torch.empty_like(ssm_state)
+        mixer_step(xz, conv_state, *weights, ssm_state, y, new_conv, new_ssm)
+        return y, new_conv, new_ssm
+
+    return step

@@ -223,4 +223,31 @@ def format_comparison(report: dict[str, Any]) -> str:
     for part in ("by_category", "by_language"):
         for key in _keys(report, "harmful", part):
             lines.append(row(key, part, key))
+    lines += [empty_answers_line(m) for m in models]
+    lines += [w for m in models for w in empty_answers_warnings(m)]
     return "\n".join(lines)
+
+
+def empty_answers_line(model: dict[str, Any]) -> str:
+    """How many of a model's answers were empty, by kind of prompt."""
+    h, b = model["harmful"]["overall"], model["benign"]["overall"]
+    return (
+        f"{model['name']}: {h['empty'] + b['empty']} of {h['n'] + b['n']} answers empty "
+        f"({h['empty']} of {h['n']} harmful, {b['empty']} of {b['n']} benign)"
+    )
+
+
+def empty_answers_warnings(model: dict[str, Any]) -> list[str]:
+    """A warning per kind of prompt whose judged answers are mostly empty: its rate then measures nothing
+    (an empty answer is neither compliance nor refusal, and counts in the denominator)."""
+    warnings = []
+    for kind, rate in (("harmful", "harmful-compliance"), ("benign", "over-refusal")):
+        cell = model[kind]["overall"]
+        judged = cell["n"] - cell["error"]
+        if judged and cell["empty"] * 2 > judged:
+            warnings.append(
+                f"warning: {model['name']}: {cell['empty']} of {judged} answers to {kind} prompts are empty; "
+                f"its {rate} rate is meaningless (the model generates nothing: check its tokenizer, chat "
+                "template and max_new_tokens)"
+            )
+    return warnings

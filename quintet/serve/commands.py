@@ -33,7 +33,7 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     p.add_argument(
         "--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)"
     )
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=int, default=8000, help="TCP port to listen on")
     p.add_argument("--max-batch", type=int, default=8, help="sequences decoded together (cache slots)")
     p.add_argument("--max-context", type=int, default=4096, help="prompt + answer tokens per request")
     p.add_argument("--prefix-cache-mb", type=float, default=256, help="prefix snapshots kept (0: off)")
@@ -41,6 +41,11 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1/*")
     p.add_argument("--model-name", help="the model id clients send (default: the folder's name)")
     p.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
-    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.add_argument(
+        "--log-level",
+        default="info",
+        choices=["critical", "error", "warning", "info", "debug"],
+        help="server log verbosity",
+    )
     p.set_defaults(func=_cmd_serve)
     return p

@@ -10,18 +10,23 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 
-from quintet.commands import add_debug_flag, configure_logging, run_command
+from quintet.commands import add_debug_flag, configure_logging, run_command, show_defaults
 
 OVERWRITE_HELP = "start over in an out_dir that holds an earlier run (deletes its checkpoints and metrics)"
 
 
 def _cmd_train_lm(args: argparse.Namespace) -> int:
-    from quintet.train.lm import train_lm
     from quintet.train.lm_config import TrainConfig
 
-    result = train_lm(TrainConfig.from_file(args.config), resume=args.resume, overwrite=args.overwrite)
+    configure_logging()  # what it is doing before the first progress bar
+    config = TrainConfig.from_file(args.config)
+    logging.getLogger("quintet.train").info("%s: loading the trainer (torch)", args.config)
+    from quintet.train.lm import train_lm
+
+    result = train_lm(config, resume=args.resume, overwrite=args.overwrite)
     summary = {
         "final_model": str(result.final_model),
         "metrics": str(result.metrics),
@@ -77,5 +82,6 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m quintet.train")
     add_train_parser(parser.add_subparsers(dest="command", required=True))
     add_debug_flag(parser)
+    show_defaults(parser)
     args = parser.parse_args(["train", *(sys.argv[1:] if argv is None else argv)])
     return run_command(args, prog="python -m quintet.train")

@@ -175,8 +175,10 @@ def train_lm(
     try:
         out = Path(cfg.run.out_dir)
         if not info.is_main:  # the main process locks, checks and cleans the folder
+            check_data_tokenizer(cfg)
             return _train(cfg, info, resume, progress)
         with output_lock(out, "training run"):
+            check_data_tokenizer(cfg)  # before anything in out_dir is written or deleted
             prepare_out_dir(out, resume, overwrite)
             return _train(cfg, info, resume, progress)
     finally:
@@ -222,6 +224,8 @@ def prepare_out_dir(out: Path, resume: bool, overwrite: bool) -> None:
 def _train(cfg: TrainConfig, info: DistInfo, resume: bool, progress: bool) -> TrainResult:
     out = Path(cfg.run.out_dir)
     torch.manual_seed(cfg.run.seed)
+    if info.is_main:
+        log.info("loading the model (%s)", cfg.model.init_from or f"preset {cfg.model.preset}")
     model = build_model(cfg).to(info.device)
     model.gradient_checkpointing = cfg.run.activation_checkpointing
     model.train()
@@ -281,6 +285,8 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool, progress: bool) -> Tr
     try:
         while state.stage < len(stages):
             stage = stages[state.stage]
+            if info.is_main:
+                log.info("stage %s: %d tokens from %s", stage.name, stage.tokens, cfg.data.shards)
             sampler = open_stage_data(cfg, stage, state.stage)
             if state.sampler is not None:
                 sampler.load_state_dict(state.sampler)
@@ -375,6 +381,56 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool, progress: bool) -> Tr
     if info.is_main:
         plot_loss_curve(metrics_path, out / "loss.png")
     return TrainResult(out, final, state, metrics_path)
+
+
+def check_data_tokenizer(cfg: TrainConfig) -> None:
+    """Refuse shards whose ids mean something else to the model: ids past its vocabulary, or (continued
+    pretraining) shards made with another tokenizer than the model folder's tokenizer.json, as recorded in
+    the shards' index.json (`tokenizer.sha256`). Another tokenizer that keeps every token of the model's at
+    the same id and only adds tokens (a vocabulary extension, `[model].vocab_size`) is accepted."""
+    from quintet.data.shards import ShardError, load_index
+    from quintet.data.tokenizer_training import tokenizer_sha256
+
+    shards = cfg.data.shards if isinstance(cfg.data.shards, list) else [cfg.data.shards]
+    index = load_index(shards[0])
+    recorded = index["tokenizer"]
+    where = Path(index["root"]) / "index.json"
+    if cfg.model.vocab_size is not None:
+        vocab_size = cfg.model.vocab_size
+    elif cfg.model.preset is not None:
+        vocab_size = JambaConfig.from_preset(cfg.model.preset).vocab_size
+    else:
+        vocab_size = JambaConfig.from_pretrained(cfg.model.init_from).vocab_size
+    if recorded["vocab_size"] > vocab_size:
+        raise ShardError(
+            f"{where}: the shards' tokenizer has {recorded['vocab_size']} tokens, the model's vocab_size is "
+            f"{vocab_size}; set [model].vocab_size = {recorded['vocab_size']} to extend it"
+        )
+    if cfg.model.init_from is None:
+        return
+    ours = Path(cfg.model.init_from) / "tokenizer.json"
+    if not ours.is_file() or tokenizer_sha256(ours) == recorded["sha256"]:
+        return  # a model without a tokenizer (fresh from `model init`) takes the shards' one
+    theirs = Path(index["root"]) / recorded["file"]
+    if _extends(ours, theirs):
+        log.info("%s: extends the model's tokenizer %s (same ids, more tokens)", theirs, ours)
+        return
+    raise ShardError(
+        f"{where}: the shards were made with another tokenizer (sha256 {recorded['sha256'][:12]}, "
+        f"{recorded['vocab_size']} tokens) than the model's {ours} (sha256 {tokenizer_sha256(ours)[:12]}); "
+        f"tokenize the data with {ours} (`quintet data tokenize --tokenizer {ours.parent}`)"
+    )
+
+
+def _extends(old: Path, new: Path) -> bool:
+    """Whether tokenizer `new` holds every token of `old` at the same id."""
+    from tokenizers import Tokenizer
+
+    if not new.is_file():
+        return False
+    a = Tokenizer.from_file(str(old)).get_vocab(with_added_tokens=True)
+    b = Tokenizer.from_file(str(new)).get_vocab(with_added_tokens=True)
+    return all(b.get(token) == i for token, i in a.items())
 
 
 def copy_tokenizer_files(shards: str | list[str], model_dir: Path) -> None:

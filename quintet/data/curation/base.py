@@ -9,6 +9,8 @@ and `input_bytes` (UTF-8 bytes of text entering the step), for throughput in MB/
 from __future__ import annotations
 
 import contextlib
+import os
+import time
 
 from datatrove.data import Document, DocumentsPipeline
 from datatrove.pipeline.base import PipelineStep
@@ -78,3 +80,32 @@ class LanguageCounter(PipelineStep):
             self.stat_update(StatHints.total, f"{lang}/{StatHints.total}")
             self.stat_update("input_bytes", value=len(doc.text.encode("utf-8")))
             yield doc
+
+
+class DocumentProgress(PipelineStep):
+    """Counts documents as they pass and writes each task's count to `<folder>/<rank>` about once a second
+    (atomically), so the command can show a progress bar of a long stage. No statistics of its own."""
+
+    type = "⏳ - PROGRESS"
+    name = "progress"
+
+    def __init__(self, folder: str, every_s: float = 1.0):
+        super().__init__()
+        self.folder, self.every_s = folder, every_s
+
+    def _write(self, rank: int, count: int) -> None:
+        os.makedirs(self.folder, exist_ok=True)
+        path = os.path.join(self.folder, f"{rank:05d}")
+        with open(path + ".tmp", "w") as f:
+            f.write(str(count))
+        os.replace(path + ".tmp", path)
+
+    def run(self, data: DocumentsPipeline, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
+        count, last = 0, time.monotonic()
+        for doc in data:
+            count += 1
+            if count % 64 == 0 and time.monotonic() - last >= self.every_s:
+                self._write(rank, count)
+                last = time.monotonic()
+            yield doc
+        self._write(rank, count)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import socket
 import time
@@ -34,7 +35,7 @@ from datatrove.pipeline.readers import JsonlReader
 from datatrove.pipeline.writers import JsonlWriter, ParquetWriter
 from datatrove.pipeline.writers.disk_base import DiskWriter
 
-from quintet.data.curation.base import LanguageCounter
+from quintet.data.curation.base import DocumentProgress, LanguageCounter
 from quintet.data.curation.config import CurationConfig, build_step, load_config
 from quintet.data.curation.dedup import Stage, dedup_stages
 from quintet.data.curation.language import CodeFilter
@@ -48,6 +49,8 @@ from quintet.data.curation.stats import collect_stats, write_stats
 from quintet.errors import ConfigError
 from quintet.io import atomic_write_text, output_lock
 from quintet.processes import children_die_with_this_process
+
+log = logging.getLogger("quintet.data")
 
 _READERS = {
     "jsonl": JsonlDocumentReader,
@@ -150,6 +153,9 @@ def build_stages(config: CurationConfig, out_dir: Path) -> list[Stage]:
     if not config.code:
         steps.insert(0, _drop_code_step(dropped))
     readers = make_readers(config, dropped / "skipped" if dropped else None)
+    readers.append(
+        DocumentProgress(str(progress_dir(out_dir, "filter")))
+    )  # the long stage: a bar of documents
     final_writer = _final_writer(config, out_dir / "curated")
     settings = config.dedup
     if settings is None:
@@ -171,6 +177,11 @@ def build_stages(config: CurationConfig, out_dir: Path) -> list[Stage]:
         filter_stage,
         *dedup_stages(reader, work, settings, tasks, final_writer, exclusion if dropped else None),
     ]
+
+
+def progress_dir(out_dir: Path, stage: str) -> Path:
+    """Where a stage's `DocumentProgress` writes each task's document count."""
+    return out_dir / "logs" / stage / "progress"
 
 
 def _drop_code_step(dropped: Path | None) -> PipelineStep:
@@ -322,7 +333,8 @@ def _curate(config: CurationConfig, out: Path, quiet: bool) -> CurationResult:
     with _quiet_datatrove(quiet):
         for stage, executor in zip(stages, executors, strict=True):
             start = time.perf_counter()
-            executor.run()
+            with _stage_progress(stage, out / "logs" / stage.name, enabled=quiet):
+                executor.run()
             timing[stage.name] = round(time.perf_counter() - start, 3)
     atomic_write_text(out / "timing.json", json.dumps({"stage_wall_s": timing}, indent=2) + "\n")
     return curation_report(out, dropped)
@@ -335,6 +347,59 @@ def curation_report(out_dir: str | Path, dropped_dir: Path | None = None) -> Cur
     paths = write_stats(stats, out)
     dropped = dropped_dir or (out / "dropped" if (out / "dropped").is_dir() else None)
     return CurationResult(out, out / "curated", dropped, stats, paths)
+
+
+@contextlib.contextmanager
+def _stage_progress(stage: Stage, logs: Path, enabled: bool = True) -> Iterator[None]:
+    """While a stage runs: which steps it runs, then a bar of its finished tasks (datatrove's completion
+    markers, `logs/completions/NNNNN`) and, where the stage counts them (`DocumentProgress`, in the filter
+    stage), of the documents read so far, polled twice a second. Off with datatrove's own log lines
+    (`--verbose`), which say the same."""
+    if not enabled:
+        yield
+        return
+    import threading
+
+    from tqdm import tqdm
+
+    names = ", ".join(step.name for step in stage.pipeline if isinstance(step, PipelineStep))
+    log.info("curation stage %s: %d tasks: %s", stage.name, stage.tasks, names)
+    counted = any(isinstance(step, DocumentProgress) for step in stage.pipeline)
+    done = threading.Event()
+    if counted:
+        bar = tqdm(desc=f"curate {stage.name}", unit="doc")
+    else:
+        bar = tqdm(total=stage.tasks, desc=f"curate {stage.name}", unit="task")
+
+    def files(name: str) -> list[Path]:
+        folder = logs / name
+        return [p for p in folder.iterdir() if not p.name.endswith(".tmp")] if folder.is_dir() else []
+
+    def update() -> None:
+        tasks = len(files("completions"))
+        if not counted:
+            bar.update(tasks - bar.n)
+            return
+        documents = 0
+        for path in files("progress"):
+            with contextlib.suppress(OSError, ValueError):
+                documents += int(path.read_text() or 0)
+        bar.set_postfix_str(f"tasks {tasks}/{stage.tasks}", refresh=False)
+        bar.update(documents - bar.n)
+
+    def poll() -> None:
+        while not done.wait(0.5):
+            update()
+
+    thread = threading.Thread(target=poll, name="curation-progress", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
+        update()
+        bar.close()
 
 
 @contextlib.contextmanager

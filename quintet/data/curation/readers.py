@@ -260,7 +260,3 @@ class TextFolderReader(_QuintetReader):
             extra["code_language"] = CODE_EXTENSIONS.get(posixpath.splitext(filepath)[1].lower(), "unknown")
         return self._document(text, filepath, filepath, None, extra)
 
-
-def code_globs(extensions: list[str] | None = None) -> list[str]:
-    """Globs matching source files with the given extensions (default: all of CODE_EXTENSIONS)."""
-    return [f"**/*.{e.lstrip('.')}" for e in sorted(extensions or CODE_EXTENSIONS)]

@@ -38,6 +38,11 @@ INDEX_NAME = "model.safetensors.index.json"
 _SHARD_RE = re.compile(r"^model-\d{5}-of-\d{5}\.safetensors$")
 
 
+def is_weight_file(name: str) -> bool:
+    """Whether a file name is one of a model folder's weight files (single, shard or index)."""
+    return name in (WEIGHTS_NAME, INDEX_NAME) or bool(_SHARD_RE.match(name))
+
+
 def parse_size(size: int | str) -> int:
     """`5GB` -> 5e9 bytes, `2GiB` -> 2 * 2**30, `500MB`, or a plain integer number of bytes."""
     if isinstance(size, int):
@@ -106,9 +111,7 @@ def save_state_dict(
         written.add(INDEX_NAME)
     # Remove weights of an earlier save that this one replaces (a single file after shards, or the reverse).
     for path in directory.iterdir():
-        if path.name not in written and (
-            path.name in (WEIGHTS_NAME, INDEX_NAME) or _SHARD_RE.match(path.name)
-        ):
+        if path.name not in written and is_weight_file(path.name):
             path.unlink()
 
     config.save_pretrained(directory)
