@@ -10,9 +10,9 @@ router load-balancing loss is added as TRL adds it, `router_aux_loss_coef * aux_
 
 The reference model's log-probs of every chosen and rejected response are computed once and stored in
 `cache_dir` as safetensors under a key made of the reference weights' hash, the data's hash and the
-settings that change the numbers (max length, length-averaging). Change the model or the data and the key
-changes, so a stale cache is never read. With `precompute_reference=False` a live reference is run at
-every step instead.
+settings that change the numbers (max length, truncation mode, chat template, length-averaging). Change
+the model or the data and the key changes, so a stale cache is never read. With
+`precompute_reference=False` a live reference is run at every step instead.
 """
 
 from __future__ import annotations
