@@ -27,12 +27,11 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from quintet.align.loop import optimizer_step, scheduled_batches
+from quintet.align.loop import check_settings, train_loop
 from quintet.align.losses import LOSS_TYPES, preference_loss, preference_metrics
 from quintet.align.preference_data import PreferencePair
 from quintet.align.sequences import (
     TRL_DEFAULTS,
-    TRUNCATION_MODES,
     Example,
     Scores,
     Tokenization,
@@ -44,7 +43,6 @@ from quintet.align.sequences import (
     score_completions,
 )
 from quintet.io import atomic_path
-from quintet.lr_schedule import SCHEDULES
 from quintet.models.jamba import training_numerics
 from quintet.tokenizer import TextTokenizer
 
@@ -75,19 +73,9 @@ class DPOConfig:
     def __post_init__(self) -> None:
         if self.loss_type not in LOSS_TYPES:
             raise ValueError(f"DPOConfig.loss_type = {self.loss_type!r}: valid: {', '.join(LOSS_TYPES)}")
-        if self.schedule not in SCHEDULES:
-            raise ValueError(f"DPOConfig.schedule = {self.schedule!r}: valid: {', '.join(SCHEDULES)}")
-        for name in ("epochs", "batch_size"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise ValueError(f"DPOConfig.{name} = {getattr(self, name)!r}: must be a positive integer")
+        check_settings(self, "DPOConfig")
         if not self.beta > 0:
             raise ValueError(f"DPOConfig.beta = {self.beta!r}: must be > 0")
-        if self.truncation_mode not in TRUNCATION_MODES:
-            raise ValueError(
-                f"DPOConfig.truncation_mode = {self.truncation_mode!r}: valid: {', '.join(TRUNCATION_MODES)}"
-            )
-        if self.max_length is not None and (not isinstance(self.max_length, int) or self.max_length < 2):
-            raise ValueError(f"DPOConfig.max_length = {self.max_length!r}: must be an integer >= 2")
 
     @property
     def tokenization(self) -> Tokenization:
@@ -234,16 +222,8 @@ def train_dpo(
     if ref is not None and ref.shape != (len(examples), 2):
         raise ValueError(f"reference log-probs: shape {tuple(ref.shape)}, expected ({len(examples)}, 2)")
     average = cfg.loss_type == "ipo"
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    batches = scheduled_batches(
-        len(examples), cfg.batch_size, cfg.epochs, cfg.seed, cfg.lr, cfg.min_lr, cfg.warmup, cfg.schedule
-    )
-    history = []
-    model.train()
-    bar = tqdm(
-        total=-(-len(examples) // cfg.batch_size) * cfg.epochs, desc=desc, unit="step", disable=not progress
-    )
-    for step, idx, lr in batches:
+
+    def step_fn(idx: list[int]) -> tuple[torch.Tensor, dict[str, float]]:
         batch = [examples[i] for i in idx]
         n = len(batch)
         scores = score_pairs(model, batch, average, aux_loss=coef != 0)
@@ -259,25 +239,18 @@ def train_dpo(
         ).mean()
         if scores.aux_loss is not None:
             loss = loss + coef * scores.aux_loss
-        grad_norm = optimizer_step(model, optimizer, loss, lr, cfg.grad_clip)
-        record = {
-            "step": step + 1,
-            "loss": loss.item(),
-            "learning_rate": lr,
-            "lr": lr,
-            "grad_norm": grad_norm,
-        }
-        record.update(preference_metrics(chosen, rejected, ref_chosen, ref_rejected, cfg.beta))
-        record["logits/chosen"] = _logits_mean(scores, slice(0, n))
-        record["logits/rejected"] = _logits_mean(scores, slice(n, 2 * n))
+        metrics = preference_metrics(chosen, rejected, ref_chosen, ref_rejected, cfg.beta)
+        metrics["logits/chosen"] = _logits_mean(scores, slice(0, n))
+        metrics["logits/rejected"] = _logits_mean(scores, slice(n, 2 * n))
         if scores.aux_loss is not None:
-            record["aux_loss"] = scores.aux_loss.item()
-        history.append(record)
-        bar.set_postfix(loss=f"{record['loss']:.3f}", acc=f"{record['rewards/accuracies']:.2f}")
-        bar.update()
-    bar.close()
-    model.eval()
-    return history
+            metrics["aux_loss"] = scores.aux_loss.item()
+        return loss, metrics
+
+    return train_loop(model, len(examples), cfg, step_fn, desc, progress, _show_loss_and_accuracy)
+
+
+def _show_loss_and_accuracy(record: dict[str, float]) -> dict[str, str]:
+    return {"loss": f"{record['loss']:.3f}", "acc": f"{record['rewards/accuracies']:.2f}"}
 
 
 @torch.no_grad()

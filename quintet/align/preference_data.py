@@ -16,11 +16,10 @@ import json
 import os
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 from quintet.chat import check_messages
-from quintet.io import atomic_path, iter_jsonl
+from quintet.io import atomic_path, check_row, read_records
 
 REQUIRED = ("prompt", "chosen", "rejected")
 OPTIONAL = ("split", "step", "source", "score", "lang", "task", "answer", "difficulty", "id")
@@ -85,20 +84,16 @@ def _check_text(row: dict, name: str, where: str, conversational: bool) -> None:
 
 def parse_pair(row: Any, where: str) -> PreferencePair:
     """Validate one row; errors name `where` (file:line), the field and the value."""
-    if not isinstance(row, dict):
-        raise PreferenceDataError(f"{where}: expected a JSON object, got {type(row).__name__}")
-    row = {k: v for k, v in row.items() if v is not None}
-    for name in ("chosen", "rejected"):
-        if name not in row:
-            raise PreferenceDataError(
-                f"{where}: missing field {name!r} (each row needs {', '.join(REQUIRED)}; prompt may be left "
-                "out when chosen and rejected hold the whole exchange)"
-            )
-    unknown = sorted(set(row) - set(REQUIRED) - set(OPTIONAL))
-    if unknown:
-        raise PreferenceDataError(
-            f"{where}: unknown field(s) {unknown}; valid: {', '.join(REQUIRED + OPTIONAL)}"
-        )
+    row = check_row(
+        row,
+        where,
+        PreferenceDataError,
+        required=("chosen", "rejected"),
+        fields=REQUIRED + OPTIONAL,
+        needs=f"{', '.join(REQUIRED)}; prompt may be left out when chosen and rejected hold the whole "
+        "exchange",
+        null_is_absent=True,
+    )
     conversational = isinstance(row["chosen"], list)
     for name in REQUIRED:
         if name in row:
@@ -123,13 +118,7 @@ def parse_pair(row: Any, where: str) -> PreferencePair:
 
 def read_preferences(path: str | os.PathLike) -> list[PreferencePair]:
     """All pairs of a JSONL file; the first bad line raises an error naming the file and line number."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such preference file")
-    pairs = [parse_pair(row, where) for where, _, row in iter_jsonl(path, PreferenceDataError)]
-    if not pairs:
-        raise PreferenceDataError(f"{path}: no preference pairs in the file")
-    return pairs
+    return read_records(path, parse_pair, PreferenceDataError, "preference", "preference pairs")
 
 
 def write_preferences(path: str | os.PathLike, pairs: Iterable[PreferencePair]) -> None:

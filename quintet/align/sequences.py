@@ -43,12 +43,20 @@ class Tokenization:
     chat_template: bool = False
 
     def __post_init__(self) -> None:
-        if self.truncation_mode not in TRUNCATION_MODES:
-            raise ValueError(
-                f"truncation_mode = {self.truncation_mode!r}: valid: {', '.join(TRUNCATION_MODES)}"
-            )
-        if self.max_length is not None and (not isinstance(self.max_length, int) or self.max_length < 2):
-            raise ValueError(f"max_length = {self.max_length!r}: must be an integer >= 2 (or None: no limit)")
+        check_tokenization(self.max_length, self.truncation_mode)
+
+
+def check_tokenization(max_length: Any, truncation_mode: Any, owner: str = "") -> None:
+    """The `max_length` and `truncation_mode` settings checked; errors name `owner.field` (a config)."""
+    prefix = f"{owner}." if owner else ""
+    if truncation_mode not in TRUNCATION_MODES:
+        raise ValueError(
+            f"{prefix}truncation_mode = {truncation_mode!r}: valid: {', '.join(TRUNCATION_MODES)}"
+        )
+    if max_length is not None and (
+        not isinstance(max_length, int) or isinstance(max_length, bool) or max_length < 2
+    ):
+        raise ValueError(f"{prefix}max_length = {max_length!r}: must be an integer >= 2 (or unset: no limit)")
 
 
 TRL_DEFAULTS = Tokenization()  # max_length 1024, keep_start, no chat template for string rows

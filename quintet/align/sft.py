@@ -21,15 +21,12 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm import tqdm
 
-from quintet.align.loop import optimizer_step, scheduled_batches
+from quintet.align.loop import check_settings, train_loop
 from quintet.align.sequences import (
-    TRUNCATION_MODES,
     Example,
     Tokenization,
     conversation_ids,
@@ -42,8 +39,7 @@ from quintet.align.sequences import (
     truncate,
 )
 from quintet.chat import check_messages
-from quintet.io import iter_jsonl
-from quintet.lr_schedule import SCHEDULES
+from quintet.io import check_row, read_records
 from quintet.models.jamba.moe import load_balancing_loss
 from quintet.tokenizer import TextTokenizer
 
@@ -72,17 +68,7 @@ class SFTConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.schedule not in SCHEDULES:
-            raise ValueError(f"SFTConfig.schedule = {self.schedule!r}: valid: {', '.join(SCHEDULES)}")
-        for name in ("epochs", "batch_size"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise ValueError(f"SFTConfig.{name} = {getattr(self, name)!r}: must be a positive integer")
-        if self.truncation_mode not in TRUNCATION_MODES:
-            raise ValueError(
-                f"SFTConfig.truncation_mode = {self.truncation_mode!r}: valid: {', '.join(TRUNCATION_MODES)}"
-            )
-        if self.max_length is not None and (not isinstance(self.max_length, int) or self.max_length < 2):
-            raise ValueError(f"SFTConfig.max_length = {self.max_length!r}: must be an integer >= 2")
+        check_settings(self, "SFTConfig")
         if self.packing and self.max_length is None:
             raise ValueError("SFTConfig.packing = true needs a max_length (the packed row's length)")
 
@@ -96,8 +82,7 @@ SFTRow = dict[str, Any]  # one of TRL's formats (module docstring)
 
 def parse_sft_row(row: object, where: str) -> SFTRow:
     """The row's training fields (`prompt` + `completion`, `messages` or `text`), checked."""
-    if not isinstance(row, dict):
-        raise SFTDataError(f"{where}: expected a JSON object, got {type(row).__name__}")
+    row = check_row(row, where, SFTDataError)
     if "messages" in row:
         try:
             check_messages(row["messages"])
@@ -132,15 +117,7 @@ def parse_sft_row(row: object, where: str) -> SFTRow:
 
 
 def read_sft_examples(path: str | os.PathLike) -> list[SFTRow]:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such SFT file")
-    rows = []
-    for where, _, row in iter_jsonl(path, SFTDataError):
-        rows.append(parse_sft_row(row, where))
-    if not rows:
-        raise SFTDataError(f"{path}: no examples in the file")
-    return rows
+    return read_records(path, parse_sft_row, SFTDataError, "SFT", "examples")
 
 
 def encode_sft_row(
@@ -232,34 +209,13 @@ def train_sft(
     encoded = encode_sft_rows(tokenizer, examples, mc.eos_token_ids[0], cfg.tokenization)
     if cfg.packing:
         encoded = _pack(encoded, cfg.max_length)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    batches = scheduled_batches(
-        len(encoded), cfg.batch_size, cfg.epochs, cfg.seed, cfg.lr, cfg.min_lr, cfg.warmup, cfg.schedule
-    )
-    history = []
-    model.train()
-    bar = tqdm(
-        total=-(-len(encoded) // cfg.batch_size) * cfg.epochs, desc="sft", unit="step", disable=not progress
-    )
-    for step, idx, lr in batches:
+    pad = mc.pad_token_id or 0
+
+    def step_fn(idx: list[int]) -> tuple[torch.Tensor, dict[str, float]]:
         rows = [encoded[i] for i in idx]
-        ids, response = pad_batch(rows, mc.pad_token_id or 0)
+        ids, response = pad_batch(rows, pad)
         real = real_tokens(rows, ids.shape[1]).to(model.device)
         ce, aux = sft_losses(model, ids.to(model.device), response.to(model.device), real, coef != 0)
-        loss = ce if aux is None else ce + coef * aux
-        grad_norm = optimizer_step(model, optimizer, loss, lr, cfg.grad_clip)
-        record = {
-            "step": step + 1,
-            "loss": loss.item(),
-            "learning_rate": lr,
-            "lr": lr,
-            "grad_norm": grad_norm,
-        }
-        if aux is not None:
-            record["aux_loss"] = aux.item()
-        history.append(record)
-        bar.set_postfix(loss=f"{history[-1]['loss']:.3f}")
-        bar.update()
-    bar.close()
-    model.eval()
-    return history
+        return (ce, {}) if aux is None else (ce + coef * aux, {"aux_loss": aux.item()})
+
+    return train_loop(model, len(encoded), cfg, step_fn, "sft", progress)

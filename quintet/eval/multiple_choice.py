@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from quintet.eval.perplexity import EvalDataError, prefix_token_id, score_windows
-from quintet.io import iter_jsonl
+from quintet.io import check_row, iter_jsonl
 from quintet.loading import load_model_and_tokenizer
 from quintet.tokenizer import TextTokenizer
 
@@ -49,8 +49,7 @@ def read_mc_task(path: str | os.PathLike) -> list[MCItem]:
         raise FileNotFoundError(f"{path}: no such multiple-choice task file")
     items = []
     for where, number, row in iter_jsonl(path, EvalDataError):
-        if not isinstance(row, dict):
-            raise EvalDataError(f"{where}: expected a JSON object, got {type(row).__name__}")
+        row = check_row(row, where, EvalDataError)
         context = row.get("question", row.get("context"))
         if not isinstance(context, str):
             raise EvalDataError(f"{where}: needs a string 'question' (or 'context'); got {context!r}")
