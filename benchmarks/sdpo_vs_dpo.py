@@ -56,15 +56,20 @@ def run_seed(seed: int, args: argparse.Namespace) -> dict[str, dict[str, float]]
     data = make_demo_preferences(per_cell=args.per_cell, seed=seed)
     train = [p for p in data if p.split == "train"]
     evaluation = [p for p in data if p.split == "eval"]
-    sft_cfg = SFTConfig(lr=args.sft_lr, epochs=args.sft_epochs, batch_size=16, seed=seed)
+    # The prompts go through the chat template (as `win_rate` renders them); no router loss and 256 tokens,
+    # the settings the table in docs/align.md was measured with.
+    same = {"chat_template": True, "max_length": 256, "router_aux_loss_coef": 0.0}
+    sft_cfg = SFTConfig(lr=args.sft_lr, epochs=args.sft_epochs, batch_size=16, seed=seed, **same)
     train_sft(base, tokenizer, [(p.prompt, p.chosen) for p in train], sft_cfg, progress=False)
-    dpo_cfg = DPOConfig(beta=args.beta, lr=args.dpo_lr, batch_size=16, epochs=1, seed=seed, warmup=0.1)
+    dpo_cfg = DPOConfig(
+        beta=args.beta, lr=args.dpo_lr, batch_size=16, epochs=1, seed=seed, warmup=0.1, **same
+    )
 
     results = {}
 
     def record(name: str, model, margins=None) -> None:
         results[name] = {
-            "pref_acc": preference_accuracy(model, tokenizer, evaluation),
+            "pref_acc": preference_accuracy(model, tokenizer, evaluation, dpo_cfg),
             "win_rate": win_rate(model, tokenizer, evaluation[: args.gen_prompts]),
         }
         if margins:
@@ -77,7 +82,9 @@ def run_seed(seed: int, args: argparse.Namespace) -> dict[str, dict[str, float]]
     record("DPO", dpo)
     for split in ("easy_to_hard", "random"):
         model = copy.deepcopy(base)
-        steps = split_steps(train, 2, split, sft_model=model, tokenizer=tokenizer, seed=seed)
+        steps = split_steps(
+            train, 2, split, sft_model=model, tokenizer=tokenizer, settings=dpo_cfg, seed=seed
+        )
         model, steps_out = train_sdpo(model, tokenizer, steps, dpo_cfg, progress=False)
         record(f"sDPO {split.replace('_', ' ')}", model, [round(s.reference_margin, 3) for s in steps_out])
     return results

@@ -8,9 +8,9 @@ import contextlib
 import json
 import os
 import secrets
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from quintet.errors import CheckpointError, OutputInUseError
 
@@ -70,6 +70,73 @@ def iter_jsonl(path: Path, error: type[Exception] = ValueError) -> Iterator[tupl
                 yield where, number, json.loads(line)
             except json.JSONDecodeError as err:
                 raise error(f"{where}: not valid JSON (column {err.colno}): {err.msg}") from None
+
+
+def check_row(
+    row: object,
+    where: str,
+    error: type[Exception] = ValueError,
+    required: Sequence[str] = (),
+    fields: Sequence[str] | None = None,
+    needs: str | None = None,
+    null_is_absent: bool = False,
+) -> dict[str, Any]:
+    """One JSONL row (`where` = "file:line", as `iter_jsonl` gives it) checked as a record of named fields:
+    a JSON object, holding every `required` field and, when `fields` lists the valid ones, no other.
+
+    Errors raise `error` naming `where`, the field and what is valid; `needs` says what each row needs in
+    the missing-field message (default: the required fields). With `null_is_absent`, fields written as
+    null (`dataclasses.asdict` of a record with unset fields) are dropped first. Returns the row.
+    """
+    if not isinstance(row, dict):
+        raise error(f"{where}: expected a JSON object, got {type(row).__name__}")
+    if null_is_absent:
+        row = {k: v for k, v in row.items() if v is not None}
+    for name in required:
+        if name not in row:
+            raise error(f"{where}: missing field {name!r} (each row needs {needs or ', '.join(required)})")
+    if fields is not None:
+        unknown = sorted(set(row) - set(fields) - set(required))
+        if unknown:
+            raise error(f"{where}: unknown field(s) {unknown}; valid: {', '.join(fields)}")
+    return row
+
+
+Record = TypeVar("Record")
+
+
+def read_records(
+    path: str | os.PathLike,
+    parse: Callable[[object, str], Record],
+    error: type[Exception],
+    kind: str,
+    items: str,
+    unique: str | None = None,
+) -> list[Record]:
+    """Every row of a JSONL file of `kind` ("preference") through `parse(row, where)`.
+
+    A missing file is a FileNotFoundError, a file without rows an `error` saying it has no `items`
+    ("preference pairs"); with `unique` (an attribute of the records, "id"), a value seen on an earlier
+    line is an `error` naming both lines.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such {kind} file")
+    records: list[Record] = []
+    seen: dict[Any, int] = {}
+    for where, number, row in iter_jsonl(path, error):
+        record = parse(row, where)
+        if unique is not None:
+            key = getattr(record, unique)
+            if key in seen:
+                raise error(
+                    f"{where}: field {unique!r} = {key!r} repeats line {seen[key]}; {unique}s must be unique"
+                )
+            seen[key] = number
+        records.append(record)
+    if not records:
+        raise error(f"{path}: no {items} in the file")
+    return records
 
 
 # The files that travel with a model besides config.json and its weights: what transformers writes for a

@@ -44,7 +44,8 @@ class ByteTokenizer:
     offset = 3
     vocab_size = 256 + offset
 
-    def encode(self, text: str) -> list[int]:
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        """UTF-8 bytes; there is no post-processor, so `add_special_tokens` adds nothing."""
         return [b + self.offset for b in text.encode("utf-8")]
 
     def decode(self, ids: list[int]) -> str:
@@ -69,8 +70,18 @@ class HFTokenizer:
             raise ValueError(f"{config_path}: not valid JSON ({err})") from None
         self.chat_template, self.chat_template_source = read_chat_template(self.path.parent, self.config)
 
-    def encode(self, text: str) -> list[int]:
-        return self._tok.encode(text, add_special_tokens=False).ids
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        """The ids of `text`; with `add_special_tokens` also the tokens the file's post-processor adds
+        (a bos, say), as transformers' `tokenizer(text)` does."""
+        return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+
+    @property
+    def eos_token(self) -> str | None:
+        """The end-of-sequence token's text (tokenizer_config.json's `eos_token`), as transformers has it."""
+        return _token_text(self.config.get("eos_token")) or None
+
+    def token_text(self, token_id: int) -> str | None:
+        return self._tok.id_to_token(token_id)
 
     def render_chat_text(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
         """`messages` through the folder's chat template, as text (transformers' `apply_chat_template`

@@ -25,7 +25,7 @@ def test_sft_then_sdpo_from_configs(tmp_path):
 
     (tmp_path / "sft.toml").write_text(
         f'[model]\npath = "{model}"\n[data]\ntrain = "{tmp_path / "sft.jsonl"}"\n'
-        f'[sft]\nlr = 1e-3\nbatch_size = 8\n[run]\nout_dir = "{tmp_path / "sft"}"\n'
+        f'[sft]\nlr = 1e-3\nbatch_size = 8\nchat_template = true\n[run]\nout_dir = "{tmp_path / "sft"}"\n'
     )
     result = quintet("align", "sft", str(tmp_path / "sft.toml"))
     assert result.returncode == 0, result.stderr
@@ -44,6 +44,9 @@ def test_sft_then_sdpo_from_configs(tmp_path):
     assert 0 <= summary["eval_accuracy_after"] <= 1
     assert (tmp_path / "sdpo" / "model" / "model.safetensors").is_file()
     assert len(list((tmp_path / "sdpo" / "reference-cache").glob("ref-*.safetensors"))) == 2
+    first = json.loads((tmp_path / "sdpo" / "metrics.jsonl").read_text().splitlines()[0])
+    assert first["sdpo_step"] == 1 and first["rewards/accuracies"] == 0.0  # step 0: reference == policy
+    assert {"learning_rate", "grad_norm", "logits/chosen", "logits/rejected", "aux_loss"} <= set(first)
 
 
 def test_config_errors_are_clear(tmp_path):

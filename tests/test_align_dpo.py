@@ -1,6 +1,8 @@
 """DPO training, the reference cache, sDPO steps and preference-file errors, on a tiny Jamba."""
 
+import dataclasses
 import json
+import math
 
 import pytest
 import torch
@@ -14,6 +16,7 @@ from quintet.align.preference_data import (
     write_preferences,
 )
 from quintet.align.sdpo import split_steps, train_sdpo
+from quintet.align.sequences import router_aux_loss_coef, score_completions
 from quintet.models.jamba import JambaConfig, JambaForCausalLM
 from quintet.tokenizer import ByteTokenizer
 
@@ -139,3 +142,75 @@ def test_bad_json_and_round_trip(tmp_path):
     pairs = [PreferencePair("p", "x", "y", step=1, lang="fi")]
     write_preferences(path, pairs)
     assert read_preferences(path) == pairs
+
+
+def _copy(model):
+    reference = JambaForCausalLM(model.config)
+    reference.load_state_dict(model.state_dict())
+    return reference.eval()
+
+
+@pytest.mark.parametrize("precompute", [True, False])
+def test_step_zero_reference_equals_the_policy(tiny, pairs, precompute):
+    """The reference runs the policy's ops, so at step 0 every implicit reward is exactly 0 (TRL: 0)."""
+    cfg = DPOConfig(batch_size=4, precompute_reference=precompute, router_aux_loss_coef=0.0)
+    history = train_dpo(tiny, ByteTokenizer(), pairs, cfg, ref_model=_copy(tiny), progress=False)
+    first = history[0]
+    assert first["rewards/chosen"] == 0.0 and first["rewards/rejected"] == 0.0
+    assert first["rewards/accuracies"] == 0.0 and first["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert {"learning_rate", "lr", "grad_norm", "logits/chosen", "logits/rejected"} <= set(first)
+    assert first["grad_norm"] > 0 and "aux_loss" not in first
+
+
+def test_router_aux_loss_is_added_and_logged_for_a_moe_model(tiny, pairs):
+    assert tiny.config.num_experts > 1  # jamba-tiny has MoE layers
+    coef = 0.5
+    cfg = DPOConfig(batch_size=4, router_aux_loss_coef=coef)
+    first = train_dpo(tiny, ByteTokenizer(), pairs, cfg, ref_model=_copy(tiny), progress=False)[0]
+    assert first["aux_loss"] > 0
+    assert first["loss"] == pytest.approx(math.log(2) + coef * first["aux_loss"], rel=1e-6)
+    default = DPOConfig(batch_size=4)  # unset: the model config's coefficient (TRL's rule)
+    assert router_aux_loss_coef(tiny, default.router_aux_loss_coef) == tiny.config.router_aux_loss_coef
+    dense = JambaForCausalLM(
+        JambaConfig.from_preset("jamba-tiny", num_hidden_layers=2, num_experts=1, num_experts_per_tok=1)
+    )
+    with pytest.raises(ValueError, match="router_aux_loss_coef = 0.5: the model has no mixture-of-experts"):
+        train_dpo(dense, ByteTokenizer(), pairs, cfg, ref_model=_copy(dense), progress=False)
+
+
+def test_aux_loss_is_the_models_load_balancing_loss_over_real_tokens(tiny):
+    ids = torch.randint(3, 250, (3, 12))
+    mask = torch.ones_like(ids, dtype=torch.bool)
+    ours = score_completions(tiny, ids, mask, real=mask, aux_loss=True).aux_loss
+    torch.testing.assert_close(ours, tiny(ids, output_router_logits=True).aux_loss)
+    padded = torch.cat([ids, torch.zeros(3, 5, dtype=torch.long)], dim=1)  # right padding is left out
+    real = torch.cat([mask, torch.zeros(3, 5, dtype=torch.bool)], dim=1)
+    torch.testing.assert_close(score_completions(tiny, padded, real, real=real, aux_loss=True).aux_loss, ours)
+
+
+def test_conversational_and_asdict_rows_are_read(tmp_path, tiny):
+    path = tmp_path / "p.jsonl"
+    pair = PreferencePair("p", "x", "y", lang="fi")
+    conversation = {
+        "prompt": [{"role": "user", "content": "2+2?"}],
+        "chosen": [{"role": "assistant", "content": "4"}],
+        "rejected": [{"role": "assistant", "content": "5"}],
+    }
+    implicit = {"chosen": [*conversation["prompt"], *conversation["chosen"]]}
+    implicit["rejected"] = [*conversation["prompt"], *conversation["rejected"]]
+    rows = [dataclasses.asdict(pair), conversation, implicit]  # asdict writes "step": null
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    read = read_preferences(path)
+    assert read[0] == pair and read[1] == PreferencePair(**conversation) and read[2] == read[1]
+    history = train_dpo(tiny, ByteTokenizer(), read, DPOConfig(), ref_model=_copy(tiny), progress=False)
+    assert len(history) == 1
+    path.write_text(json.dumps({**conversation, "prompt": "2+2?"}) + "\n")
+    with pytest.raises(PreferenceDataError, match=r"p.jsonl:1: field 'prompt': messages: expected a list"):
+        read_preferences(path)
+
+
+def test_sdpo_progress_bars_name_the_step(tiny, pairs, capsys):
+    steps = split_steps(pairs, 2, "random")
+    train_sdpo(tiny, ByteTokenizer(), steps, DPOConfig(batch_size=8), progress=True)
+    err = capsys.readouterr().err
+    assert "sdpo step 1/2" in err and "sdpo step 2/2" in err and "sdpo step 2/2: reference" in err

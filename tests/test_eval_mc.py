@@ -73,9 +73,10 @@ def test_loglikelihoods_equal_a_direct_forward(model):
 
 
 def test_long_inputs_keep_the_continuation(model):
+    """lm-eval's rule: the last max_length + 1 tokens, all but the last fed (32 input tokens)."""
     tok = ByteTokenizer()
     ((ll, _),) = loglikelihoods(model, tok, [("x" * 300, " answer")], max_length=32)
-    ids = (tok.encode("x" * 300) + tok.encode(" answer"))[-32:]
+    ids = (tok.encode("x" * 300) + tok.encode(" answer"))[-33:]
     assert ll == pytest.approx(
         direct_loglikelihood(model, ids[: -len(" answer")], ids[-len(" answer") :])[0], rel=1e-5
     )

@@ -31,7 +31,7 @@ def test_rolling_windows_score_each_token_once_within_the_window(n, max_length):
     windows = rolling_windows(ids, prefix_id=1, max_length=max_length)
     scored = []
     for seq, k in windows:
-        assert 1 <= len(seq) <= max_length and 1 <= k <= len(seq) - 1
+        assert 2 <= len(seq) <= max_length + 1 and 1 <= k <= len(seq) - 1  # fed: all but the last
         scored += seq[len(seq) - k :]
     assert scored == ids
     seq = [1, *ids]

@@ -148,7 +148,8 @@ def test_sft_rows_are_trl_rows_and_documents_from_the_train_split_only(sets):
     rows = safety_sft_rows(sets[0])
     assert len(rows) == len(sets[0])
     for row in rows[:50]:
-        prompt, completion = parse_sft_row(row, "row")
+        parsed = parse_sft_row(row, "row")
+        prompt, completion = parsed["prompt"], parsed["completion"]
         assert row["text"].endswith(completion) and prompt in row["text"]
     with pytest.raises(RedteamDataError, match="eval split is for evaluation only"):
         safety_sft_rows(sets[1])

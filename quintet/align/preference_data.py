@@ -1,5 +1,10 @@
 """Preference pairs in TRL's JSONL convention: `prompt`, `chosen`, `rejected` per line.
 
+As TRL's `DPOTrainer` accepts them: all three strings, or all three conversations (lists of
+`{"role", "content"}` messages: the prompt's turns, then the chosen and the rejected answer turns); without
+`prompt`, chosen and rejected hold the whole exchange and the prompt is their common beginning (TRL's
+`extract_prompt`). A field written as null (`dataclasses.asdict` of a `PreferencePair`) counts as absent.
+
 Optional fields carried through: `split` (train / eval), `step` (the sDPO step a pair belongs to),
 `source` (for splitting by source), `score` (an external difficulty score), `lang`, `task`, `answer`
 (a ground truth a program can check) and `difficulty`.
@@ -11,10 +16,10 @@ import json
 import os
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
-from quintet.io import atomic_path, iter_jsonl
+from quintet.chat import check_messages
+from quintet.io import atomic_path, check_row, read_records
 
 REQUIRED = ("prompt", "chosen", "rejected")
 OPTIONAL = ("split", "step", "source", "score", "lang", "task", "answer", "difficulty", "id")
@@ -24,11 +29,14 @@ class PreferenceDataError(ValueError):
     """A preference file has a row that cannot be trained on."""
 
 
+Text = str | list[dict[str, str]]  # a string, or a conversation (TRL's conversational format)
+
+
 @dataclass
 class PreferencePair:
-    prompt: str
-    chosen: str
-    rejected: str
+    prompt: Text
+    chosen: Text
+    rejected: Text
     split: str | None = None
     step: int | None = None
     source: str | None = None
@@ -43,45 +51,74 @@ class PreferencePair:
         return {k: v for k, v in asdict(self).items() if v is not None}
 
 
+def extract_prompt(chosen: Text, rejected: Text) -> tuple[Text, Text, Text]:
+    """(prompt, chosen, rejected) from two whole exchanges: the prompt is their longest common beginning
+    (turns of a conversation, characters of a string, less a space just before the split), as TRL's
+    `extract_prompt`."""
+    idx = 0
+    for idx in range(min(len(chosen), len(rejected))):
+        if chosen[idx] != rejected[idx]:
+            if chosen[idx - 1] == " ":
+                idx -= 1
+            break
+    return chosen[:idx], chosen[idx:], rejected[idx:]
+
+
+def _check_text(row: dict, name: str, where: str, conversational: bool) -> None:
+    value = row[name]
+    if conversational:
+        try:
+            check_messages(value)
+        except ValueError as err:
+            raise PreferenceDataError(f"{where}: field {name!r}: {err}") from None
+        if not value and name != "prompt":
+            raise PreferenceDataError(
+                f"{where}: field {name!r} is an empty conversation; a response needs a turn"
+            )
+    elif not isinstance(value, str):
+        raise PreferenceDataError(
+            f"{where}: field {name!r} = {str(value)[:60]!r}: must be a string (or, for every one of prompt, "
+            "chosen and rejected, a list of {role, content} messages)"
+        )
+
+
 def parse_pair(row: Any, where: str) -> PreferencePair:
     """Validate one row; errors name `where` (file:line), the field and the value."""
-    if not isinstance(row, dict):
-        raise PreferenceDataError(f"{where}: expected a JSON object, got {type(row).__name__}")
+    row = check_row(
+        row,
+        where,
+        PreferenceDataError,
+        required=("chosen", "rejected"),
+        fields=REQUIRED + OPTIONAL,
+        needs=f"{', '.join(REQUIRED)}; prompt may be left out when chosen and rejected hold the whole "
+        "exchange",
+        null_is_absent=True,
+    )
+    conversational = isinstance(row["chosen"], list)
     for name in REQUIRED:
-        if name not in row:
-            raise PreferenceDataError(
-                f"{where}: missing field {name!r} (each row needs {', '.join(REQUIRED)})"
-            )
-        if not isinstance(row[name], str):
-            raise PreferenceDataError(f"{where}: field {name!r} = {row[name]!r}: must be a string")
+        if name in row:
+            _check_text(row, name, where, conversational)
+    if "prompt" not in row:
+        row["prompt"], row["chosen"], row["rejected"] = extract_prompt(row["chosen"], row["rejected"])
     for name in ("chosen", "rejected"):
-        if not row[name].strip():
+        if not conversational and not row[name].strip():
             raise PreferenceDataError(f"{where}: field {name!r} is empty; a response needs text")
     if row["chosen"] == row["rejected"]:
         raise PreferenceDataError(
-            f"{where}: chosen == rejected ({row['chosen'][:60]!r}); the pair prefers nothing"
+            f"{where}: chosen == rejected ({str(row['chosen'])[:60]!r}); the pair prefers nothing"
         )
-    unknown = sorted(set(row) - set(REQUIRED) - set(OPTIONAL))
-    if unknown:
-        raise PreferenceDataError(
-            f"{where}: unknown field(s) {unknown}; valid: {', '.join(REQUIRED + OPTIONAL)}"
-        )
-    if "step" in row and (not isinstance(row["step"], int) or row["step"] < 0):
+    if "step" in row and (
+        not isinstance(row["step"], int) or isinstance(row["step"], bool) or row["step"] < 0
+    ):
         raise PreferenceDataError(f"{where}: field 'step' = {row['step']!r}: must be an integer >= 0")
-    if "score" in row and not isinstance(row["score"], (int, float)):
+    if "score" in row and (not isinstance(row["score"], (int, float)) or isinstance(row["score"], bool)):
         raise PreferenceDataError(f"{where}: field 'score' = {row['score']!r}: must be a number")
     return PreferencePair(**row)
 
 
 def read_preferences(path: str | os.PathLike) -> list[PreferencePair]:
     """All pairs of a JSONL file; the first bad line raises an error naming the file and line number."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such preference file")
-    pairs = [parse_pair(row, where) for where, _, row in iter_jsonl(path, PreferenceDataError)]
-    if not pairs:
-        raise PreferenceDataError(f"{path}: no preference pairs in the file")
-    return pairs
+    return read_records(path, parse_pair, PreferenceDataError, "preference", "preference pairs")
 
 
 def write_preferences(path: str | os.PathLike, pairs: Iterable[PreferencePair]) -> None:

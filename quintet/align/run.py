@@ -8,6 +8,9 @@
     eval = "runs/demo/prefs-eval.jsonl"  # optional: held-out preference accuracy is reported on it
 
     [sft]  /  [dpo]                      # fields of SFTConfig / DPOConfig (lr, epochs, beta, loss_type, ...)
+    chat_template = false                # true: string prompts go through the model folder's chat template
+    max_length = 1024                    # TRL's default and truncation: truncation_mode = "keep_start"
+    router_aux_loss_coef = 0.001         # MoE models: unset = the model config's; 0 turns it off
 
     [sdpo]
     steps = 2
@@ -102,10 +105,10 @@ def run_sft(config_path: str | os.PathLike, progress: bool = True) -> dict[str, 
 
 
 def _eval_accuracy(
-    model: JambaForCausalLM, tokenizer: Any, data: dict[str, Any], max_len: int
+    model: JambaForCausalLM, tokenizer: Any, data: dict[str, Any], cfg: DPOConfig
 ) -> float | None:
     path = data["data"].get("eval")
-    return preference_accuracy(model, tokenizer, read_preferences(path), max_len) if path else None
+    return preference_accuracy(model, tokenizer, read_preferences(path), cfg) if path else None
 
 
 @_locked
@@ -119,14 +122,14 @@ def run_dpo(config_path: str | os.PathLike, progress: bool = True) -> dict[str, 
     reference = load_trainable_model(model_dir)
     tokenizer = load_tokenizer(model_dir, vocab_size=model.config.vocab_size)
     pairs = read_preferences(data["data"]["train"])
-    before = _eval_accuracy(model, tokenizer, data, cfg.max_length)
+    before = _eval_accuracy(model, tokenizer, data, cfg)
     history = train_dpo(model, tokenizer, pairs, cfg, ref_model=reference, progress=progress)
     _write_metrics(out, history)
     summary = {
         "model": str(_save(model, model_dir, out)),
         "steps": len(history),
         "eval_accuracy_before": before,
-        "eval_accuracy_after": _eval_accuracy(model, tokenizer, data, cfg.max_length),
+        "eval_accuracy_after": _eval_accuracy(model, tokenizer, data, cfg),
         "final": history[-1],
     }
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
@@ -158,10 +161,10 @@ def run_sdpo(config_path: str | os.PathLike, progress: bool = True) -> dict[str,
         sources=spec.get("sources"),
         sft_model=model,
         tokenizer=tokenizer,
-        max_len=cfg.max_length,
+        settings=cfg,
         seed=spec.get("seed", cfg.seed),
     )
-    before = _eval_accuracy(model, tokenizer, data, cfg.max_length)
+    before = _eval_accuracy(model, tokenizer, data, cfg)
     model, results = train_sdpo(model, tokenizer, steps, cfg, progress=progress)
     _write_metrics(out, [{"sdpo_step": r.step, **m} for r in results for m in r.metrics])
     summary = {
@@ -172,7 +175,7 @@ def run_sdpo(config_path: str | os.PathLike, progress: bool = True) -> dict[str,
             for r in results
         ],
         "eval_accuracy_before": before,
-        "eval_accuracy_after": _eval_accuracy(model, tokenizer, data, cfg.max_length),
+        "eval_accuracy_after": _eval_accuracy(model, tokenizer, data, cfg),
     }
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     return summary

@@ -26,6 +26,7 @@ import torch
 
 from quintet.align.dpo import DPOConfig, model_hash, pair_logps, reference_logps, train_dpo
 from quintet.align.preference_data import PreferencePair
+from quintet.align.sequences import TRL_DEFAULTS, Tokenization
 from quintet.tokenizer import TextTokenizer
 
 log = logging.getLogger("quintet.align")
@@ -45,12 +46,15 @@ class StepResult:
 
 @torch.no_grad()
 def reference_margins(
-    model: torch.nn.Module, tokenizer: TextTokenizer, pairs: list[PreferencePair], max_len: int
+    model: torch.nn.Module,
+    tokenizer: TextTokenizer,
+    pairs: list[PreferencePair],
+    settings: Tokenization | DPOConfig | int = TRL_DEFAULTS,
 ) -> torch.Tensor:
     model.eval()
     out = []
     for start in range(0, len(pairs), 16):
-        chosen, rejected = pair_logps(model, tokenizer, pairs[start : start + 16], max_len)
+        chosen, rejected = pair_logps(model, tokenizer, pairs[start : start + 16], settings)
         out.append(chosen - rejected)
     return torch.cat(out)
 
@@ -63,7 +67,7 @@ def split_steps(
     sources: list[str] | None = None,
     sft_model: torch.nn.Module | None = None,
     tokenizer: TextTokenizer | None = None,
-    max_len: int = 256,
+    settings: Tokenization | DPOConfig | int = TRL_DEFAULTS,
     seed: int = 0,
 ) -> list[list[PreferencePair]]:
     """Cut `pairs` into `steps` ordered chunks (see the module docstring for each `by`)."""
@@ -94,7 +98,7 @@ def split_steps(
         if sft_model is None or tokenizer is None:
             raise ValueError("by='easy_to_hard' needs the SFT model and its tokenizer to measure difficulty")
         log.info("easy_to_hard: the SFT model's margin on each of %d pairs", len(pairs))
-        margins = reference_margins(sft_model, tokenizer, pairs, max_len).tolist()
+        margins = reference_margins(sft_model, tokenizer, pairs, settings).tolist()
         ordered = [p for _, p in sorted(zip(margins, pairs, strict=True), key=lambda mp: -mp[0])]
     size = -(-len(ordered) // steps)
     return [ordered[i * size : (i + 1) * size] for i in range(steps) if ordered[i * size : (i + 1) * size]]
@@ -107,16 +111,17 @@ def train_sdpo(
     cfg: DPOConfig,
     progress: bool = True,
 ) -> tuple[torch.nn.Module, list[StepResult]]:
-    """Run DPO once per step; step t trains M_{t-1} against a frozen copy of M_{t-1}. Returns M_T."""
+    """Run DPO once per step; step t trains M_{t-1} against a frozen copy of M_{t-1}. Returns M_T.
+    The progress bars say which step they belong to (`sdpo step 1/2`)."""
     model = sft_model
     results = []
     for t, pairs in enumerate(step_pairs, start=1):
+        desc = f"sdpo step {t}/{len(step_pairs)}"
         reference = copy.deepcopy(model).eval()
         for p in reference.parameters():
             p.requires_grad_(False)
-        ref = reference_logps(reference, tokenizer, pairs, cfg)
+        ref = reference_logps(reference, tokenizer, pairs, cfg, progress, f"{desc}: reference")
         margin = float((ref[:, 0] - ref[:, 1]).mean())
-        desc = f"sdpo step {t}/{len(step_pairs)}"
         metrics = train_dpo(model, tokenizer, pairs, cfg, ref=ref, progress=progress, desc=desc)
         results.append(
             StepResult(

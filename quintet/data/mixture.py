@@ -177,4 +177,3 @@ def heldout_windows(index_or_dirs: Any, seq_len: int, max_tokens: int) -> dict[s
             windows = [stream.read(0, len(stream))]
         out[source] = [torch.from_numpy(w) for w in windows]
     return out
-

@@ -142,7 +142,7 @@ def alignment_stage(out: Path, pretrained: Path, sft_rows: Path, full: bool) -> 
     epochs = 2 if full else 1
     (out / "sft.toml").write_text(
         f'[model]\npath = "{pretrained}"\n[data]\ntrain = "{sft_rows}"\n'
-        f"[sft]\nlr = 1e-3\nbatch_size = 16\nepochs = {epochs}\nmax_length = 192\n"
+        f"[sft]\nlr = 1e-3\nbatch_size = 16\nepochs = {epochs}\nmax_length = 192\nchat_template = true\n"
         f'[run]\nout_dir = "{out / "sft"}"\n'
     )
     sft = run_sft(out / "sft.toml", progress=False)
@@ -151,6 +151,7 @@ def alignment_stage(out: Path, pretrained: Path, sft_rows: Path, full: bool) -> 
         f'[model]\npath = "{out / "sft" / "model"}"\n'
         f'[data]\ntrain = "{out / "prefs.jsonl"}"\neval = "{out / "prefs-eval.jsonl"}"\n'
         f"[dpo]\nbeta = 0.1\nlr = 2e-4\nbatch_size = 16\nmax_length = 192\nepochs = {epochs}\n"
+        "chat_template = true\n"
         f'[sdpo]\nsteps = 2\nsplit = "easy_to_hard"\n[run]\nout_dir = "{out / "sdpo"}"\n'
     )
     summary = run_sdpo(out / "sdpo.toml", progress=False)

@@ -169,7 +169,13 @@ def add_eval_parser(subparsers: argparse._SubParsersAction) -> argparse.Argument
         "--data", required=True, nargs="+", help="a token-shard folder (its held-out split) or JSONL files"
     )
     ppl.add_argument("--lang", help="language of every JSONL row (default: each row's 'lang')")
-    ppl.add_argument("--max-length", type=int, default=1024, help="context window in tokens")
+    ppl.add_argument(
+        "--max-length",
+        type=int,
+        default=1024,
+        help="the model's input length in tokens, lm-eval's max_length (rolling windows of this many fed "
+        "tokens)",
+    )
     ppl.add_argument("--batch-size", type=int, default=4, help="windows scored together")
     ppl.add_argument("--max-documents", type=int, help="at most N documents per language")
     ppl.add_argument("--out", help="write the result as JSON")
@@ -183,7 +189,8 @@ def add_eval_parser(subparsers: argparse._SubParsersAction) -> argparse.Argument
         "--max-length",
         type=int,
         default=1024,
-        help="context window in tokens",
+        help="the model's input length in tokens, lm-eval's max_length (longer question + choice keep their "
+        "last max_length + 1 tokens, all but the last fed)",
     )
     mc.add_argument("--out", help="write the result (with per-item scores) as JSON")
     mc.set_defaults(func=_cmd_mc)

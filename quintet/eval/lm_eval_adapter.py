@@ -10,8 +10,10 @@ module's `main` is lm-eval's own command line with `quintet` registered:
 (also `quintet eval lm-eval -- <lm_eval arguments>`). From Python, importing this module registers the
 model for `lm_eval.simple_evaluate(model="quintet", ...)`, or pass `QuintetLM(...)` directly.
 
-model_args: pretrained (the folder, required), batch_size (8), max_length (1024 tokens: longer inputs keep
-their end), max_gen_toks (256), dtype (float32 | bfloat16 | float16). Log-likelihoods come from
+model_args: pretrained (the folder, required), batch_size (8), max_length (1024: the model's input length,
+lm-eval's meaning: a scored sequence keeps its last max_length + 1 tokens and feeds all but the last; a
+generation's context keeps its last max_length - max_gen_toks), max_gen_toks (256), dtype (float32 |
+bfloat16 | float16). Log-likelihoods come from
 `quintet.eval.multiple_choice.loglikelihoods` and rolling log-likelihoods from
 `quintet.eval.perplexity.text_nll`, so lm-eval's numbers equal `quintet eval mc` / `perplexity` numbers.
 """

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from quintet.eval.perplexity import EvalDataError, prefix_token_id, score_windows
-from quintet.io import iter_jsonl
+from quintet.io import check_row, iter_jsonl
 from quintet.loading import load_model_and_tokenizer
 from quintet.tokenizer import TextTokenizer
 
@@ -49,8 +49,7 @@ def read_mc_task(path: str | os.PathLike) -> list[MCItem]:
         raise FileNotFoundError(f"{path}: no such multiple-choice task file")
     items = []
     for where, number, row in iter_jsonl(path, EvalDataError):
-        if not isinstance(row, dict):
-            raise EvalDataError(f"{where}: expected a JSON object, got {type(row).__name__}")
+        row = check_row(row, where, EvalDataError)
         context = row.get("question", row.get("context"))
         if not isinstance(context, str):
             raise EvalDataError(f"{where}: needs a string 'question' (or 'context'); got {context!r}")
@@ -97,7 +96,10 @@ def loglikelihoods(
 ) -> list[tuple[float, bool]]:
     """(log p(continuation | context), is greedy) per (context, continuation) pair.
 
-    Inputs longer than `max_length` keep their last `max_length` tokens (the continuation is kept).
+    `max_length` is the model's input length, as in lm-eval's `hf` backend (`_loglikelihood_tokens`):
+    context + continuation is cut to its last max_length + 1 tokens and all but the last are fed, so the
+    continuation's last token is conditioned on max_length tokens. A continuation longer than
+    `max_length` is an error (lm-eval asserts it).
     """
     was_training = model.training
     model.eval()
@@ -107,8 +109,12 @@ def loglikelihoods(
         ctx, cont = encode_pair(tokenizer, context, continuation, prefix)
         if not cont:
             raise EvalDataError(f"continuation {continuation!r} after {context[-40:]!r} encodes to no tokens")
-        seq = (ctx + cont)[-max_length:]
-        windows.append((seq, min(len(cont), len(seq) - 1)))
+        if len(cont) > max_length:
+            raise EvalDataError(
+                f"continuation {continuation[:40]!r}: {len(cont)} tokens, more than max_length = "
+                f"{max_length} (the model's input length); raise max_length"
+            )
+        windows.append(((ctx + cont)[-(max_length + 1) :], len(cont)))
     pad = model.config.pad_token_id if model.config.pad_token_id is not None else 0
     try:
         return score_windows(model, windows, batch_size, pad)

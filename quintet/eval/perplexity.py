@@ -1,8 +1,11 @@
 """Perplexity and bits-per-byte per language on held-out text.
 
 A document is scored as the model's own tokens of its text after a prefix token (the model's bos id):
-every token is predicted once, with as much preceding context as fits `max_length` (rolling windows, as
-lm-evaluation-harness's `loglikelihood_rolling`). Per language:
+every token is predicted once, in rolling windows of at most `max_length` input tokens, exactly as
+lm-evaluation-harness's `loglikelihood_rolling` cuts them (`get_rolling_token_windows` with
+`context_len=1`, then `make_disjoint_window`, fed through `_loglikelihood_tokens`). `max_length` is the
+model's input length, lm-eval's meaning: a window holds max_length + 1 tokens, its last one only a target.
+Per language:
 
     perplexity    = exp(total NLL / scored tokens)                 (depends on the tokenizer)
     bits per byte = total NLL in nats / ln 2 / UTF-8 bytes of the text   (comparable across tokenizers)
@@ -32,16 +35,17 @@ class EvalDataError(ValueError):
 
 
 def rolling_windows(ids: Sequence[int], prefix_id: int, max_length: int) -> list[tuple[list[int], int]]:
-    """(window input ids, n): feed the window, score its last n targets; together every token of `ids` is
-    scored exactly once, conditioned on `prefix_id` and up to `max_length - 1` preceding tokens."""
-    if max_length < 2:
-        raise ValueError(f"max_length = {max_length!r}: must be at least 2")
+    """(window tokens, n): feed all but the window's last token, score its last n tokens. Together every
+    token of `ids` is scored exactly once. lm-eval's windows: the first is `prefix_id` and up to
+    `max_length` tokens, all scored; each later one scores the next up to `max_length` tokens, each
+    conditioned on the `max_length` tokens before it (so the first of them on fewer)."""
+    if max_length < 1:
+        raise ValueError(f"max_length = {max_length!r}: must be at least 1")
     seq = [prefix_id, *ids]
     windows, start = [], 1
     while start < len(seq):
-        end = min(start + max_length - 1, len(seq))
-        begin = max(0, end - max_length)
-        windows.append((seq[begin:end], end - start))
+        end = min(start + max_length, len(seq))
+        windows.append((seq[max(0, end - max_length - 1) : end], end - start))
         start = end
     return windows
 
@@ -50,15 +54,16 @@ def rolling_windows(ids: Sequence[int], prefix_id: int, max_length: int) -> list
 def score_windows(
     model: torch.nn.Module, windows: Sequence[tuple[list[int], int]], batch_size: int = 4, pad_id: int = 0
 ) -> list[tuple[float, bool]]:
-    """Per window: (sum of log p of its last n targets, whether each of them is the argmax)."""
+    """Per window (tokens, n): feed `tokens[:-1]` and return (sum of log p of the last n tokens, whether
+    each of them is the argmax), lm-eval's `_loglikelihood_tokens` scoring."""
     order = sorted(range(len(windows)), key=lambda i: -len(windows[i][0]))
     out: list[tuple[float, bool]] = [(0.0, True)] * len(windows)
     for b in range(0, len(order), batch_size):
         idx = order[b : b + batch_size]
-        width = max(len(windows[i][0]) for i in idx)
+        width = max(len(windows[i][0]) for i in idx) - 1  # the input length
         ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
         for row, i in enumerate(idx):
-            ids[row, : len(windows[i][0])] = torch.tensor(windows[i][0])
+            ids[row, : len(windows[i][0]) - 1] = torch.tensor(windows[i][0][:-1])
         # Only the last `keep` positions' logits are needed (right padding leaves real positions exact).
         keep = max(width - (len(windows[i][0]) - 1 - windows[i][1]) for i in idx)
         logits = model(ids.to(model.device), logits_to_keep=keep).logits.cpu()

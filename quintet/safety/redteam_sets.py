@@ -31,7 +31,7 @@ from typing import Any
 
 from quintet.align.preference_data import PreferencePair
 from quintet.chat import PLAIN_TEMPLATE, render_template
-from quintet.io import atomic_path, iter_jsonl
+from quintet.io import atomic_path, check_row, read_records
 
 LANGUAGES = ("en", "fi", "hi", "ja", "vi")
 KINDS = ("harmful", "benign")
@@ -240,20 +240,12 @@ def build_safety_data(
 
 def parse_redteam_row(row: Any, where: str) -> RedteamPrompt:
     """Validate one row; errors name `where` (file:line), the field, the value and what is valid."""
-    if not isinstance(row, dict):
-        raise RedteamDataError(f"{where}: expected a JSON object, got {type(row).__name__}")
+    row = check_row(
+        row, where, RedteamDataError, required=REQUIRED_FIELDS, fields=REQUIRED_FIELDS + OPTIONAL_FIELDS
+    )
     for name in REQUIRED_FIELDS:
-        if name not in row:
-            raise RedteamDataError(
-                f"{where}: missing field {name!r} (each row needs {', '.join(REQUIRED_FIELDS)})"
-            )
         if not isinstance(row[name], str) or not row[name].strip():
             raise RedteamDataError(f"{where}: field {name!r} = {row[name]!r}: must be a non-empty string")
-    unknown = sorted(set(row) - set(REQUIRED_FIELDS) - set(OPTIONAL_FIELDS))
-    if unknown:
-        raise RedteamDataError(
-            f"{where}: unknown field(s) {unknown}; valid: {', '.join(REQUIRED_FIELDS + OPTIONAL_FIELDS)}"
-        )
     if row["category"] not in categories():
         raise RedteamDataError(
             f"{where}: field 'category' = {row['category']!r}: unknown; valid: {', '.join(categories())}"
@@ -267,22 +259,9 @@ def parse_redteam_row(row: Any, where: str) -> RedteamPrompt:
 
 def read_redteam_prompts(path: str | os.PathLike) -> list[RedteamPrompt]:
     """All rows of a red-team JSONL file; the first bad line raises an error naming the file and line."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such red-team prompt file")
-    prompts: list[RedteamPrompt] = []
-    seen: dict[str, int] = {}
-    for where, number, row in iter_jsonl(path, RedteamDataError):
-        p = parse_redteam_row(row, where)
-        if p.id in seen:
-            raise RedteamDataError(
-                f"{where}: field 'id' = {p.id!r} repeats line {seen[p.id]}; ids must be unique"
-            )
-        seen[p.id] = number
-        prompts.append(p)
-    if not prompts:
-        raise RedteamDataError(f"{path}: no red-team prompts in the file")
-    return prompts
+    return read_records(
+        path, parse_redteam_row, RedteamDataError, "red-team prompt", "red-team prompts", unique="id"
+    )
 
 
 def select_slice(prompts: Sequence[RedteamPrompt], per_cell: int, seed: int = 0) -> list[RedteamPrompt]:

@@ -259,4 +259,3 @@ class TextFolderReader(_QuintetReader):
         if self.lang == CODE:
             extra["code_language"] = CODE_EXTENSIONS.get(posixpath.splitext(filepath)[1].lower(), "unknown")
         return self._document(text, filepath, filepath, None, extra)
-

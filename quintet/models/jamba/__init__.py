@@ -4,6 +4,7 @@ from quintet.models.jamba.cache import HybridCache
 from quintet.models.jamba.checkpoint import CheckpointError
 from quintet.models.jamba.configuration import PRESETS, ConfigError, JambaConfig
 from quintet.models.jamba.modeling import CausalLMOutput, JambaForCausalLM
+from quintet.models.jamba.numerics import training_numerics
 
 __all__ = [
     "PRESETS",
@@ -13,4 +14,5 @@ __all__ = [
     "HybridCache",
     "JambaConfig",
     "JambaForCausalLM",
+    "training_numerics",
 ]

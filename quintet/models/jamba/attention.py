@@ -8,6 +8,7 @@ from torch import nn
 
 from quintet.models.jamba.cache import HybridCache
 from quintet.models.jamba.configuration import JambaConfig
+from quintet.models.jamba.numerics import inference_paths
 
 
 class JambaAttention(nn.Module):
@@ -66,7 +67,7 @@ class JambaAttention(nn.Module):
             mask = None  # causal over x alone
         else:
             mask = key_mask(attn_mask, past, L, k.shape[2], x.device, padded)
-        if self.training or g == 1:
+        if self.training or g == 1 or not inference_paths():
             q = q.reshape(b, L, self.num_heads, d).transpose(1, 2)
             out = F.scaled_dot_product_attention(
                 q,

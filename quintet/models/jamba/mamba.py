@@ -23,6 +23,7 @@ from quintet.kernels import selective_scan_ops
 from quintet.models.jamba.cache import HybridCache
 from quintet.models.jamba.configuration import JambaConfig
 from quintet.models.jamba.norm import RMSNorm
+from quintet.models.jamba.numerics import inference_paths
 from quintet.models.jamba.tracing import current_trace
 
 
@@ -122,7 +123,11 @@ class JambaMambaMixer(nn.Module):
             (self.conv1d.weight,) if self.conv1d.bias is None else (self.conv1d.weight, self.conv1d.bias)
         )
         state = () if conv_state is None else (conv_state,)
-        if current_trace() is None and fused.inference_kernels_available(x, *weights, *state):
+        if (
+            current_trace() is None
+            and inference_paths()
+            and fused.inference_kernels_available(x, *weights, *state)
+        ):
             return fused.causal_conv1d_silu_fused(x, conv_state, self.conv1d.weight, self.conv1d.bias)
         b, L, _ = x.shape
         x = x.transpose(1, 2)  # (b, d_inner, L)
