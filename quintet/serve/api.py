@@ -278,6 +278,8 @@ class Run:
                     self.done = True
                     if event.finish_reason == "error":
                         raise APIError(500, "the model failed; see the server's log", code="model_error")
+                    if event.finish_reason == "shutdown":
+                        raise APIError(503, "the server is shutting down", code="shutting_down")
                 yield event
                 if self.done:
                     return

@@ -141,7 +141,10 @@ class Scheduler:
 
     # -------------------------------------------------------------------------------- public, any thread
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._loop, name="quintet-scheduler", daemon=True)
+        """Run the loop in a thread of its own (tests, embedding). `quintet serve` calls `run` instead, in
+        the thread that loaded the model: on this project's machines the same steps ran 1.7-2x slower in
+        a thread other than the one that loaded the model (measured with torch's OpenMP pool)."""
+        self._thread = threading.Thread(target=self.run, name="quintet-scheduler", daemon=True)
         self._thread.start()
 
     def stop(self) -> None:
@@ -165,14 +168,17 @@ class Scheduler:
             self._cond.notify_all()
 
     # -------------------------------------------------------------------------------- the loop
-    def _loop(self) -> None:
+    def run(self, keep_going: Callable[[], bool] = lambda: True) -> None:
+        """The loop, in the calling thread, until `stop()` or `keep_going()` is false (checked at least
+        every half second). A model failure is kept in `error` (the health endpoint reports it), every open
+        request is told, and the exception propagates."""
         try:
             with torch.inference_mode():
                 while True:
                     with self._cond:
-                        while not self._stop and not self._has_work():
+                        while not self._stop and not self._has_work() and keep_going():
                             self._cond.wait(timeout=0.5)
-                        if self._stop:
+                        if self._stop or not keep_going():
                             break
                         self._drop_cancelled()
                         self._admit()
@@ -181,11 +187,23 @@ class Scheduler:
                         self._decode_step()
                     if self.prefilling is not None:
                         self._prefill_chunk()
-        except BaseException as err:  # the model failed: every request still open is told, then we stop
-            self.error = err
-            for req in [*self.waiting, *self.running, *([self.prefilling] if self.prefilling else [])]:
-                req.sink(DoneEvent("error"))
+        except BaseException as err:
+            interrupted = isinstance(err, KeyboardInterrupt)
+            if not interrupted:
+                self.error = err
+            self._end_open("shutdown" if interrupted else "error")
             raise
+        self._end_open("shutdown")
+
+    def _end_open(self, reason: str) -> None:
+        """Tell every request still waiting, prefilling or running that it ends (the loop is leaving)."""
+        with self._cond:
+            open_ = [*self.waiting, *self.running, *([self.prefilling] if self.prefilling else [])]
+            self.waiting.clear()
+            self.running.clear()
+            self.prefilling = None
+        for req in open_:
+            req.sink(DoneEvent(reason))
 
     def _has_work(self) -> bool:
         return bool(self.running or self.prefilling or self.waiting)

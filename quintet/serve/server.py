@@ -7,7 +7,11 @@ scheduler, answer HTTP with uvicorn on 127.0.0.1 unless told otherwise.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
+import signal
+import threading
 from pathlib import Path
 
 import torch
@@ -15,6 +19,8 @@ import torch
 from quintet.serve.api import ServeState, create_app
 from quintet.serve.metrics import Metrics
 from quintet.serve.scheduler import Scheduler, SchedulerConfig
+
+log = logging.getLogger("quintet.serve")
 
 
 def load_state(
@@ -72,8 +78,35 @@ def serve(
     if threads is not None:
         torch.set_num_threads(threads)
     state = load_state(model_dir, **options)
-    state.scheduler.start()
+    config = uvicorn.Config(
+        create_app(state),
+        host=host,
+        port=port,
+        log_level=log_level,
+        access_log=False,
+        timeout_graceful_shutdown=5,
+    )
+    http = uvicorn.Server(config)
+    # HTTP in a thread, the model in this one: the thread that loaded it (see Scheduler.start).
+    thread = threading.Thread(target=http.run, name="quintet-http", daemon=True)
+    previous = signal.signal(signal.SIGTERM, _interrupt)  # uvicorn handles signals only in the main thread
+    thread.start()
     try:
-        uvicorn.run(create_app(state), host=host, port=port, log_level=log_level, access_log=False)
+        state.scheduler.run(keep_going=thread.is_alive)
+    except KeyboardInterrupt:
+        pass
+    except Exception:  # the model failed: kept in scheduler.error, /health answers 503 until stopped
+        log.exception("the model failed; requests get errors, /health reports it")
+        with contextlib.suppress(KeyboardInterrupt):
+            while thread.is_alive():
+                thread.join(0.5)
     finally:
-        state.scheduler.stop()
+        http.should_exit = True
+        thread.join(timeout=30)
+        signal.signal(signal.SIGTERM, previous)
+    if not http.started:
+        raise OSError(f"could not listen on {host}:{port} (uvicorn's message is above)")
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
