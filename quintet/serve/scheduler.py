@@ -143,7 +143,7 @@ class Scheduler:
     def start(self) -> None:
         """Run the loop in a thread of its own (tests, embedding). `quintet serve` calls `run` instead, in
         the thread that loaded the model: on this project's machines the same steps ran 1.7-2x slower in
-        a thread other than the one that loaded the model (measured with torch's OpenMP pool)."""
+        a thread other than the one that loaded the model (docs/serving.md)."""
         self._thread = threading.Thread(target=self.run, name="quintet-scheduler", daemon=True)
         self._thread.start()
 
