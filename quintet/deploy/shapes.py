@@ -12,7 +12,7 @@ The step kinds:
 
 What the data decides enters as symbols too: in a MoE layer the number of tokens routed to expert e is
 n_<layer>_<e> (the routing is read, not traced; sum over e = top_k * b * L). Conditions the trace relied on
-(e.g. `b <= 4` for the GEMV decode path, `P + L <= capacity`) are the ShapeEnv's guards, kept in
+(e.g. `b <= 8` for the GEMV decode path, `P + L <= capacity`) are the ShapeEnv's guards, kept in
 `ShapeGraph.guards`: the shapes hold wherever the guards do.
 
 `record_step(engine, kind, b, L, P)` runs the same step on real tensors with the same recorder, so

@@ -56,7 +56,7 @@ DISABLE_ENV = "QUINTET_DISABLE_M0E4_KERNEL"
 ISA_ENV = "QUINTET_M0E4_ISA"
 DTYPE_ENV = "QUINTET_MATMUL_DTYPE"
 ISAS = ("scalar", "avx2", "avx512")  # index = the kernel's isa code
-GEMV_MAX_ROWS = 4  # more rows go through dequantized tiles (benchmarks/m0e4_matmul.py measures the split)
+GEMV_MAX_ROWS = 8  # more rows go through dequantized tiles (benchmarks/deploy_fusions.py measures the split)
 TILE_BYTES = 1 << 19  # scratch per tile: fits the L2 cache of the CPUs we run on
 PATHS = ("auto", "gemv", "tiles")
 ACTIVATIONS = ("float32", "int8")
