@@ -69,12 +69,16 @@ def test_tiles_equal_dequantized_matmul(monkeypatch, isa, dtype):
         codes, scales, offsets = every_code_weight(n, k, group_size, seed=group_size)
         qweight = pack_codes(codes)
         w = dequantize(codes, scales, offsets, group_size)
-        x = torch.randn(23, k)
-        y = m0e4_matmul(x, qweight, scales, offsets, group_size, path="tiles")
-        if dtype == "float32":
-            check_close(y, x, w, 2e-6)
-        else:  # x and the tile rounded to bfloat16 (8 bits of mantissa) once each
-            check_close(y, x, w, 2 * 2**-8)
+        # micro-tiles for a few rows (every block of rows and of W, ragged ends), large tiles past them
+        limit = m0e4_cpu.MICRO_TILE_MAX_ROWS
+        for rows in (1, 5, 23, limit, limit + 1):
+            x = torch.randn(rows, k, generator=torch.Generator().manual_seed(rows))
+            y = m0e4_matmul(x, qweight, scales, offsets, group_size, path="tiles")
+            assert y.shape == (rows, n) and y.dtype == torch.float32
+            if dtype == "float32":
+                check_close(y, x, w, 2e-6)
+            else:  # x and the tile rounded to bfloat16 (8 bits of mantissa) once each
+                check_close(y, x, w, 2 * 2**-8)
 
 
 def test_matmul_keeps_batch_shape_dtype_and_bias():

@@ -10,9 +10,13 @@ rows of x (`gemv_max_rows()`):
   unpacked in registers (AVX-512: each group's 16 weights form one register and the codes index it; AVX2
   and scalar: the M0E4 bit trick, `0x3F800000 | q << 19` is the float 1 + q/16), accumulated in float32,
   output rows split over `torch.get_num_threads()` threads.
-- prefill (more rows): tiles of `TILE_BYTES` of the weight are dequantized into one reused scratch buffer
-  and multiplied by PyTorch's matmul in `matmul_dtype()`: float32 or bfloat16, whichever this CPU runs
-  faster, measured once per process (bfloat16 only pays where the CPU has native bf16 dot products).
+- prefill (more rows), products in `matmul_dtype()`: float32 or bfloat16, whichever this CPU runs faster,
+  measured once per process (bfloat16 only pays where the CPU has native bf16 dot products). Up to
+  `MICRO_TILE_MAX_ROWS` rows (a prompt chunk after a cached prefix, the tokens one expert receives): four
+  rows of W at a time dequantized into a per-thread buffer that stays in L1 and multiplied by our own
+  register-blocked kernel (AVX-512 BF16 `vdpbf16ps`, or float32 FMA on AVX-512 / AVX2), so each weight is
+  dequantized once per call whatever the rows. More rows: tiles of `TILE_BYTES` of the weight dequantized
+  into one reused scratch buffer and multiplied by PyTorch's matmul.
 
 No float copy of a weight is ever kept. The instruction set is chosen at run time from what the CPU has
 (`isa()`); `QUINTET_M0E4_ISA=scalar|avx2|avx512` forces a lower one (tests run each). The extension is
@@ -58,6 +62,7 @@ DTYPE_ENV = "QUINTET_MATMUL_DTYPE"
 ISAS = ("scalar", "avx2", "avx512")  # index = the kernel's isa code
 GEMV_MAX_ROWS = 8  # more rows go through dequantized tiles (benchmarks/deploy_fusions.py measures the split)
 TILE_BYTES = 1 << 19  # scratch per tile: fits the L2 cache of the CPUs we run on
+MICRO_TILE_MAX_ROWS = 96  # up to this many rows, L1 micro-tiles and our own kernel (deploy_fusions measures)
 PATHS = ("auto", "gemv", "tiles")
 ACTIVATIONS = ("float32", "int8")
 _ACTIVATIONS: ContextVar[str] = ContextVar("m0e4_activations", default="float32")
@@ -86,7 +91,6 @@ class _Kernel(LazyExtension):
         self.codes: dict[str, int] = {}
         self.float_code: int | None = None  # QUINTET_M0E4_ISA's value -> the kernel's isa code
         self.dtype: torch.dtype | None = None
-        self.scratch: dict[torch.dtype, torch.Tensor] = {}
 
     def loaded(self, ops: Any) -> None:
         self.best = int(ops.best_isa())
@@ -127,6 +131,10 @@ def _register_fakes() -> None:
     @torch.library.register_fake("quintet_m0e4::gemv_f32")
     def _(x, weight, code):
         return x.new_empty(x.shape[0], weight.shape[0], dtype=torch.float32)
+
+    @torch.library.register_fake("quintet_m0e4::matmul_tiles")
+    def _(x, qweight, scales, offsets, group_size, code, bf16, small_rows, tile_bytes):
+        return x.new_empty(x.shape[0], qweight.shape[0], dtype=torch.float32)
 
     @torch.library.register_fake("quintet_m0e4::dequantize_rows")
     def _(qweight, scales, offsets, group_size, row0, out, code):
@@ -214,15 +222,6 @@ def matmul_dtype() -> torch.dtype:
     return _kernel.dtype
 
 
-def _scratch(rows: int, k: int, dtype: torch.dtype) -> torch.Tensor:
-    buf = _kernel.scratch.get(dtype)
-    if buf is None or buf.numel() < rows * k:
-        buf = torch.empty(rows * k, dtype=dtype)
-        if type(buf) is torch.Tensor:  # never keep a tracer's fake tensor for real runs
-            _kernel.scratch[dtype] = buf
-    return buf[: rows * k].view(rows, k)
-
-
 def _tile_rows(n: int, k: int, dtype: torch.dtype) -> int:
     rows = max(16, TILE_BYTES // (k * dtype.itemsize) // 16 * 16)
     return min(rows, n)
@@ -253,19 +252,9 @@ def _tiles(
     group_size: int,
     code: int,
 ) -> torch.Tensor:
-    dtype = matmul_dtype()
-    n, k = qweight.shape[0], qweight.shape[1] * 2
-    xp = ops.permute_k(x)  # the kernel writes tiles with K in its permuted order; x follows it
-    if dtype != torch.float32:
-        xp = xp.to(dtype)
-    out = xp.new_empty(x.shape[0], n)
-    step = _tile_rows(n, k, dtype)
-    for n0 in range(0, n, step):
-        rows = min(step, n - n0)
-        tile = _scratch(rows, k, dtype)
-        ops.dequantize_rows(qweight, scales, offsets, group_size, n0, tile, code)
-        torch.mm(xp, tile.t(), out=out[:, n0 : n0 + rows])
-    return out if dtype == torch.float32 else out.float()
+    bf16 = matmul_dtype() == torch.bfloat16
+    rows = MICRO_TILE_MAX_ROWS
+    return ops.matmul_tiles(x, qweight, scales, offsets, group_size, code, bf16, rows, TILE_BYTES)
 
 
 def measure_float_gemv() -> None:

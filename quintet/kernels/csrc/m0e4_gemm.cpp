@@ -16,6 +16,10 @@
 //       Rows row0 .. row0 + out.size(0) of W into out (float32 or bfloat16), with K in the *permuted*
 //       order below: the prefill path multiplies them with a permuted x, which gives the same product.
 //   permute_k(x) -> xp    x (M, K) with K reordered per 32-chunk: the 16 even positions, then the 16 odd.
+//   matmul_tiles(x, qweight, scales, offsets, gs, isa, bf16, small_rows, tile_bytes) -> y   the prefill
+//       matmul: few rows through L1 micro-tiles and our register-blocked kernel, more through large
+//       tiles and at::mm; products in bfloat16 or float32 (the caller's measured choice).
+//   has_bf16() -> bool    AVX-512 BF16 (vdpbf16ps) is there.
 //   best_isa() -> int     0 scalar, 1 AVX2 (+FMA, F16C), 2 AVX-512 (F, BW, VL): what this CPU runs.
 //
 // The permuted order lets a vector of unpacked low nibbles (codes 2i) meet x[2i] without any shuffle:
@@ -656,6 +660,141 @@ QUINTET_AVX512 void gemv_f32_avx512(const FloatProblem& p, int64_t n0, int64_t n
 }
 #endif  // QUINTET_X86
 
+// ------------------------------------------------------------------------------------------ prefill micro-tiles
+// y (M, N) = x W^T for a prompt piece of a few dozen rows (a chunk after a cached prefix, the tokens one expert
+// receives), without the large-tile path's fixed cost (each tile dequantized to memory, then repacked by the
+// library matmul, whatever M is). kNR rows of W at a time are dequantized (in the permuted K order) into a
+// per-thread buffer that stays in L1, then multiplied by a register-blocked kernel, MB rows of x at a time,
+// each accumulator a dot product along K. Products in float32 (FMA) or, where the caller asks for bfloat16
+// and the CPU has AVX-512 BF16, bfloat16 pairs (vdpbf16ps: 32 products per instruction, twice float32's),
+// rounded as the large-tile path rounds them; accumulation in float32 either way.
+constexpr int kNR = 4;
+constexpr int kMicroRowsAvx2 = 3;    // kNR x 3 accumulators + 3 rows of x + a weight: the 16 ymm registers
+constexpr int kMicroRowsAvx512 = 6;  // kNR x 6 + 6 + 1 of the 32 zmm registers
+
+void micro_f32_scalar(const float* w, int nr, const float* x, int mb, int64_t K, float* y, int64_t ldy) {
+  for (int m = 0; m < mb; ++m)
+    for (int r = 0; r < nr; ++r) {
+      float acc = 0.f;
+      for (int64_t k = 0; k < K; ++k) acc += w[r * K + k] * x[m * K + k];
+      y[m * ldy + r] = acc;
+    }
+}
+
+#if QUINTET_X86
+// The sums of four accumulators at once, in order (a transposing add tree: 13 operations where four
+// separate horizontal sums take about 32).
+QUINTET_AVX512 inline __m128 reduce4_avx512(__m512 a, __m512 b, __m512 c, __m512 d) {
+  const __m512 ab = _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));
+  const __m512 cd = _mm512_add_ps(_mm512_unpacklo_ps(c, d), _mm512_unpackhi_ps(c, d));
+  const __m512d abd = _mm512_castps_pd(ab), cdd = _mm512_castps_pd(cd);
+  const __m512 t = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(abd, cdd)),
+                                 _mm512_castpd_ps(_mm512_unpackhi_pd(abd, cdd)));  // lane i: a, b, c, d
+  const __m512d td = _mm512_castps_pd(t);
+  const __m256 u = _mm256_add_ps(_mm256_castpd_ps(_mm512_castpd512_pd256(td)),
+                                 _mm256_castpd_ps(_mm512_extractf64x4_pd(td, 1)));
+  return _mm_add_ps(_mm256_castps256_ps128(u), _mm256_extractf128_ps(u, 1));
+}
+
+QUINTET_AVX2 inline __m128 reduce4_avx2(__m256 a, __m256 b, __m256 c, __m256 d) {
+  const __m256 ab = _mm256_add_ps(_mm256_unpacklo_ps(a, b), _mm256_unpackhi_ps(a, b));
+  const __m256 cd = _mm256_add_ps(_mm256_unpacklo_ps(c, d), _mm256_unpackhi_ps(c, d));
+  const __m256d abd = _mm256_castps_pd(ab), cdd = _mm256_castps_pd(cd);
+  const __m256 t = _mm256_add_ps(_mm256_castpd_ps(_mm256_unpacklo_pd(abd, cdd)),
+                                 _mm256_castpd_ps(_mm256_unpackhi_pd(abd, cdd)));
+  return _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1));
+}
+
+template <int NR, int MB>
+QUINTET_AVX2 void micro_f32_avx2(const float* w, const float* x, int64_t K, float* y, int64_t ldy) {
+  __m256 acc[NR][MB];
+#pragma GCC unroll 8
+  for (int r = 0; r < NR; ++r)
+#pragma GCC unroll 8
+    for (int m = 0; m < MB; ++m) acc[r][m] = _mm256_setzero_ps();
+  for (int64_t k = 0; k < K; k += 8) {
+    __m256 xv[MB];
+#pragma GCC unroll 8
+    for (int m = 0; m < MB; ++m) xv[m] = _mm256_loadu_ps(x + m * K + k);
+#pragma GCC unroll 8
+    for (int r = 0; r < NR; ++r) {
+      const __m256 wv = _mm256_loadu_ps(w + r * K + k);
+#pragma GCC unroll 8
+      for (int m = 0; m < MB; ++m) acc[r][m] = _mm256_fmadd_ps(wv, xv[m], acc[r][m]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int m = 0; m < MB; ++m) {
+    if constexpr (NR == 4) {
+      _mm_storeu_ps(y + m * ldy, reduce4_avx2(acc[0][m], acc[1][m], acc[2][m], acc[3][m]));
+    } else {
+#pragma GCC unroll 8
+      for (int r = 0; r < NR; ++r) y[m * ldy + r] = hsum256(acc[r][m]);
+    }
+  }
+}
+
+template <int NR, int MB>
+QUINTET_AVX512 void micro_f32_avx512(const float* w, const float* x, int64_t K, float* y, int64_t ldy) {
+  __m512 acc[NR][MB];
+#pragma GCC unroll 8
+  for (int r = 0; r < NR; ++r)
+#pragma GCC unroll 8
+    for (int m = 0; m < MB; ++m) acc[r][m] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K; k += 16) {
+    __m512 xv[MB];
+#pragma GCC unroll 8
+    for (int m = 0; m < MB; ++m) xv[m] = _mm512_loadu_ps(x + m * K + k);
+#pragma GCC unroll 8
+    for (int r = 0; r < NR; ++r) {
+      const __m512 wv = _mm512_loadu_ps(w + r * K + k);
+#pragma GCC unroll 8
+      for (int m = 0; m < MB; ++m) acc[r][m] = _mm512_fmadd_ps(wv, xv[m], acc[r][m]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int m = 0; m < MB; ++m) {
+    if constexpr (NR == 4) {
+      _mm_storeu_ps(y + m * ldy, reduce4_avx512(acc[0][m], acc[1][m], acc[2][m], acc[3][m]));
+    } else {
+#pragma GCC unroll 8
+      for (int r = 0; r < NR; ++r) y[m * ldy + r] = _mm512_reduce_add_ps(acc[r][m]);
+    }
+  }
+}
+
+#define QUINTET_BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16,avx2,fma,f16c")))
+
+template <int NR, int MB>
+QUINTET_BF16 void micro_bf16_avx512(const uint16_t* w, const uint16_t* x, int64_t K, float* y, int64_t ldy) {
+  __m512 acc[NR][MB];
+#pragma GCC unroll 8
+  for (int r = 0; r < NR; ++r)
+#pragma GCC unroll 8
+    for (int m = 0; m < MB; ++m) acc[r][m] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K; k += 32) {
+    __m512bh xv[MB];
+#pragma GCC unroll 8
+    for (int m = 0; m < MB; ++m) xv[m] = (__m512bh)_mm512_loadu_si512(x + m * K + k);
+#pragma GCC unroll 8
+    for (int r = 0; r < NR; ++r) {
+      const __m512bh wv = (__m512bh)_mm512_loadu_si512(w + r * K + k);
+#pragma GCC unroll 8
+      for (int m = 0; m < MB; ++m) acc[r][m] = _mm512_dpbf16_ps(acc[r][m], wv, xv[m]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int m = 0; m < MB; ++m) {
+    if constexpr (NR == 4) {
+      _mm_storeu_ps(y + m * ldy, reduce4_avx512(acc[0][m], acc[1][m], acc[2][m], acc[3][m]));
+    } else {
+#pragma GCC unroll 8
+      for (int r = 0; r < NR; ++r) y[m * ldy + r] = _mm512_reduce_add_ps(acc[r][m]);
+    }
+  }
+}
+#endif  // QUINTET_X86
+
 // ------------------------------------------------------------------------------------------ ops
 void check_weights(const at::Tensor& qw, const at::Tensor& S, const at::Tensor& C, int64_t gs) {
   TORCH_CHECK(qw.device().is_cpu() && qw.scalar_type() == at::kByte && qw.dim() == 2 && qw.is_contiguous(),
@@ -796,6 +935,137 @@ at::Tensor gemv_f32(const at::Tensor& x_in, const at::Tensor& w, int64_t isa) {
     gemv_f32_scalar(p, n0, n1);
   });
   return y;
+}
+
+bool detect_bf16() {
+#if QUINTET_X86
+  __builtin_cpu_init();
+  return cpu_isa() == kAvx512 && __builtin_cpu_supports("avx512bf16");
+#else
+  return false;
+#endif
+}
+
+bool cpu_has_bf16() {
+  static const bool bf16 = detect_bf16();  // once per process, like cpu_isa
+  return bf16;
+}
+
+enum MicroKind { kMicroScalar, kMicroAvx2, kMicroAvx512, kMicroBf16 };
+
+// mb rows of x (at most MB) against nr rows of a dequantized micro-tile (at most kNR), by the kernel Fn
+// compiled for exactly those counts.
+template <typename T, int MB, template <int, int> class Fn>
+void micro_dispatch(const T* w, int nr, const T* x, int mb, int64_t K, float* y, int64_t ldy) {
+  if constexpr (MB > 1) {
+    if (mb < MB) return micro_dispatch<T, MB - 1, Fn>(w, nr, x, mb, K, y, ldy);
+  }
+  if (nr == kNR) return Fn<kNR, MB>::run(w, x, K, y, ldy);
+  for (int r = 0; r < nr; ++r) Fn<1, MB>::run(w + r * K, x, K, y + r, ldy);
+}
+
+#if QUINTET_X86
+template <int NR, int MB> struct MicroAvx2 {
+  static void run(const float* w, const float* x, int64_t K, float* y, int64_t ldy) {
+    micro_f32_avx2<NR, MB>(w, x, K, y, ldy);
+  }
+};
+template <int NR, int MB> struct MicroAvx512 {
+  static void run(const float* w, const float* x, int64_t K, float* y, int64_t ldy) {
+    micro_f32_avx512<NR, MB>(w, x, K, y, ldy);
+  }
+};
+template <int NR, int MB> struct MicroBf16 {
+  static void run(const at::BFloat16* w, const at::BFloat16* x, int64_t K, float* y, int64_t ldy) {
+    micro_bf16_avx512<NR, MB>(reinterpret_cast<const uint16_t*>(w), reinterpret_cast<const uint16_t*>(x), K, y, ldy);
+  }
+};
+#endif
+
+// Rows [n0, n1) of y for every row of x, kNR rows of W at a time through a per-thread L1 buffer.
+template <typename T>
+void micro_rows(const Problem& p, const T* x, MicroKind kind, int64_t n0, int64_t n1) {
+  thread_local std::vector<T> tile;
+  tile.resize(static_cast<size_t>(kNR * p.K));
+  const int mbmax = kind == kMicroAvx2 ? kMicroRowsAvx2 : kMicroRowsAvx512;
+  for (int64_t n = n0; n < n1; n += kNR) {
+    const int nr = static_cast<int>(std::min<int64_t>(kNR, n1 - n));
+    if constexpr (std::is_same_v<T, float>) {
+#if QUINTET_X86
+      if (kind == kMicroAvx512) dequant_rows_avx512<float>(p, 0, nr, n, tile.data());
+      else if (kind == kMicroAvx2) dequant_rows_avx2<float>(p, 0, nr, n, tile.data());
+      else
+#endif
+        dequant_rows_scalar<float>(p, 0, nr, n, tile.data());
+    } else {
+#if QUINTET_X86
+      dequant_rows_avx512<at::BFloat16>(p, 0, nr, n, tile.data());
+#endif
+    }
+    for (int64_t m = 0; m < p.M; m += mbmax) {
+      const int mb = static_cast<int>(std::min<int64_t>(mbmax, p.M - m));
+      float* y = p.y + m * p.N + n;
+      const T* xm = x + m * p.K;
+      if constexpr (std::is_same_v<T, float>) {
+#if QUINTET_X86
+        if (kind == kMicroAvx512) { micro_dispatch<float, kMicroRowsAvx512, MicroAvx512>(tile.data(), nr, xm, mb, p.K, y, p.N); continue; }
+        if (kind == kMicroAvx2) { micro_dispatch<float, kMicroRowsAvx2, MicroAvx2>(tile.data(), nr, xm, mb, p.K, y, p.N); continue; }
+#endif
+        micro_f32_scalar(tile.data(), nr, xm, mb, p.K, y, p.N);
+      } else {
+#if QUINTET_X86
+        micro_dispatch<at::BFloat16, kMicroRowsAvx512, MicroBf16>(tile.data(), nr, xm, mb, p.K, y, p.N);
+#endif
+      }
+    }
+  }
+}
+
+// The prefill matmul: y (M, N) float32 = x W^T. M <= small_rows: micro-tiles (above); more rows: tiles of
+// tile_bytes dequantized in parallel into one reused scratch and multiplied by at::mm. bf16: products in
+// bfloat16 (the caller measured it faster here), else float32.
+at::Tensor matmul_tiles(const at::Tensor& x_in, const at::Tensor& qw, const at::Tensor& S, const at::Tensor& C,
+                        int64_t gs, int64_t isa, bool bf16, int64_t small_rows, int64_t tile_bytes) {
+  check_weights(qw, S, C, gs);
+  Problem p = make_problem(qw, S, C, gs);
+  TORCH_CHECK(x_in.dim() == 2 && x_in.size(1) == p.K, "m0e4 matmul: x must be (M, ", p.K, "), got ", x_in.sizes());
+  const at::Tensor x = x_in.to(at::kFloat).contiguous();
+  const int64_t M = x.size(0), N = p.N, K = p.K;
+  const int64_t which = resolve_isa(isa);
+  if (M == 0 || N == 0) return at::zeros({M, N}, x.options());
+  if (M <= small_rows) {
+    at::Tensor y = at::empty({M, N}, x.options());
+    p.M = M;
+    p.y = y.data_ptr<float>();
+    std::vector<float> xp(static_cast<size_t>(M * K));
+    permute_into(x.data_ptr<float>(), xp.data(), M, K);
+    const int64_t grain = std::max<int64_t>(1, (1 << 18) / (kNR * K * M)) * kNR;
+    if (bf16 && which == kAvx512 && cpu_has_bf16()) {
+      std::vector<at::BFloat16> xb(xp.size());
+      for (size_t i = 0; i < xp.size(); ++i) xb[i] = static_cast<at::BFloat16>(xp[i]);  // round to nearest even
+      at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) { micro_rows<at::BFloat16>(p, xb.data(), kMicroBf16, n0, n1); });
+    } else {
+      const MicroKind kind = which == kAvx512 ? kMicroAvx512 : which == kAvx2 ? kMicroAvx2 : kMicroScalar;
+      at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) { micro_rows<float>(p, xp.data(), kind, n0, n1); });
+    }
+    return y;
+  }
+  at::Tensor xp = permute_k(x);
+  if (bf16) xp = xp.to(at::kBFloat16);
+  const int64_t item = bf16 ? 2 : 4;
+  const int64_t step = std::min<int64_t>(N, std::max<int64_t>(16, tile_bytes / (K * item) / 16 * 16));
+  thread_local std::vector<uint8_t> scratch;
+  scratch.resize(static_cast<size_t>(step * K * item));
+  const at::Tensor tile_all = at::from_blob(scratch.data(), {step, K}, xp.options());
+  at::Tensor out = at::empty({M, N}, xp.options());
+  for (int64_t n0 = 0; n0 < N; n0 += step) {
+    const int64_t rows = std::min(step, N - n0);
+    at::Tensor tile = tile_all.narrow(0, 0, rows);
+    dequantize_rows(qw, S, C, gs, n0, tile, isa);
+    at::Tensor dst = out.narrow(1, n0, rows);
+    at::mm_out(dst, xp, tile.t());
+  }
+  return bf16 ? out.to(at::kFloat) : out;
 }
 
 bool detect_vnni() {
@@ -957,6 +1227,10 @@ TORCH_LIBRARY(quintet_m0e4, m) {
   m.def(
       "swiglu_gemv(Tensor x, Tensor gu_q, Tensor gu_s, Tensor gu_o, Tensor dn_q, Tensor dn_s, Tensor dn_o, "
       "int group_size, int isa, bool int8) -> Tensor");
+  m.def(
+      "matmul_tiles(Tensor x, Tensor qweight, Tensor scales, Tensor offsets, int group_size, int isa, bool bf16, "
+      "int small_rows, int tile_bytes) -> Tensor");
+  m.def("has_bf16() -> bool", &cpu_has_bf16);
   m.def("best_isa() -> int", &best_isa);
 }
 
@@ -969,4 +1243,5 @@ TORCH_LIBRARY_IMPL(quintet_m0e4, CPU, m) {
   m.impl("swiglu_gemv", &swiglu_gemv);
   m.impl("add_rms_norm", &add_rms_norm);
   m.impl("swiglu_f32", &swiglu_f32);
+  m.impl("matmul_tiles", &matmul_tiles);
 }
