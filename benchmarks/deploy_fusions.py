@@ -7,7 +7,9 @@
 - merged QKV: three projections against one (M0E4, jamba-small attention: 512 -> 512 + 128 + 128);
 - dequantization inside the matmul: quintet's M0E4 GEMV against dequantizing the weight and a float32
   matmul, per call; and the GEMV against the dequantized-tiles path by rows (the decode / prefill split,
-  `quintet.kernels.m0e4_cpu.GEMV_MAX_ROWS`);
+  `quintet.kernels.m0e4_cpu.GEMV_MAX_ROWS`); and, on the prefill path, L1 micro-tiles with our own kernel
+  against large tiles with PyTorch's matmul, by rows (`MICRO_TILE_MAX_ROWS`), for jamba-small's gate/up and
+  down shapes;
 - the whole FP4 decode step with fusions on and off, and with float32 (the default) or bfloat16 activations;
 - the whole decode step through the modules against the engine's decode plan (the same kernel calls with
   their weights bound once, `quintet.deploy.decode_plan`), FP4 with float32 and int8 activations, and the
@@ -33,6 +35,7 @@ from quintet.deploy.engine import to_engine  # noqa: E402
 from quintet.deploy.fusions import add_rms_norm, merge_linears  # noqa: E402
 from quintet.deploy.qlinear import M0E4Linear  # noqa: E402
 from quintet.deploy.quantized_folder import load_quantized  # noqa: E402
+from quintet.kernels import m0e4_cpu  # noqa: E402
 from quintet.kernels.m0e4 import quantize_rtn  # noqa: E402
 from quintet.kernels.m0e4_cpu import m0e4_matmul, matmul_path  # noqa: E402
 from quintet.loading import load_model  # noqa: E402
@@ -43,6 +46,15 @@ from quintet.models.jamba.norm import RMSNorm  # noqa: E402
 
 def _m0e4(n: int, k: int, group: int = 64) -> M0E4Linear:
     return M0E4Linear.from_quantized(quantize_rtn(torch.randn(n, k) * 0.02, group))
+
+
+def _with_micro_rows(limit: int, args_: tuple) -> torch.Tensor:
+    """The prefill path with micro-tiles up to `limit` rows (0: large tiles only)."""
+    saved, m0e4_cpu.MICRO_TILE_MAX_ROWS = m0e4_cpu.MICRO_TILE_MAX_ROWS, limit
+    try:
+        return m0e4_matmul(*args_, path="tiles")
+    finally:
+        m0e4_cpu.MICRO_TILE_MAX_ROWS = saved
 
 
 def _row(rows: list, name: str, shape: str, unfused, fused, runs: int) -> None:
@@ -130,6 +142,19 @@ def main() -> None:
                 lambda args_=args_: m0e4_matmul(*args_, path="gemv"),
                 args.runs,
             )
+        for n, kk in ((2 * inter, h), (h, inter)):
+            layer = _m0e4(n, kk)
+            for m in (8, 16, 32, 64, 96, 128, 256, 512):
+                x = torch.randn(m, kk)
+                args_ = (x, layer.qweight, layer.scales, layer.offsets, layer.group_size)
+                _row(
+                    rows,
+                    "prefill: L1 micro-tiles vs large tiles",
+                    f"({m}, {kk}) x ({n}, {kk})",
+                    lambda args_=args_: _with_micro_rows(0, args_),
+                    lambda args_=args_, m=m: _with_micro_rows(m, args_),
+                    args.runs,
+                )
         # whole decode steps
         with tempfile.TemporaryDirectory() as tmp:
             create_model("jamba-small", Path(tmp) / "f", seed=0)
