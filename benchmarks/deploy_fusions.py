@@ -8,8 +8,8 @@
 - dequantization inside the matmul: quintet's M0E4 GEMV against dequantizing the weight and a float32
   matmul, per call; and the GEMV against the dequantized-tiles path by rows (the decode / prefill split,
   `quintet.kernels.m0e4_cpu.GEMV_MAX_ROWS`); and, on the prefill path, L1 micro-tiles with our own kernel
-  against large tiles with PyTorch's matmul, by rows (`MICRO_TILE_MAX_ROWS`), for jamba-small's gate/up and
-  down shapes;
+  against large tiles with PyTorch's matmul, by rows, with float32 and bfloat16 products (float32:
+  `MICRO_TILE_MAX_ROWS`), for jamba-small's gate/up and down shapes;
 - the whole FP4 decode step with fusions on and off, and with float32 (the default) or bfloat16 activations;
 - the whole decode step through the modules against the engine's decode plan (the same kernel calls with
   their weights bound once, `quintet.deploy.decode_plan`), FP4 with float32 and int8 activations, and the
@@ -48,13 +48,11 @@ def _m0e4(n: int, k: int, group: int = 64) -> M0E4Linear:
     return M0E4Linear.from_quantized(quantize_rtn(torch.randn(n, k) * 0.02, group))
 
 
-def _with_micro_rows(limit: int, args_: tuple) -> torch.Tensor:
-    """The prefill path with micro-tiles up to `limit` rows (0: large tiles only)."""
-    saved, m0e4_cpu.MICRO_TILE_MAX_ROWS = m0e4_cpu.MICRO_TILE_MAX_ROWS, limit
-    try:
-        return m0e4_matmul(*args_, path="tiles")
-    finally:
-        m0e4_cpu.MICRO_TILE_MAX_ROWS = saved
+def _prefill(limit: int, args_: tuple, bf16: bool) -> torch.Tensor:
+    """The prefill matmul with micro-tiles up to `limit` rows (0: large tiles only)."""
+    x, q, s, o, g = args_
+    code = m0e4_cpu.ISAS.index(m0e4_cpu.isa())
+    return m0e4_cpu._kernel.get().matmul_tiles(x, q, s, o, g, code, bf16, limit, m0e4_cpu.TILE_BYTES)
 
 
 def _row(rows: list, name: str, shape: str, unfused, fused, runs: int) -> None:
@@ -142,19 +140,20 @@ def main() -> None:
                 lambda args_=args_: m0e4_matmul(*args_, path="gemv"),
                 args.runs,
             )
-        for n, kk in ((2 * inter, h), (h, inter)):
-            layer = _m0e4(n, kk)
-            for m in (8, 16, 32, 64, 96, 128, 256, 512):
-                x = torch.randn(m, kk)
-                args_ = (x, layer.qweight, layer.scales, layer.offsets, layer.group_size)
-                _row(
-                    rows,
-                    "prefill: L1 micro-tiles vs large tiles",
-                    f"({m}, {kk}) x ({n}, {kk})",
-                    lambda args_=args_: _with_micro_rows(0, args_),
-                    lambda args_=args_, m=m: _with_micro_rows(m, args_),
-                    args.runs,
-                )
+        for bf16 in (False, True):
+            for n, kk in ((2 * inter, h), (h, inter)):
+                layer = _m0e4(n, kk)
+                for m in (8, 16, 32, 64, 96, 128, 256, 512):
+                    x = torch.randn(m, kk)
+                    args_ = (x, layer.qweight, layer.scales, layer.offsets, layer.group_size)
+                    _row(
+                        rows,
+                        f"prefill: L1 micro-tiles vs large tiles, {'bfloat16' if bf16 else 'float32'}",
+                        f"({m}, {kk}) x ({n}, {kk})",
+                        lambda args_=args_, bf16=bf16: _prefill(0, args_, bf16),
+                        lambda args_=args_, m=m, bf16=bf16: _prefill(m, args_, bf16),
+                        args.runs,
+                    )
         # whole decode steps
         with tempfile.TemporaryDirectory() as tmp:
             create_model("jamba-small", Path(tmp) / "f", seed=0)

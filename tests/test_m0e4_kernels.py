@@ -69,16 +69,43 @@ def test_tiles_equal_dequantized_matmul(monkeypatch, isa, dtype):
         codes, scales, offsets = every_code_weight(n, k, group_size, seed=group_size)
         qweight = pack_codes(codes)
         w = dequantize(codes, scales, offsets, group_size)
-        # micro-tiles for a few rows (every block of rows and of W, ragged ends), large tiles past them
+        # micro-tiles for a few rows (every block of rows and of W, ragged ends), large tiles past them;
+        # and each of the two forced at every row count
         limit = m0e4_cpu.MICRO_TILE_MAX_ROWS
+        code = ISAS.index(isa)
         for rows in (1, 5, 23, limit, limit + 1):
             x = torch.randn(rows, k, generator=torch.Generator().manual_seed(rows))
-            y = m0e4_matmul(x, qweight, scales, offsets, group_size, path="tiles")
-            assert y.shape == (rows, n) and y.dtype == torch.float32
-            if dtype == "float32":
-                check_close(y, x, w, 2e-6)
-            else:  # x and the tile rounded to bfloat16 (8 bits of mantissa) once each
-                check_close(y, x, w, 2 * 2**-8)
+            ys = [
+                m0e4_matmul(x, qweight, scales, offsets, group_size, path="tiles"),
+                *(
+                    m0e4_cpu._kernel.get().matmul_tiles(
+                        x, qweight, scales, offsets, group_size, code, dtype == "bfloat16", small, 1 << 14
+                    )
+                    for small in (0, rows)
+                ),
+            ]
+            for y in ys:
+                assert y.shape == (rows, n) and y.dtype == torch.float32
+                if dtype == "float32":
+                    check_close(y, x, w, 2e-6)
+                else:  # x and the tile rounded to bfloat16 (8 bits of mantissa) once each, and the output
+                    check_close(y, x, w, 3 * 2**-8)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_prefill_rows_do_not_depend_on_the_other_rows(monkeypatch, dtype):
+    """Where the prefill path is our own kernel (bfloat16 products on AVX-512 BF16: every row count;
+    float32: up to MICRO_TILE_MAX_ROWS), a row's result is the same bits alone or among others."""
+    monkeypatch.setenv(m0e4_cpu.DTYPE_ENV, dtype)
+    q = quantize_rtn(torch.randn(200, 256), 64)
+    args_ = (pack_codes(q.codes), q.scales, q.offsets, 64)
+    x = torch.randn(300, 256)
+    own = dtype == "bfloat16" and m0e4_cpu.isa() == "avx512" and m0e4_cpu._kernel.bf16
+    rows = 300 if own else m0e4_cpu.MICRO_TILE_MAX_ROWS
+    together = m0e4_matmul(x[:rows], *args_, path="tiles")
+    for i in (0, 7, rows - 1):
+        assert torch.equal(m0e4_matmul(x[i : i + 1], *args_, path="tiles")[0], together[i])
+        assert torch.equal(m0e4_matmul(x[i : i + 9], *args_, path="tiles")[0], together[i])
 
 
 def test_matmul_keeps_batch_shape_dtype_and_bias():

@@ -11,12 +11,15 @@ rows of x (`gemv_max_rows()`):
   and scalar: the M0E4 bit trick, `0x3F800000 | q << 19` is the float 1 + q/16), accumulated in float32,
   output rows split over `torch.get_num_threads()` threads.
 - prefill (more rows), products in `matmul_dtype()`: float32 or bfloat16, whichever this CPU runs faster,
-  measured once per process (bfloat16 only pays where the CPU has native bf16 dot products). Up to
-  `MICRO_TILE_MAX_ROWS` rows (a prompt chunk after a cached prefix, the tokens one expert receives): four
-  rows of W at a time dequantized into a per-thread buffer that stays in L1 and multiplied by our own
+  measured once per process (bfloat16 only pays where the CPU has native bf16 dot products). Micro-tiles:
+  four rows of W at a time dequantized into a per-thread buffer that stays in L1 and multiplied by our own
   register-blocked kernel (AVX-512 BF16 `vdpbf16ps`, or float32 FMA on AVX-512 / AVX2), so each weight is
-  dequantized once per call whatever the rows. More rows: tiles of `TILE_BYTES` of the weight dequantized
-  into one reused scratch buffer and multiplied by PyTorch's matmul.
+  dequantized once per call whatever the rows; large tiles: `TILE_BYTES` of the weight dequantized into
+  one reused scratch buffer and multiplied by PyTorch's matmul. bfloat16 products on AVX-512 BF16 take
+  micro-tiles at every row count (float32 outputs, where PyTorch's bfloat16 matmul rounds its outputs to
+  bfloat16, and each row's result independent of the other rows); float32 products take micro-tiles up to
+  `MICRO_TILE_MAX_ROWS` rows (a prompt chunk after a cached prefix, the tokens one expert receives) and
+  large tiles past them.
 
 No float copy of a weight is ever kept. The instruction set is chosen at run time from what the CPU has
 (`isa()`); `QUINTET_M0E4_ISA=scalar|avx2|avx512` forces a lower one (tests run each). The extension is
@@ -63,6 +66,7 @@ ISAS = ("scalar", "avx2", "avx512")  # index = the kernel's isa code
 GEMV_MAX_ROWS = 8  # more rows go through dequantized tiles (benchmarks/deploy_fusions.py measures the split)
 TILE_BYTES = 1 << 19  # scratch per tile: fits the L2 cache of the CPUs we run on
 MICRO_TILE_MAX_ROWS = 96  # up to this many rows, L1 micro-tiles and our own kernel (deploy_fusions measures)
+EVERY_ROW = 1 << 40
 PATHS = ("auto", "gemv", "tiles")
 ACTIVATIONS = ("float32", "int8")
 _ACTIVATIONS: ContextVar[str] = ContextVar("m0e4_activations", default="float32")
@@ -88,6 +92,7 @@ class _Kernel(LazyExtension):
         )
         self.best = 0
         self.vnni = False
+        self.bf16 = False
         self.codes: dict[str, int] = {}
         self.float_code: int | None = None  # QUINTET_M0E4_ISA's value -> the kernel's isa code
         self.dtype: torch.dtype | None = None
@@ -95,6 +100,7 @@ class _Kernel(LazyExtension):
     def loaded(self, ops: Any) -> None:
         self.best = int(ops.best_isa())
         self.vnni = bool(ops.has_vnni())
+        self.bf16 = bool(ops.has_bf16())
         _register_fakes()
 
 
@@ -254,6 +260,10 @@ def _tiles(
 ) -> torch.Tensor:
     bf16 = matmul_dtype() == torch.bfloat16
     rows = MICRO_TILE_MAX_ROWS
+    if bf16 and code == ISAS.index("avx512") and _kernel.bf16:
+        # bfloat16 dot products in our own kernel at every row count: float32 outputs (PyTorch's bfloat16
+        # matmul rounds them to bfloat16), and each row's result independent of the other rows
+        rows = EVERY_ROW
     return ops.matmul_tiles(x, qweight, scales, offsets, group_size, code, bf16, rows, TILE_BYTES)
 
 
