@@ -1037,16 +1037,16 @@ at::Tensor matmul_tiles(const at::Tensor& x_in, const at::Tensor& qw, const at::
     at::Tensor y = at::empty({M, N}, x.options());
     p.M = M;
     p.y = y.data_ptr<float>();
-    std::vector<float> xp(static_cast<size_t>(M * K));
-    permute_into(x.data_ptr<float>(), xp.data(), M, K);
+    const at::Tensor xp = permute_k(x);  // parallel; the bfloat16 copy by PyTorch's vectorised cast (RNE)
     const int64_t grain = std::max<int64_t>(1, (1 << 18) / (kNR * K * M)) * kNR;
     if (bf16 && which == kAvx512 && cpu_has_bf16()) {
-      std::vector<at::BFloat16> xb(xp.size());
-      for (size_t i = 0; i < xp.size(); ++i) xb[i] = static_cast<at::BFloat16>(xp[i]);  // round to nearest even
-      at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) { micro_rows<at::BFloat16>(p, xb.data(), kMicroBf16, n0, n1); });
+      const at::Tensor xb = xp.to(at::kBFloat16);
+      const at::BFloat16* xbp = xb.data_ptr<at::BFloat16>();
+      at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) { micro_rows<at::BFloat16>(p, xbp, kMicroBf16, n0, n1); });
     } else {
       const MicroKind kind = which == kAvx512 ? kMicroAvx512 : which == kAvx2 ? kMicroAvx2 : kMicroScalar;
-      at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) { micro_rows<float>(p, xp.data(), kind, n0, n1); });
+      const float* xpp = xp.data_ptr<float>();
+      at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) { micro_rows<float>(p, xpp, kind, n0, n1); });
     }
     return y;
   }
