@@ -1,7 +1,12 @@
-"""The engine's decode plan: the same kernel calls as the modules, so the same logits to the bit."""
+"""The engine's decode plan: one native call per step (`DecodeProgram`), the same kernels as the modules.
+
+Attention is the program's own loop (the modules call SDPA), so its logits equal the modules' within float32
+rounding, not to the bit; what must hold to the bit is that a row's result does not depend on the rows
+beside it (the server batches its slots)."""
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from quintet.deploy.engine import to_engine
 from quintet.deploy.quantize import QuantConfig, quantize
@@ -54,13 +59,16 @@ def _decode(engine, use_plan: bool, steps: int = 12, rows: int = 1) -> tuple[tor
     [(True, "float32"), (True, "int8"), (False, "float32")],
     ids=["fp4", "int8", "float"],
 )
-def test_plan_gives_the_modules_logits_bit_for_bit(quantized, activations):
+def test_plan_gives_the_modules_logits(quantized, activations):
     engine = _engine(quantized, activations)
     with torch.inference_mode():
         ref, _ = _decode(engine, use_plan=False)
         got, ran = _decode(engine, use_plan=True)
     assert ran == 12  # every one-token step ran through the plan, none through the modules
-    assert torch.equal(got, ref)
+    # float32: rounding only. int8: a last-bit difference can move an activation to the next int8 level.
+    tol = 1e-5 if activations == "float32" else 3e-2
+    assert (got - ref).abs().max() < tol
+    assert torch.equal(got.argmax(-1), ref.argmax(-1))
 
 
 @pytest.mark.parametrize("activations", ["float32", "int8"])
@@ -70,7 +78,65 @@ def test_plan_runs_a_batch_of_rows_as_the_modules_do(activations):
         ref, _ = _decode(engine, use_plan=False, rows=3)  # the MoE's sorted dispatch, each expert once
         got, ran = _decode(engine, use_plan=True, rows=3)
     assert ran == 12 and got.shape[0] == 3
-    assert torch.equal(got, ref)
+    tol = 1e-5 if activations == "float32" else 3e-2
+    assert (got - ref).abs().max() < tol
+
+
+@pytest.mark.parametrize("activations", ["float32", "int8"])
+def test_a_rows_logits_do_not_depend_on_the_rows_beside_it(activations):
+    """Each row alone, then the three in one batch (rows of different lengths, as a server's slots): the
+    same bits."""
+    engine = _engine(True, activations)
+    prompts = [torch.arange(3, 20), torch.arange(30, 39), torch.arange(60, 84)]
+    steps = [[40 + 7 * t + 3 * r for t in range(6)] for r in range(3)]
+
+    def run(rows: list[int]) -> torch.Tensor:
+        from quintet.serve.slots import SlotCache
+
+        slots = SlotCache(max_batch=len(rows), max_length=128)
+        for i, r in enumerate(rows):
+            cache = engine.new_cache()
+            engine(prompts[r].unsqueeze(0), cache=cache, logits_to_keep=1)
+            slots.load(i, cache)
+        out = []
+        for t in range(6):
+            ids = torch.tensor([[steps[r][t]] for r in rows])
+            logits = engine.decode_plan(ids, slots.rows(0, len(rows)))
+            assert logits is not None
+            out.append(logits)
+        return torch.cat(out, dim=1)
+
+    with torch.inference_mode():
+        alone = torch.cat([run([r]) for r in range(3)])
+        together = run([0, 1, 2])
+    assert torch.equal(alone, together)
+
+
+@pytest.mark.parametrize("isa", m0e4_cpu.ISAS)
+@pytest.mark.parametrize(
+    "heads,kv_heads,head_dim", [(8, 2, 64), (8, 8, 64), (16, 4, 128), (6, 3, 32), (8, 2, 48)]
+)
+def test_attention_step_equals_sdpa(isa, heads, kv_heads, head_dim):
+    """The program's attention op writes each row's new K/V at its position and attends to keys 0..position,
+    as SDPA does over those keys; every instruction set, the AVX-512 fast shapes and the generic loops."""
+    code = m0e4_cpu.ISAS.index(isa)
+    if code > m0e4_cpu.ISAS.index(m0e4_cpu.isa()):
+        pytest.skip(f"this CPU does not run {isa}")
+    torch.manual_seed(0)
+    ops = m0e4_cpu._kernel.get()
+    rows, cap, d = 3, 200, head_dim
+    keys, values = torch.randn(rows, kv_heads, cap, d), torch.randn(rows, kv_heads, cap, d)
+    qkv = 2 * torch.randn(rows, (heads + 2 * kv_heads) * d)
+    positions = torch.tensor([5, 130, 0])
+    k_out, v_out = keys.clone(), values.clone()
+    out = ops.attend_decode(qkv, k_out, v_out, positions, heads, kv_heads, d, d**-0.5, code)
+    q, k, v = qkv.split([heads * d, kv_heads * d, kv_heads * d], dim=-1)
+    for r, p in enumerate(positions.tolist()):
+        keys[r, :, p], values[r, :, p] = k[r].view(kv_heads, d), v[r].view(kv_heads, d)
+        k_r, v_r = keys[r : r + 1, :, : p + 1], values[r : r + 1, :, : p + 1]
+        ref = F.scaled_dot_product_attention(q[r].view(1, heads, 1, d), k_r, v_r, enable_gqa=True)
+        torch.testing.assert_close(out[r], ref.reshape(-1), rtol=1e-5, atol=1e-5)
+    assert torch.equal(k_out, keys) and torch.equal(v_out, values)
 
 
 def test_plan_rebinds_when_the_instruction_set_changes(monkeypatch):
@@ -82,7 +148,7 @@ def test_plan_rebinds_when_the_instruction_set_changes(monkeypatch):
         ref, _ = _decode(engine, use_plan=False)
         got, ran = _decode(engine, use_plan=True)
     assert engine.decode_plan.key != first and ran == 12
-    assert torch.equal(got, ref)  # the scalar kernels, through both paths
+    assert (got - ref).abs().max() < 1e-5  # the scalar kernels, through both paths
 
 
 def test_plan_steps_aside_without_kernels_batches_or_unfused_models(monkeypatch):

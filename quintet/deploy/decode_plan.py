@@ -1,136 +1,134 @@
-"""The engine's decode step as a list of kernel calls with their weights bound.
+"""The engine's decode step in one native call, its weights bound once.
 
 A decode step of a Jamba engine is some sixty kernel calls (M0E4 or float GEMVs, the fused Mamba step,
-SwiGLU, residual + RMSNorm), and running them through the modules costs more Python than the kernels
-take: every module call, attribute lookup, dtype/device/grad check and environment read, at every layer
-of every token. `DecodePlan` walks the fused model once and keeps, per layer, the kernel calls the
-modules would make with their weights already bound, so that a step is the calls alone, in the model's
-own order: input norm, mixer (the fused Mamba step, or the model's attention module), residual + norm,
-feed-forward (the SwiGLU kernel, or the MoE router, top-k and the chosen experts' SwiGLU), residual.
+SwiGLU, residual + RMSNorm, attention over the cached keys), and making them from Python, with the small
+PyTorch ops between them, cost about a third of a token's time. `DecodePlan` walks the fused model once and
+hands its weights, layer by layer, to the kernel library's `DecodeProgram` (`quintet/kernels/csrc/
+decode_step.cpp`), which then runs a whole step from C++: the same kernels the modules call, in the model's
+own order (input norm, mixer, residual + norm, feed-forward, residual), with the caches updated in place.
+The math stays written once, in `quintet.models.jamba` and the kernels; what the plan adds is the binding.
+Attention is the program's own loop over the valid keys (the modules call PyTorch's SDPA): the logits agree
+with the modules' within float32 rounding (tests), and a row's result does not depend on the rows beside it.
 
-It makes exactly the calls the modules make (the same kernels on the same arguments: the tests check
-bit-for-bit equality with the module path), so the math is still written once, in `quintet.models.jamba`
-and the kernels; what the plan adds is only the binding. It runs decode steps (one new token for each of
-at most `gemv_max_rows()` rows: a generation, or a server's batch of slots) without tracing. Anything
-else, or a model it cannot bind (layers not fused, weights it does not know, kernels not built), takes
-the modules. It rebinds when what the calls depend on changes (the instruction set chosen through the
-environment, the decode activations).
+It runs decode steps (one new token for each of at most `gemv_max_rows()` rows: a generation, or a
+server's batch of slots) on caches that give it their buffers (`decode_state`: the engine's
+`SubTensorKVCache`, the server's slot rows), without tracing. Anything else, or a model it cannot bind
+(layers not fused, weights it does not know, kernels not built), takes the modules. It rebinds when what
+the kernels depend on changes (the instruction set chosen through the environment, the decode
+activations).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import math
+from typing import Any
 
 import torch
 
 from quintet.deploy.fusions import EngineRMSNorm, FusedSwiGLU
+from quintet.deploy.qlinear import M0E4Embedding
 from quintet.kernels import selective_scan_cpu as scan
-from quintet.kernels.m0e4_cpu import (
-    bind_add_rms_norm,
-    bind_linear,
-    bind_swiglu,
-    decode_binding,
-    gemv_max_rows,
-)
+from quintet.kernels.m0e4_cpu import decode_binding, gemv_max_rows
 from quintet.models.jamba import JambaForCausalLM
-from quintet.models.jamba.cache import HybridCache
 from quintet.models.jamba.moe import JambaSparseMoeBlock
 from quintet.models.jamba.tracing import current_trace
-
-Step = Callable[[torch.Tensor, HybridCache], torch.Tensor]
 
 
 class CannotBind(Exception):
     """The model holds a module the plan does not know how to bind: the modules run instead."""
 
 
-def _need(call):
-    if call is None:
+def _f32(t: torch.Tensor | None) -> torch.Tensor | None:
+    if t is None:
+        return None
+    if t.dtype != torch.float32:
         raise CannotBind
-    return call
+    return t.contiguous()
 
 
-def _norm(norm, binding):
-    if not isinstance(norm, EngineRMSNorm):
-        raise CannotBind
-    return _need(bind_add_rms_norm(norm.weight, norm.eps, binding))
+class _Builder:
+    """Hands the fused model's weights to a `DecodeProgram`, layer by layer."""
 
+    def __init__(self, program: Any):
+        self.program = program
 
-def _feed_forward(ff, binding) -> Callable[[torch.Tensor], torch.Tensor]:
-    if isinstance(ff, FusedSwiGLU):
-        return _need(bind_swiglu(ff.gate_up_proj, ff.down_proj, binding))
-    if not isinstance(ff, JambaSparseMoeBlock):
-        raise CannotBind
-    router = _need(bind_linear(ff.router, binding))
-    experts = [_feed_forward(e, binding) for e in ff.experts]
-    top_k, n_experts = ff.top_k, ff.num_experts
+    def linear(self, module: Any) -> int:
+        bias = _f32(module.bias)
+        if hasattr(module, "qweight"):
+            q, scales, offsets = module.qweight, module.scales, module.offsets
+            return self.program.add_m0e4(q, scales, offsets, module.group_size, bias)
+        weight = getattr(module, "weight", None)
+        if not isinstance(weight, torch.Tensor):
+            raise CannotBind
+        return self.program.add_float(_f32(weight), bias)
 
-    def moe(h: torch.Tensor) -> torch.Tensor:  # JambaSparseMoeBlock.forward's decode paths, op for op
-        probs = torch.softmax(router(h), dim=-1, dtype=torch.float32)
-        weights, chosen = torch.topk(probs, top_k, dim=-1)
-        if h.shape[0] == 1:  # one token: its k experts
-            out = None
-            for e, w in zip(chosen[0].tolist(), weights[0].tolist(), strict=True):
-                y = experts[e](h) * w
-                out = y if out is None else out + y
-            return out
-        flat = chosen.reshape(-1)  # a few rows: each expert once, on the rows routed to it
-        order = torch.argsort(flat, stable=True)
-        token_of = order // top_k
-        counts = torch.bincount(flat, minlength=n_experts).tolist()
-        pieces = h.index_select(0, token_of).split(counts)
-        out = torch.cat([experts[e](p) if len(p) else p for e, p in enumerate(pieces)])
-        out = out * weights.reshape(-1)[order].unsqueeze(-1)
-        return torch.zeros_like(h).index_add_(0, token_of, out)
+    def swiglu(self, ff: Any) -> tuple[int, int]:
+        if not isinstance(ff, FusedSwiGLU):
+            raise CannotBind
+        gate_up, down = ff.gate_up_proj, ff.down_proj
+        quantized = [hasattr(m, "qweight") for m in (gate_up, down)]
+        if gate_up.bias is not None or down.bias is not None or quantized[0] != quantized[1]:
+            raise CannotBind
+        if quantized[0] and gate_up.group_size != down.group_size:
+            raise CannotBind
+        return self.linear(gate_up), self.linear(down)
 
-    return moe
+    def feed_forward(self, ff: Any) -> None:
+        if isinstance(ff, JambaSparseMoeBlock):
+            router = self.linear(ff.router)
+            pairs = [self.swiglu(e) for e in ff.experts]
+            self.program.set_moe(router, [p[0] for p in pairs], [p[1] for p in pairs], ff.top_k)
+        else:
+            self.program.set_swiglu(*self.swiglu(ff))
 
+    def mamba(self, mixer: Any) -> None:
+        eps = {mixer.dt_layernorm.eps, mixer.b_layernorm.eps, mixer.c_layernorm.eps}
+        if mixer.frozen_A is None or len(eps) != 1:  # the fused step has one eps
+            raise CannotBind
+        x_proj = getattr(mixer.x_proj, "weight", None)
+        if not isinstance(x_proj, torch.Tensor):
+            raise CannotBind
+        d = mixer.d_inner
+        self.program.set_mamba(
+            self.linear(mixer.in_proj), self.linear(mixer.out_proj),
+            _f32(mixer.conv1d.weight.reshape(d, -1)), _f32(mixer.conv1d.bias), _f32(x_proj),
+            _f32(mixer.dt_layernorm.weight), _f32(mixer.b_layernorm.weight), _f32(mixer.c_layernorm.weight),
+            float(mixer.dt_layernorm.eps), _f32(mixer.dt_proj.weight),
+            _f32(mixer.dt_proj.bias), _f32(mixer.frozen_A), _f32(mixer.D),
+        )  # fmt: skip
 
-def _mamba(mixer, binding) -> Step:
-    if mixer.frozen_A is None:
-        raise CannotBind
-    in_proj = _need(bind_linear(mixer.in_proj, binding))
-    out_proj = _need(bind_linear(mixer.out_proj, binding))
-    x_proj = mixer.x_proj.weight
-    if x_proj.dtype != torch.float32:
-        raise CannotBind
-    step = _need(
-        scan.bind_mixer_step(
-            mixer.conv1d.weight, mixer.conv1d.bias, x_proj, mixer.dt_layernorm.weight,
-            mixer.b_layernorm.weight, mixer.c_layernorm.weight, mixer.dt_layernorm.eps,
-            mixer.dt_proj.weight, mixer.dt_proj.bias, mixer.A_log, mixer.D, mixer.frozen_A,
-        )
-    )  # fmt: skip
-    idx = mixer.layer_idx
+    def attention(self, attn: Any) -> None:
+        if attn.qkv_proj is None:
+            raise CannotBind
+        d = attn.head_dim
+        self.program.set_attention(
+            self.linear(attn.qkv_proj), self.linear(attn.o_proj), attn.num_heads, attn.num_kv_heads, d,
+            1.0 / math.sqrt(d),
+        )  # fmt: skip
 
-    def run(h: torch.Tensor, cache: HybridCache) -> torch.Tensor:  # JambaMambaMixer._fused_step
-        conv_state, ssm_state = cache.mamba_state(idx)
-        y, conv_state, ssm_state = step(in_proj(h), conv_state, ssm_state)
-        cache.set_mamba_state(idx, conv_state, ssm_state)
-        return out_proj(y)
-
-    return run
-
-
-def _layer(layer, binding) -> Step:
-    norm_in = _norm(layer.input_layernorm, binding)
-    add_norm = _norm(layer.pre_ff_layernorm, binding)
-    ff = _feed_forward(layer.feed_forward, binding)
-    if layer.is_attention:
-        attention = layer.self_attn
-
-        def mix(h: torch.Tensor, cache: HybridCache) -> torch.Tensor:
-            return attention(h.unsqueeze(1), None, cache)[:, 0]
-
-    else:
-        mix = _mamba(layer.mamba, binding)
-
-    def run(x: torch.Tensor, cache: HybridCache) -> torch.Tensor:  # JambaDecoderLayer.forward
-        h = mix(norm_in(x, None)[1], cache)
-        x, h = add_norm(x, h)
-        return x + ff(h)
-
-    return run
+    def model(self, lm: JambaForCausalLM) -> None:
+        norms = [lm.model.final_layernorm]
+        for layer in lm.model.layers:
+            norms += [layer.input_layernorm, layer.pre_ff_layernorm]
+        if not all(isinstance(n, EngineRMSNorm) for n in norms):
+            raise CannotBind
+        for layer in lm.model.layers:
+            a, b = layer.input_layernorm, layer.pre_ff_layernorm
+            self.program.add_layer(_f32(a.weight), float(a.eps), _f32(b.weight), float(b.eps))
+            if layer.is_attention:
+                self.attention(layer.self_attn)
+            else:
+                self.mamba(layer.mamba)
+            self.feed_forward(layer.feed_forward)
+        embed = lm.model.embed_tokens
+        if isinstance(embed, M0E4Embedding) and embed.out_dtype == torch.float32:
+            self.program.set_embedding(embed.qweight, embed.scales, embed.offsets, embed.group_size)
+        elif type(embed) is torch.nn.Embedding:
+            self.program.set_embedding(_f32(embed.weight), None, None, 0)
+        else:
+            raise CannotBind
+        final = lm.model.final_layernorm
+        self.program.set_final(_f32(final.weight), float(final.eps), self.linear(lm.lm_head))
 
 
 class DecodePlan:
@@ -140,41 +138,37 @@ class DecodePlan:
     def __init__(self, lm: JambaForCausalLM):
         self.lm = lm
         self.key: tuple | None = None
-        self.layers: list[Step] | None = None
-        self.mamba_layers = [i for i, layer in enumerate(lm.model.layers) if not layer.is_attention]
+        self.program: Any = None
+        layers = lm.model.layers
+        self.mamba_layers = [i for i, layer in enumerate(layers) if not layer.is_attention]
+        self.attention_layers = [i for i, layer in enumerate(layers) if layer.is_attention]
 
-    def _bind(self, binding) -> None:
-        model = self.lm.model
+    def _bind(self, binding: tuple[Any, int, int, str]) -> None:
+        _, code, float_code, activations = binding
+        program = torch.classes.quintet_m0e4.DecodeProgram(code, float_code, activations == "int8")
         try:
-            layers = [_layer(layer, binding) for layer in model.layers]
-            final = _norm(model.final_layernorm, binding)
-            head = _need(bind_linear(self.lm.lm_head, binding))
+            _Builder(program).model(self.lm)
         except CannotBind:
-            self.layers = None
-            return
-        self.layers, self.final, self.head = layers, final, head
+            program = None
+        self.program = program
 
     def __call__(self, input_ids: torch.Tensor, cache) -> torch.Tensor | None:
         rows, length = input_ids.shape
         if cache is None or length != 1 or rows > gemv_max_rows() or current_trace() is not None:
             return None
+        decode_state = getattr(cache, "decode_state", None)
         binding = decode_binding()
-        if binding is None:
+        if decode_state is None or binding is None or scan._loader.get() is None:
             return None
-        key = (id(binding[0]), *binding[1:], scan._loader.get() is not None)
+        key = (id(binding[0]), *binding[1:])
         if key != self.key:
             self.key = key
             self._bind(binding)
-        if self.layers is None or scan._loader.get() is None:
+        if self.program is None:
             return None
-        for i in self.mamba_layers:
-            conv_state, ssm_state = cache.mamba_state(i)
-            if conv_state is None or ssm_state is None:
-                return None  # no prompt yet: the modules run the first step
-        x = self.lm.model.embed_tokens(input_ids)[:, 0]
-        if x.dtype != torch.float32 or x.requires_grad:
-            return None
-        for layer in self.layers:
-            x = layer(x, cache)
+        state = decode_state(self.mamba_layers, self.attention_layers, rows)
+        if state is None:
+            return None  # no prompt yet, or buffers the program cannot write in place: the modules run
+        logits = self.program.step(input_ids[:, 0], *state)
         cache.advance(1)
-        return self.head(self.final(x, None)[1]).unsqueeze(1)
+        return logits.unsqueeze(1)

@@ -84,6 +84,21 @@ class SubTensorKVCache(HybridCache):
         t = self.attended_length(end)
         return self.keys[layer][:, :, :t], self.values[layer][:, :, :t]
 
+    def decode_state(self, mamba_layers: list[int], attention_layers: list[int], rows: int) -> tuple | None:
+        """What a native decode step (`quintet.deploy.decode_plan`) updates in place for one new token per
+        row: (conv states, SSM states, K buffers, V buffers, positions); None where it cannot (no prompt
+        yet, another dtype or batch, a K/V buffer that must grow first: the modules run that step)."""
+        conv = [self.conv_states[i] for i in mamba_layers]
+        ssm = [self.ssm_states[i] for i in mamba_layers]
+        keys = [self.keys[i] for i in attention_layers]
+        values = [self.values[i] for i in attention_layers]
+        for t in conv + ssm + keys + values:
+            if t is None or t.dtype != torch.float32 or t.shape[0] != rows or not t.is_contiguous():
+                return None
+        if any(k.shape[2] <= self.seq_length for k in keys):
+            return None
+        return conv, ssm, keys, values, torch.full((rows,), self.seq_length, dtype=torch.long)
+
     def reset(self) -> None:
         """Start a new sequence in the same buffers (no reallocation)."""
         self.seq_length = 0

@@ -71,7 +71,8 @@ PATHS = ("auto", "gemv", "tiles")
 ACTIVATIONS = ("float32", "int8")
 _ACTIVATIONS: ContextVar[str] = ContextVar("m0e4_activations", default="float32")
 _PATH: ContextVar[str] = ContextVar("m0e4_matmul_path", default="auto")
-_SOURCE = Path(__file__).resolve().parent / "csrc" / "m0e4_gemm.cpp"
+_CSRC = Path(__file__).resolve().parent / "csrc"
+_SOURCES = [_CSRC / "m0e4_gemm.cpp", _CSRC / "decode_step.cpp"]  # one library
 _CFLAGS = ["-O3", "-fopenmp", "-ffp-contract=fast"]  # no -march: the source picks its ISA per function
 
 log = logging.getLogger(__name__)
@@ -84,7 +85,7 @@ class _Kernel(LazyExtension):
         super().__init__(
             "quintet_m0e4_ops",
             "quintet_m0e4",
-            [_SOURCE],
+            _SOURCES,
             _CFLAGS,
             ["-fopenmp"],
             DISABLE_ENV,

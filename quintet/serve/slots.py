@@ -114,6 +114,24 @@ class RowsView:
         """(rows, 1, 1, keys): row i attends to its own positions 0..positions[i] (the new token too)."""
         return (torch.arange(keys)[None, :] <= self.positions[:, None])[:, None, None]
 
+    def decode_state(self, mamba_layers: list[int], attention_layers: list[int], rows: int) -> tuple | None:
+        """These rows' states and K/V buffers, views that a native decode step (`quintet.deploy.decode_plan`)
+        updates in place, and where each row's new token goes; None where it cannot run."""
+        s, e = self.start, self.end
+        slots = self.slots
+        if rows != e - s or int(self.positions.max()) >= slots.capacity:
+            return None
+        try:
+            conv = [slots.conv[i][s:e] for i in mamba_layers]
+            ssm = [slots.ssm[i][s:e] for i in mamba_layers]
+            keys = [slots.keys[i][s:e] for i in attention_layers]
+            values = [slots.values[i][s:e] for i in attention_layers]
+        except KeyError:  # a layer's buffers are made by the first sequence loaded
+            return None
+        if any(t.dtype != torch.float32 for t in conv + ssm + keys + values):
+            return None
+        return conv, ssm, keys, values, self.positions
+
     def mamba_state(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.slots.conv[layer][self.start : self.end], self.slots.ssm[layer][self.start : self.end]
 

@@ -32,6 +32,10 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "fast_math.h"
+#include "m0e4_ops.h"
+#include "simd.h"
+
 #include <algorithm>
 #include <optional>
 #include <tuple>
@@ -41,20 +45,17 @@
 #include <type_traits>
 #include <vector>
 
-#if defined(__x86_64__) || defined(_M_X64)
-#include <immintrin.h>
-#define QUINTET_X86 1
-#else
-#define QUINTET_X86 0
-#endif
 
-namespace {
+namespace quintet_m0e4 {
+
+#if QUINTET_X86
+using quintet_simd::reduce4_avx2;
+using quintet_simd::reduce4_avx512;
+#endif
 
 constexpr uint32_t kOne = 0x3F800000u;  // float32 bits of 1.0f
 constexpr int kShift = 19;               // 23 mantissa bits - 4 code bits
 constexpr int kChunk = 32;               // codes per 16-byte chunk, the unit of the permuted order
-
-enum Isa : int64_t { kScalar = 0, kAvx2 = 1, kAvx512 = 2 };
 
 int64_t detect_isa() {
 #if QUINTET_X86
@@ -148,7 +149,6 @@ void dequant_rows_scalar(const Problem& p, int64_t r0, int64_t r1, int64_t row_b
 
 #if QUINTET_X86
 // ------------------------------------------------------------------------------------------ AVX2
-#define QUINTET_AVX2 __attribute__((target("avx2,fma,f16c")))
 
 QUINTET_AVX2 inline void row_params_f16c(const Problem& p, int64_t n, float* s, float* ncs) {
   const int64_t G = p.K / p.gs;
@@ -286,7 +286,6 @@ QUINTET_AVX2 void dequant_rows_avx2(const Problem& p, int64_t r0, int64_t r1, in
 }
 
 // ------------------------------------------------------------------------------------------ AVX-512
-#define QUINTET_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx2,fma,f16c")))
 
 // The 16 weights a group's codes stand for: lane q holds (h_q - c) * S, h_q = 1 + q/16 by the bit trick.
 QUINTET_AVX512 inline __m512 group_table_avx512(float s, float ncs) {
@@ -461,6 +460,8 @@ QUINTET_AVX512 void dequant_rows_avx512(const Problem& p, int64_t r0, int64_t r1
 // instruction; for that xq is laid out per 128 codes as the 64 even positions, then the 64 odd, so that
 // the low nibbles of 64 bytes meet the even ones. Lane j of an int32 accumulator then holds codes
 // 8j .. 8j+7 of the 128: a block of 32 is four lanes.
+constexpr int64_t kQ8Ahead = 2;  // blocks of four rows prefetched ahead
+
 struct Q8Problem {
   const int8_t* xq;     // (M, K) permuted per 128: even positions, then odd
   const float* lane_dx; // (M, K / 8) dx / 16 of the block of each group of 8 codes
@@ -515,15 +516,22 @@ QUINTET_VNNI inline __m512 load_halves(const at::Half* p, int64_t n) {
   return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, p));
 }
 
+// NR rows of W against row m of x. Each row's scales are converted from float16 once per sixteen groups
+// (one register) and spread over the lanes of each chunk by one permute; the four rows' sums are folded by
+// one transposing add tree.
 template <int NR>
 QUINTET_VNNI void gemv_q8_rows_vnni(const Q8Problem& p, int64_t n, int64_t m, __m512i lane_group, int64_t gpc) {
   const int64_t G = p.K / p.gs, chunks = p.K / 128;
   const __m512i low = _mm512_set1_epi8(0x0F);
   const int8_t* xq = p.xq + m * p.K;
   const float* ldx = p.lane_dx + m * (p.K / 8);
-  __m512 acc[NR];
+  __m512 acc[NR], srow[NR];
   for (int r = 0; r < NR; ++r) acc[r] = _mm512_setzero_ps();
   for (int64_t c = 0; c < chunks; ++c) {
+    const int64_t g0 = c * gpc;  // the chunk's first group
+    if (g0 % 16 == 0)
+      for (int r = 0; r < NR; ++r) srow[r] = load_halves(p.S + (n + r) * G + g0, std::min<int64_t>(16, G - g0));
+    const __m512i idx = _mm512_add_epi32(lane_group, _mm512_set1_epi32(static_cast<int>(g0 % 16)));
     const __m512i xe = _mm512_loadu_si512(xq + c * 128), xo = _mm512_loadu_si512(xq + c * 128 + 64);
     const __m512 dx = _mm512_loadu_ps(ldx + c * 16);
 #pragma GCC unroll 4
@@ -531,7 +539,7 @@ QUINTET_VNNI void gemv_q8_rows_vnni(const Q8Problem& p, int64_t n, int64_t m, __
       const __m512i v = _mm512_loadu_si512(p.qw + (n + r) * (p.K / 2) + c * 64);
       __m512i isum = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_and_si512(v, low), xe);
       isum = _mm512_dpbusd_epi32(isum, _mm512_and_si512(_mm512_srli_epi16(v, 4), low), xo);
-      const __m512 sl = _mm512_permutexvar_ps(lane_group, load_halves(p.S + (n + r) * G + c * gpc, gpc));
+      const __m512 sl = _mm512_permutexvar_ps(idx, srow[r]);
       acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), _mm512_mul_ps(sl, dx), acc[r]);
     }
   }
@@ -544,7 +552,11 @@ QUINTET_VNNI void gemv_q8_rows_vnni(const Q8Problem& p, int64_t n, int64_t m, __
       const __m512 xv = _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << k) - 1u), xs + g);
       acc[r] = _mm512_fmadd_ps(_mm512_sub_ps(sv, _mm512_mul_ps(sv, cv)), xv, acc[r]);
     }
-    p.y[m * p.N + n + r] = _mm512_reduce_add_ps(acc[r]);
+  }
+  if constexpr (NR == 4) {
+    _mm_storeu_ps(p.y + m * p.N + n, reduce4_avx512(acc[0], acc[1], acc[2], acc[3]));
+  } else {
+    for (int r = 0; r < NR; ++r) p.y[m * p.N + n + r] = _mm512_reduce_add_ps(acc[r]);
   }
 }
 
@@ -559,8 +571,8 @@ QUINTET_VNNI void gemv_q8_vnni(const Q8Problem& p, int64_t n0, int64_t n1) {
     const int64_t block = 4 * (p.K / 2);  // bytes of four rows
     for (; n + 4 <= n1; n += 4) {
       // the hardware prefetcher alone leaves one core's loads waiting on memory here (9 GB/s against 20
-      // from cache): ask for the rows two blocks ahead (a prefetch past the end is harmless)
-      const char* ahead = reinterpret_cast<const char*>(p.qw + (n + 8) * (p.K / 2));
+      // from cache): ask for the rows kQ8Ahead blocks ahead (a prefetch past the end is harmless)
+      const char* ahead = reinterpret_cast<const char*>(p.qw + (n + 4 * kQ8Ahead) * (p.K / 2));
       for (int64_t b = 0; b < block; b += 64) _mm_prefetch(ahead + b, _MM_HINT_T0);
       gemv_q8_rows_vnni<4>(p, n, m, lane_group, gpc);
     }
@@ -682,28 +694,6 @@ void micro_f32_scalar(const float* w, int nr, const float* x, int mb, int64_t K,
 }
 
 #if QUINTET_X86
-// The sums of four accumulators at once, in order (a transposing add tree: 13 operations where four
-// separate horizontal sums take about 32).
-QUINTET_AVX512 inline __m128 reduce4_avx512(__m512 a, __m512 b, __m512 c, __m512 d) {
-  const __m512 ab = _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));
-  const __m512 cd = _mm512_add_ps(_mm512_unpacklo_ps(c, d), _mm512_unpackhi_ps(c, d));
-  const __m512d abd = _mm512_castps_pd(ab), cdd = _mm512_castps_pd(cd);
-  const __m512 t = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(abd, cdd)),
-                                 _mm512_castpd_ps(_mm512_unpackhi_pd(abd, cdd)));  // lane i: a, b, c, d
-  const __m512d td = _mm512_castps_pd(t);
-  const __m256 u = _mm256_add_ps(_mm256_castpd_ps(_mm512_castpd512_pd256(td)),
-                                 _mm256_castpd_ps(_mm512_extractf64x4_pd(td, 1)));
-  return _mm_add_ps(_mm256_castps256_ps128(u), _mm256_extractf128_ps(u, 1));
-}
-
-QUINTET_AVX2 inline __m128 reduce4_avx2(__m256 a, __m256 b, __m256 c, __m256 d) {
-  const __m256 ab = _mm256_add_ps(_mm256_unpacklo_ps(a, b), _mm256_unpackhi_ps(a, b));
-  const __m256 cd = _mm256_add_ps(_mm256_unpacklo_ps(c, d), _mm256_unpackhi_ps(c, d));
-  const __m256d abd = _mm256_castps_pd(ab), cdd = _mm256_castps_pd(cd);
-  const __m256 t = _mm256_add_ps(_mm256_castpd_ps(_mm256_unpacklo_pd(abd, cdd)),
-                                 _mm256_castpd_ps(_mm256_unpackhi_pd(abd, cdd)));
-  return _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1));
-}
 
 template <int NR, int MB>
 QUINTET_AVX2 void micro_f32_avx2(const float* w, const float* x, int64_t K, float* y, int64_t ldy) {
@@ -1082,6 +1072,61 @@ bool cpu_has_vnni() {
   return vnni;
 }
 
+// x (M, K) -> xq int8 per block of 32 (dx = max|x| / 127, xq = round-to-nearest-even(x / dx)), permuted per
+// 128 (the 64 even positions, then the 64 odd); lane_dx (M, K/8): the block's dx / 16 for each group of 8
+// codes; xsum (M, K/gs): exact sums per weight group. The loops are vectorised per instruction set.
+inline __attribute__((always_inline)) void quantize_q8_rows(const float* xs, int8_t* q, float* ld, float* sums,
+                                                            int64_t M, int64_t K, int64_t gs) {
+  const int64_t G = K / gs;
+  for (int64_t m = 0; m < M; ++m) {
+    const float* xr = xs + m * K;
+    for (int64_t g = 0; g < G; ++g) {
+      float t = 0.f;
+      for (int64_t k = g * gs; k < (g + 1) * gs; ++k) t += xr[k];  // in order: exact as before
+      sums[m * G + g] = t;
+    }
+    for (int64_t c = 0; c < K / 128; ++c) {
+      alignas(64) int32_t qi[128];
+      for (int b = 0; b < 4; ++b) {
+        const float* xb = xr + c * 128 + b * 32;
+        float amax = 0.f;
+#pragma omp simd reduction(max : amax)
+        for (int k = 0; k < 32; ++k) amax = std::max(amax, std::fabs(xb[k]));
+        const float dx = amax / 127.f, inv = amax > 0.f ? 127.f / amax : 0.f;
+#pragma omp simd
+        for (int k = 0; k < 32; ++k) qi[b * 32 + k] = static_cast<int32_t>(std::nearbyint(xb[k] * inv));
+        for (int j = 0; j < 4; ++j) ld[m * (K / 8) + (c * 4 + b) * 4 + j] = dx / 16.f;
+      }
+      int8_t* qc = q + m * K + c * 128;
+#pragma omp simd
+      for (int i = 0; i < 64; ++i) {
+        qc[i] = static_cast<int8_t>(qi[2 * i]);
+        qc[64 + i] = static_cast<int8_t>(qi[2 * i + 1]);
+      }
+    }
+  }
+}
+void quantize_q8_scalar(const float* xs, int8_t* q, float* ld, float* sums, int64_t M, int64_t K, int64_t gs) {
+  quantize_q8_rows(xs, q, ld, sums, M, K, gs);
+}
+#if QUINTET_X86
+QUINTET_AVX2 void quantize_q8_avx2(const float* xs, int8_t* q, float* ld, float* sums, int64_t M, int64_t K,
+                                   int64_t gs) {
+  quantize_q8_rows(xs, q, ld, sums, M, K, gs);
+}
+QUINTET_AVX512 void quantize_q8_avx512(const float* xs, int8_t* q, float* ld, float* sums, int64_t M, int64_t K,
+                                       int64_t gs) {
+  quantize_q8_rows(xs, q, ld, sums, M, K, gs);
+}
+#endif
+void quantize_q8(const float* xs, int8_t* q, float* ld, float* sums, int64_t M, int64_t K, int64_t gs, int64_t isa) {
+#if QUINTET_X86
+  if (isa == kAvx512) return quantize_q8_avx512(xs, q, ld, sums, M, K, gs);
+  if (isa == kAvx2) return quantize_q8_avx2(xs, q, ld, sums, M, K, gs);
+#endif
+  quantize_q8_scalar(xs, q, ld, sums, M, K, gs);
+}
+
 // x (M, K) -> int8 per block of 32, permuted per 128 (even positions, then odd); lane_dx (M, K/8): the
 // block's dx / 16 for each group of 8 codes; xsum (M, G): exact sums per weight group.
 at::Tensor gemv_q8(const at::Tensor& x_in, const at::Tensor& qw, const at::Tensor& S, const at::Tensor& C,
@@ -1095,29 +1140,11 @@ at::Tensor gemv_q8(const at::Tensor& x_in, const at::Tensor& qw, const at::Tenso
   at::Tensor lane_dx = at::empty({M, K / 8}, x.options());
   at::Tensor xsum = at::empty({M, G}, x.options());
   at::Tensor y = at::empty({M, N}, x.options());
-  const float* xs = x.data_ptr<float>();
-  int8_t* q = xq.data_ptr<int8_t>();
-  float* ld = lane_dx.data_ptr<float>();
-  float* sums = xsum.data_ptr<float>();
-  for (int64_t m = 0; m < M; ++m) {
-    const float* xr = xs + m * K;
-    for (int64_t g = 0; g < G; ++g) {
-      float t = 0.f;
-      for (int64_t k = g * gs; k < (g + 1) * gs; ++k) t += xr[k];
-      sums[m * G + g] = t;
-    }
-    for (int64_t b = 0; b < K / 32; ++b) {
-      float amax = 0.f;
-      for (int k = 0; k < 32; ++k) amax = std::max(amax, std::abs(xr[b * 32 + k]));
-      const float dx = amax / 127.f, inv = amax > 0.f ? 127.f / amax : 0.f;
-      for (int k = 0; k < 32; ++k) {
-        const int64_t pos = b * 32 + k, chunk = pos / 128, within = pos % 128;
-        const int64_t dst = chunk * 128 + (within % 2) * 64 + within / 2;
-        q[m * K + dst] = static_cast<int8_t>(std::nearbyint(xr[pos] * inv));
-      }
-      for (int j = 0; j < 4; ++j) ld[m * (K / 8) + b * 4 + j] = dx / 16.f;
-    }
-  }
+  quantize_q8(x.data_ptr<float>(), xq.data_ptr<int8_t>(), lane_dx.data_ptr<float>(), xsum.data_ptr<float>(), M,
+              K, gs, resolve_isa(isa));
+  const float* ld = lane_dx.data_ptr<float>();
+  const float* sums = xsum.data_ptr<float>();
+  const int8_t* q = xq.data_ptr<int8_t>();
   Q8Problem p{q, ld, sums, qw.data_ptr<uint8_t>(), S.data_ptr<at::Half>(), C.data_ptr<at::Half>(),
               y.data_ptr<float>(), M, N, K, gs};
   if (M == 0 || N == 0) return y;
@@ -1132,17 +1159,36 @@ at::Tensor gemv_q8(const at::Tensor& x_in, const at::Tensor& qw, const at::Tenso
   return y;
 }
 
-// silu(a) * b for each row [a | b] of h (M, 2 I): the SwiGLU between gate_up and down.
-at::Tensor silu_mul(const at::Tensor& h) {
+// silu(a) * b for each row [a | b] of h (M, 2 I): the SwiGLU between gate_up and down. The exponential is
+// the shared polynomial (fast_math.h), vectorised by the compiler for the instruction set of the wrapper.
+inline __attribute__((always_inline)) void silu_mul_rows(const float* hp, float* ap, int64_t M, int64_t inter) {
+  for (int64_t m = 0; m < M; ++m) {
+    const float* a = hp + m * 2 * inter;
+    const float* b = a + inter;
+    float* o = ap + m * inter;
+#pragma omp simd
+    for (int64_t i = 0; i < inter; ++i) o[i] = a[i] / (1.f + quintet_math::fexp(-a[i])) * b[i];
+  }
+}
+void silu_mul_scalar(const float* hp, float* ap, int64_t M, int64_t inter) { silu_mul_rows(hp, ap, M, inter); }
+#if QUINTET_X86
+QUINTET_AVX2 void silu_mul_avx2(const float* hp, float* ap, int64_t M, int64_t inter) { silu_mul_rows(hp, ap, M, inter); }
+QUINTET_AVX512 void silu_mul_avx512(const float* hp, float* ap, int64_t M, int64_t inter) {
+  silu_mul_rows(hp, ap, M, inter);
+}
+#endif
+
+at::Tensor silu_mul(const at::Tensor& h, int64_t isa) {
   const int64_t M = h.size(0), inter = h.size(1) / 2;
   at::Tensor act = at::empty({M, inter}, h.options());
   const float* hp = h.data_ptr<float>();
   float* ap = act.data_ptr<float>();
-  for (int64_t m = 0; m < M; ++m)
-    for (int64_t i = 0; i < inter; ++i) {
-      const float a = hp[m * 2 * inter + i], b = hp[m * 2 * inter + inter + i];
-      ap[m * inter + i] = a / (1.f + std::exp(-a)) * b;
-    }
+  const int64_t which = resolve_isa(isa);
+#if QUINTET_X86
+  if (which == kAvx512) return silu_mul_avx512(hp, ap, M, inter), act;
+  if (which == kAvx2) return silu_mul_avx2(hp, ap, M, inter), act;
+#endif
+  silu_mul_scalar(hp, ap, M, inter);
   return act;
 }
 
@@ -1155,7 +1201,8 @@ at::Tensor swiglu_gemv(const at::Tensor& x, const at::Tensor& gu_q, const at::Te
               "m0e4 swiglu_gemv: gate_up must have 2 I rows and down I inputs, got ", gu_q.sizes(), " and ",
               dn_q.sizes());
   const bool q8_up = int8 && x.size(1) % 128 == 0 && cpu_has_vnni() && resolve_isa(isa) == kAvx512;
-  const at::Tensor act = silu_mul(q8_up ? gemv_q8(x, gu_q, gu_s, gu_o, gs, isa) : gemv(x, gu_q, gu_s, gu_o, gs, isa));
+  const at::Tensor act =
+      silu_mul(q8_up ? gemv_q8(x, gu_q, gu_s, gu_o, gs, isa) : gemv(x, gu_q, gu_s, gu_o, gs, isa), isa);
   const bool q8_down = int8 && inter % 128 == 0 && cpu_has_vnni() && resolve_isa(isa) == kAvx512;
   return q8_down ? gemv_q8(act, dn_q, dn_s, dn_o, gs, isa) : gemv(act, dn_q, dn_s, dn_o, gs, isa);
 }
@@ -1165,7 +1212,7 @@ at::Tensor swiglu_f32(const at::Tensor& x, const at::Tensor& w_gu, const at::Ten
   const int64_t inter = w_gu.size(0) / 2;
   TORCH_CHECK(w_gu.size(0) % 2 == 0 && w_dn.size(1) == inter,
               "swiglu_f32: gate_up must have 2 I rows and down I inputs, got ", w_gu.sizes(), " and ", w_dn.sizes());
-  return gemv_f32(silu_mul(gemv_f32(x, w_gu, isa)), w_dn, isa);
+  return gemv_f32(silu_mul(gemv_f32(x, w_gu, isa), isa), w_dn, isa);
 }
 
 // RMSNorm of each row of x (+ h, when given: the residual add first), float32: the decode step calls it
@@ -1211,7 +1258,9 @@ std::tuple<at::Tensor, at::Tensor> add_rms_norm(const at::Tensor& x, const std::
 
 int64_t best_isa() { return cpu_isa(); }
 
-}  // namespace
+}  // namespace quintet_m0e4
+
+using namespace quintet_m0e4;
 
 TORCH_LIBRARY(quintet_m0e4, m) {
   m.def("gemv(Tensor x, Tensor qweight, Tensor scales, Tensor offsets, int group_size, int isa) -> Tensor");

@@ -29,6 +29,8 @@
 #include <utility>
 #include <vector>
 
+#include "fast_math.h"
+
 namespace {
 
 constexpr int64_t kChunk = 32;  // steps between saved states; the backward pass recomputes one chunk
@@ -36,31 +38,10 @@ constexpr int64_t kLanes = 16;  // channels per block: one AVX-512 register of f
 
 // ---------------------------------------------------------------------------------------------------------
 // Elementwise math. The float versions are branch-free polynomials that GCC vectorises inside `omp simd`
-// loops (libm's expf/log1pf would stay scalar); the double versions call libm and serve the gradient tests.
+// loops (libm's expf/log1pf would stay scalar; fexp is shared, fast_math.h); the double versions call libm
+// and serve the gradient tests.
 
-inline float fexp(float x) {
-  // Cephes expf: exp(x) = 2^k * exp(r), |r| <= ln(2)/2; relative error ~2e-7. x is clamped to [-87.3, 88]
-  // (results saturate at about 1e-38 and 1.7e38 instead of reaching 0 and inf; the scan's dt A <= 0).
-  x = x < -87.3f ? -87.3f : x;
-  x = x > 88.0f ? 88.0f : x;
-  const float magic = 12582912.0f;  // 1.5 * 2^23: adding and subtracting it rounds to an integer
-  const float k = (x * 1.44269504088896341f + magic) - magic;
-  float r = x - k * 0.693359375f;
-  r = r - k * -2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  const float e = p * r * r + r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(k) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  return e * scale;
-}
-
-inline double fexp(double x) { return std::exp(x); }
+using quintet_math::fexp;
 
 // log(1 + e) for e in [0, 1]: 2 atanh(s) with s = e / (2 + e) <= 1/3, a series in s^2 (rel. error < 2e-9).
 inline float log1p_unit(float e) {
