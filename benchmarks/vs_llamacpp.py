@@ -61,6 +61,12 @@ GGUF_TYPES = ("f32", "q8_0", "q4_0")
 
 
 # ---------------------------------------------------------------------------------------------- systems
+def greedy(logits: np.ndarray) -> int:
+    """The next token of both kinds of system, picked the same way from a float32 view of the last row's
+    logits (NumPy's argmax: PyTorch's takes ~30 us for a 32k vocabulary on one core, a tenth of a token)."""
+    return int(np.argmax(logits))
+
+
 class QuintetSystem:
     def __init__(self, name: str, engine):
         self.name, self.engine = name, engine
@@ -71,13 +77,13 @@ class QuintetSystem:
         cache = self.engine.new_cache()
         t0 = time.perf_counter()
         logits = self.engine(ids, cache=cache, logits_to_keep=1).logits
-        tok = int(logits[0, -1].argmax())
+        tok = greedy(logits[0, -1].numpy())
         t1 = time.perf_counter()
         out = [tok]
         step = torch.empty(1, 1, dtype=torch.long)
         for _ in range(new_tokens - 1):
             step[0, 0] = tok
-            tok = int(self.engine(step, cache=cache).logits[0, -1].argmax())
+            tok = greedy(self.engine(step, cache=cache).logits[0, -1].numpy())
             out.append(tok)
         t2 = time.perf_counter()
         return t1 - t0, t2 - t1, out
@@ -109,12 +115,12 @@ class LlamaCppSystem:
         llm.reset()
         t0 = time.perf_counter()
         llm.eval(prompt)
-        tok = int(self._last_logits().argmax())
+        tok = greedy(self._last_logits())
         t1 = time.perf_counter()
         out = [tok]
         for _ in range(new_tokens - 1):
             llm.eval([tok])
-            tok = int(self._last_logits().argmax())
+            tok = greedy(self._last_logits())
             out.append(tok)
         t2 = time.perf_counter()
         return t1 - t0, t2 - t1, out

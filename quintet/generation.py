@@ -167,13 +167,22 @@ def prefill(
     return logits
 
 
+def argmax_last(scores: torch.Tensor) -> torch.Tensor:
+    """`scores.argmax(-1)`, through NumPy for float32 CPU scores without gradients: PyTorch's CPU argmax
+    takes ~30 us for one row of a 32k vocabulary, NumPy's ~4 us (a decode step is ~2 ms). Both return the
+    first maximum."""
+    if scores.device.type == "cpu" and scores.dtype == torch.float32 and not scores.requires_grad:
+        return torch.from_numpy(scores.numpy().argmax(-1))
+    return scores.argmax(-1)
+
+
 def _pick(
     logits: torch.Tensor, cfg: GenerationConfig, generators: list[torch.Generator] | None
 ) -> torch.Tensor:
     if cfg.vocab_limit is not None:
         logits = logits[:, : cfg.vocab_limit]
     if not cfg.do_sample:
-        return logits.argmax(-1)
+        return argmax_last(logits)
     probs = torch.softmax(filter_logits(logits / cfg.temperature, cfg.top_k, cfg.top_p), dim=-1)
     return torch.cat([torch.multinomial(probs[i], 1, generator=g) for i, g in enumerate(generators)])
 

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 import torch
 
 from quintet.deploy.kv_cache import SubTensorKVCache
-from quintet.generation import filter_logits
+from quintet.generation import argmax_last, filter_logits
 from quintet.kernels.m0e4_cpu import gemv_max_rows
 from quintet.serve.metrics import Metrics
 from quintet.serve.prefix_cache import PrefixCache, Snapshot
@@ -323,7 +323,7 @@ class Scheduler:
             probs = torch.softmax(filter_logits(scores[None] / s.temperature, 0, s.top_p), dim=-1)[0]
             token = int(torch.multinomial(probs, 1, generator=req.generator))
         else:
-            token = int(scores.argmax())
+            token = int(argmax_last(scores))
         if token in self.stop_ids and not req.ignore_eos:
             req.finish_reason = "stop"
             return False

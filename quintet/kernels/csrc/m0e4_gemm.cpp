@@ -1136,15 +1136,15 @@ at::Tensor gemv_q8(const at::Tensor& x_in, const at::Tensor& qw, const at::Tenso
   const int64_t M = x.size(0), K = qw.size(1) * 2, N = qw.size(0), G = K / gs;
   TORCH_CHECK(x.dim() == 2 && x.size(1) == K, "m0e4 gemv_q8: x must be (M, ", K, "), got ", x.sizes());
   TORCH_CHECK(K % 128 == 0, "m0e4 gemv_q8: K = ", K, " must be a multiple of 128");
-  at::Tensor xq = at::empty({M, K}, x.options().dtype(at::kChar));
-  at::Tensor lane_dx = at::empty({M, K / 8}, x.options());
-  at::Tensor xsum = at::empty({M, G}, x.options());
   at::Tensor y = at::empty({M, N}, x.options());
-  quantize_q8(x.data_ptr<float>(), xq.data_ptr<int8_t>(), lane_dx.data_ptr<float>(), xsum.data_ptr<float>(), M,
-              K, gs, resolve_isa(isa));
-  const float* ld = lane_dx.data_ptr<float>();
-  const float* sums = xsum.data_ptr<float>();
-  const int8_t* q = xq.data_ptr<int8_t>();
+  // the quantized x in this thread's reused scratch (the workers read it; it outlives the loop):
+  // lane_dx (M, K/8) and xsum (M, G) float32, then xq (M, K) int8
+  thread_local std::vector<float> scratch;
+  scratch.resize(static_cast<size_t>(M * (K / 8 + G) + (M * K + 3) / 4));
+  float* ld = scratch.data();
+  float* sums = ld + M * (K / 8);
+  int8_t* q = reinterpret_cast<int8_t*>(sums + M * G);
+  quantize_q8(x.data_ptr<float>(), q, ld, sums, M, K, gs, resolve_isa(isa));
   Q8Problem p{q, ld, sums, qw.data_ptr<uint8_t>(), S.data_ptr<at::Half>(), C.data_ptr<at::Half>(),
               y.data_ptr<float>(), M, N, K, gs};
   if (M == 0 || N == 0) return y;
