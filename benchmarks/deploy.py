@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import sys
 import sysconfig
@@ -58,6 +59,7 @@ from quintet.deploy.quantized_folder import (
 )
 from quintet.eval.perplexity import evaluate_perplexity, perplexity_by_language  # noqa: E402
 from quintet.generation import prefill, stream_generate  # noqa: E402
+from quintet.kernels.m0e4_cpu import int8_activations_available  # noqa: E402
 from quintet.models.jamba import JambaConfig, JambaForCausalLM  # noqa: E402
 from quintet.tokenizer import ByteTokenizer, load_tokenizer  # noqa: E402
 
@@ -279,6 +281,27 @@ def _layer_error(float_model: JambaForCausalLM, fp4_dir: Path, inputs: dict[str,
     return sum(errors) / len(errors)
 
 
+def _decode_perplexity(engine, docs: list[list[int]], seq_len: int, budget: int) -> float:
+    """Perplexity of held-out tokens predicted one decode step at a time: each window of `seq_len` tokens
+    of each document starts from its first token, and every next token comes from a one-token step (the
+    engine's decode path, the one int8 activations change; `quintet eval perplexity` runs whole windows
+    through prefill). Stops after `budget` predicted tokens."""
+    nll, n = 0.0, 0
+    with torch.inference_mode():
+        for ids in docs:
+            for start in range(0, len(ids) - 1, seq_len):
+                window = ids[start : start + seq_len]
+                cache = engine.new_cache()
+                logits = engine(torch.tensor([window[:1]]), cache=cache, logits_to_keep=1).logits
+                for t in range(1, len(window)):
+                    if n >= budget:
+                        return math.exp(nll / n)
+                    nll -= torch.log_softmax(logits[0, -1].float(), -1)[window[t]].item()
+                    n += 1
+                    logits = engine(torch.tensor([[window[t]]]), cache=cache).logits
+    return math.exp(nll / max(n, 1))
+
+
 def quality(args: argparse.Namespace) -> None:
     train, held_out = _stdlib_texts()
     work = Path(args.work)
@@ -310,6 +333,7 @@ def quality(args: argparse.Namespace) -> None:
         result = evaluate_perplexity(directory, [held_file], max_length=args.seq_len)
         return result["languages"]["code"]["perplexity"]
 
+    docs = [tok.encode(t) for t in texts]
     calib = work / "calibration.jsonl"
     calib.write_text("".join(json.dumps({"text": t}) + "\n" for t in train[1::3]))
     rows = []
@@ -330,6 +354,12 @@ def quality(args: argparse.Namespace) -> None:
             )
             ppl = ppl_of(load_dequantized(out))
             ppl_engine = ppl_of_folder(out)
+            decode = {
+                act: _decode_perplexity(
+                    load_quantized(out, activations=act), docs, args.seq_len, args.decode_tokens
+                )
+                for act in ("float32", "int8")
+            }
             rows.append(
                 {
                     "weights": f"FP4 {method}",
@@ -337,18 +367,25 @@ def quality(args: argparse.Namespace) -> None:
                     "perplexity": ppl,
                     "relative": ppl / base - 1,
                     "engine perplexity": ppl_engine,
+                    "decode perplexity": decode["float32"],
+                    "decode perplexity, int8 activations": decode["int8"],
                     "layer error": _layer_error(float_model, out, inputs),
                     "file / float32": summary["bytes_after"] / summary["bytes_before"],
                 }
             )
             print(f"  {rows[-1]}", file=sys.stderr, flush=True)
     rows[0]["engine perplexity"] = ppl_of(to_engine(JambaForCausalLM.from_pretrained(folder)))
+    rows[0]["decode perplexity"] = _decode_perplexity(
+        to_engine(JambaForCausalLM.from_pretrained(folder)), docs, args.seq_len, args.decode_tokens
+    )
     rows[0]["file / float32"] = 1.0
     print(
         f"model {folder} ({'given' if args.quality_model else f'trained {args.train_steps} steps here'}); "
         f"held-out: {eval_ids.numel()} tokens of {len(texts)} stdlib modules ({held_file}), rolling windows "
         f"of {args.seq_len}; "
-        f"GPTQ calibration: {args.gptq_samples} x {args.seq_len} tokens; threads={args.threads}"
+        f"GPTQ calibration: {args.gptq_samples} x {args.seq_len} tokens; threads={args.threads}; decode "
+        f"perplexity: the first {args.decode_tokens} held-out tokens, each from a one-token step (int8 "
+        f"activations run where the CPU has AVX-512 VNNI: {int8_activations_available()})"
     )
     print(
         markdown_table(
@@ -359,6 +396,8 @@ def quality(args: argparse.Namespace) -> None:
                 "perplexity",
                 "relative",
                 "engine perplexity",
+                "decode perplexity",
+                "decode perplexity, int8 activations",
                 "layer error",
                 "file / float32",
             ],
@@ -395,6 +434,7 @@ def main() -> None:
     q.add_argument("--seq-len", type=int, default=256)
     q.add_argument("--eval-tokens", type=int, default=65536)
     q.add_argument("--gptq-samples", type=int, default=64)
+    q.add_argument("--decode-tokens", type=int, default=8192, help="tokens predicted by decode steps")
     q.add_argument("--work", default="runs/benchmarks/deploy_quality")
     q.add_argument("--out", default="runs/benchmarks/deploy_quality.json")
     args = parser.parse_args()

@@ -37,7 +37,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     from quintet.generation import GenerationConfig, generate, stream_text
     from quintet.loading import load_model_and_tokenizer
 
-    model, tokenizer = load_model_and_tokenizer(args.model)  # the FP4 engine when the folder is quantized
+    model, tokenizer = load_model_and_tokenizer(args.model, args.activations)  # FP4 folder: the engine
     config = GenerationConfig(
         max_new_tokens=args.max_new_tokens,
         do_sample=args.temperature > 0,
@@ -133,6 +133,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest tokens (0: all)")
     gen.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: smallest set with this mass")
     gen.add_argument("--seed", type=int, default=0, help="seed of the sampling")
+    gen.add_argument(
+        "--activations",
+        choices=["float32", "int8"],
+        help="FP4 folders: decode matmul inputs, float32 (default, exact) or int8 (faster where the CPU has "
+        "AVX-512 VNNI; docs/deploy.md)",
+    )
     gen.set_defaults(func=_cmd_generate)
 
     align = sub.add_parser("align", help="SFT, DPO and stepwise DPO").add_subparsers(

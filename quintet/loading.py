@@ -45,24 +45,39 @@ def _model_type(folder: Path) -> tuple[str, bool]:
     return kind, "quantization_config" in config
 
 
-def load_model(folder: str | os.PathLike) -> nn.Module:
+DECODE_ACTIVATIONS = ("float32", "int8")
+
+
+def load_model(folder: str | os.PathLike, activations: str | None = None) -> nn.Module:
     """The model of `folder`, ready to run (eval mode, CPU): see the module docstring for what each kind of
     folder gives. Raises `ModelFolderError` (or the format's own error, naming the file) for anything
-    else."""
+    else. `activations`: for an FP4 Jamba folder, the inputs of its decode matmuls, "float32" (the default:
+    exact to float32 rounding) or "int8" (quantized per block of 32 and multiplied by integer dot products
+    where the CPU has AVX-512 VNNI, as llama.cpp's Q4_0 does; `docs/deploy.md` has the speed and quality)."""
     folder = Path(folder)
     kind, quantized = _model_type(folder)
+    if activations is not None and activations not in DECODE_ACTIVATIONS:
+        raise ValueError(f"activations = {activations!r}: must be one of {', '.join(DECODE_ACTIVATIONS)}")
     if quantized:
         from quintet.deploy.quantized_folder import load_quantized
 
-        return load_quantized(folder)
+        model = load_quantized(folder)
+        if activations is not None and hasattr(model, "activations"):
+            model.activations = activations
+        elif activations not in (None, "float32"):
+            raise ValueError(f"{folder}: activations = {activations!r} applies to FP4 Jamba folders only")
+        return model
+    if activations not in (None, "float32"):
+        raise ValueError(f"{folder}: activations = {activations!r} applies to FP4 folders; this one is float")
     return from_pretrained(folder, kind)
 
 
-def load_model_and_tokenizer(folder: str | os.PathLike):
-    """`load_model(folder)` and the folder's tokenizer (checked to fit the model's vocabulary)."""
+def load_model_and_tokenizer(folder: str | os.PathLike, activations: str | None = None):
+    """`load_model(folder, activations)` and the folder's tokenizer (checked to fit the model's
+    vocabulary)."""
     from quintet.tokenizer import load_tokenizer
 
-    model = load_model(folder)
+    model = load_model(folder, activations)
     return model, load_tokenizer(folder, vocab_size=model.config.vocab_size)
 
 

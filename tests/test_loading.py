@@ -27,6 +27,26 @@ def test_each_kind_of_folder_opens(folders):
     assert isinstance(engine, JambaEngine) and tokenizer.vocab_size <= engine.config.vocab_size
 
 
+def test_decode_activations_are_chosen_at_load(folders, capsys):
+    """`activations` reaches the FP4 engine (`quintet generate --activations int8` runs); a wrong value or
+    int8 for a float folder is one clear error, and the CLI refuses it with exit code 2."""
+    from quintet.cli import main
+
+    engine = load_model(folders / "fp4", activations="int8")
+    assert engine.activations == "int8"
+    assert load_model(folders / "fp4").activations == "float32"
+    with pytest.raises(ValueError, match="must be one of float32, int8"):
+        load_model(folders / "fp4", activations="int4")
+    with pytest.raises(ValueError, match="applies to FP4 folders"):
+        load_model(folders / "float", activations="int8")
+    args = ["generate", "--model", str(folders / "fp4"), "--prompt", "ab", "--max-new-tokens", "4"]
+    assert main([*args, "--activations", "int8"]) == 0
+    assert capsys.readouterr().out.startswith("ab")
+    with pytest.raises(SystemExit) as stop:
+        main([*args, "--activations", "fp8"])
+    assert stop.value.code == 2
+
+
 def test_a_transformers_written_jamba_folder_opens(tmp_path):
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)

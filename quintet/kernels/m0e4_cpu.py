@@ -153,6 +153,12 @@ def m0e4_kernels_available() -> bool:
     return _kernel.get() is not None
 
 
+def int8_activations_available() -> bool:
+    """True when `activations="int8"` runs integer dot products here (the kernels are loaded, run AVX-512
+    and the CPU has VNNI); elsewhere the int8 setting runs the float32 GEMV."""
+    return _kernel.get() is not None and isa() == "avx512" and _kernel.vnni
+
+
 def isa() -> str:
     """The instruction set the kernels run: the best this CPU has, or lower if `QUINTET_M0E4_ISA` says."""
     if _kernel.get() is None:

@@ -20,6 +20,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         api_key=args.api_key,
         max_queue=args.max_queue,
         model_name=args.model_name,
+        activations=args.activations,
     )
     return 0
 
@@ -41,6 +42,12 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1/*")
     p.add_argument("--model-name", help="the model id clients send (default: the folder's name)")
     p.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    p.add_argument(
+        "--activations",
+        choices=["float32", "int8"],
+        help="FP4 folders: decode matmul inputs, float32 (default, exact) or int8 (faster where the CPU has "
+        "AVX-512 VNNI; docs/deploy.md)",
+    )
     p.add_argument(
         "--log-level",
         default="info",

@@ -31,6 +31,7 @@ def load_state(
     api_key: str | None = None,
     max_queue: int = 64,
     model_name: str | None = None,
+    activations: str | None = None,
 ) -> ServeState:
     """The model of `model_dir` behind a scheduler (not started), as the HTTP layer wants it."""
     from quintet.deploy.engine import JambaEngine, to_engine
@@ -39,7 +40,7 @@ def load_state(
 
     if prefix_cache_mb < 0:
         raise ValueError(f"prefix_cache_mb = {prefix_cache_mb!r}: must be >= 0 (0 turns prefix reuse off)")
-    model, tokenizer = load_model_and_tokenizer(model_dir)
+    model, tokenizer = load_model_and_tokenizer(model_dir, activations)
     if isinstance(model, JambaForCausalLM):
         model = to_engine(model)  # the float model with the engine's kernels and cache protocol
     if not isinstance(model, JambaEngine):
