@@ -378,6 +378,7 @@ def quality(args: argparse.Namespace) -> None:
     rows[0]["decode perplexity"] = _decode_perplexity(
         to_engine(JambaForCausalLM.from_pretrained(folder)), docs, args.seq_len, args.decode_tokens
     )
+    rows[0]["decode perplexity, int8 activations"] = "-"  # no 4-bit matmuls
     rows[0]["file / float32"] = 1.0
     print(
         f"model {folder} ({'given' if args.quality_model else f'trained {args.train_steps} steps here'}); "

@@ -7,14 +7,15 @@ Needs the `bench` extra (`pip install -e '.[bench]'`: llama-cpp-python, built fr
 
 One process. The model is --model's preset with seed-0 weights (or --model-dir, a float Jamba folder); it
 is quantized to M0E4 (group 64, round to nearest) and exported to GGUF F32, Q8_0 and Q4_0 with
-`quintet deploy export-gguf`, so all five systems hold the same weights:
+`quintet deploy export-gguf`, so all six systems hold the same weights:
 - quintet fp32: the float model in quintet's engine (`to_engine`, float32);
-- quintet FP4: the M0E4 folder (`load_quantized`: 4-bit weights, quintet's M0E4 kernels, float32
-  activations: exact to float32 rounding);
-- quintet FP4 int8-act: the same, decode matmuls on int8 activations (`activations="int8"`: llama.cpp's
-  own trade for Q4_0, whose matmuls quantize activations to Q8_0);
+- quintet FP4: the M0E4 folder as a user loads it (`load_quantized`: 4-bit weights, quintet's M0E4
+  kernels, the default decode activations: int8 where the CPU has AVX-512 VNNI, llama.cpp's own trade for
+  Q4_0, whose matmuls quantize activations to Q8_0; float32 elsewhere; the run prints which);
+- quintet FP4 float32-act: the same with `activations="float32"` (exact to float32 rounding);
 - llama.cpp F32 / Q8_0 / Q4_0: llama-cpp-python's `Llama` on the GGUF files, `eval` of token lists and
   the last row's logits read straight from the context (no sampler, no Python per vocabulary entry).
+Every system picks its next token by the same NumPy argmax over a float32 view of those logits.
 For each --threads and --prompts: prefill = tokens/s of one prompt into an empty cache; decode = tokens/s of
 --new-tokens greedy steps after it. The systems are interleaved within each of --runs rounds (after one
 warm-up round), medians reported, with the load average before and after.
@@ -192,19 +193,19 @@ def main() -> None:
     config = float_model.config
     experts, top_k = config.num_experts, config.num_experts_per_tok
     n_ctx = max(args.prompts) + args.new_tokens + 64
-    fp4_engine = load_quantized(fp4_dir, max_cache_length=n_ctx)
+    fp4_engine = load_quantized(fp4_dir, max_cache_length=n_ctx)  # as a user loads it: default activations
     fp32_engine = to_engine(float_model, dtype=torch.float32, max_cache_length=n_ctx)
-    int8_engine = load_quantized(fp4_dir, max_cache_length=n_ctx, activations="int8")
+    exact_engine = load_quantized(fp4_dir, max_cache_length=n_ctx, activations="float32")
     per_token = {
         "quintet fp32": weight_bytes_per_token(fp32_engine),
         "quintet FP4": weight_bytes_per_token(fp4_engine),
-        "quintet FP4 int8-act": weight_bytes_per_token(int8_engine),
+        "quintet FP4 float32-act": weight_bytes_per_token(exact_engine),
         **{f"llama.cpp {k.upper()}": gguf_bytes_per_token(p, experts, top_k) for k, p in ggufs.items()},
     }
     files = {
         "quintet fp32": file_bytes(float_dir),
         "quintet FP4": file_bytes(fp4_dir),
-        "quintet FP4 int8-act": file_bytes(fp4_dir),
+        "quintet FP4 float32-act": file_bytes(fp4_dir),
         **{f"llama.cpp {k.upper()}": p.stat().st_size for k, p in ggufs.items()},
     }
     bandwidth = {t: bandwidth_probe(t) for t in sorted(set(args.threads))}
@@ -218,7 +219,7 @@ def main() -> None:
         systems = [
             QuintetSystem("quintet fp32", fp32_engine),
             QuintetSystem("quintet FP4", fp4_engine),
-            QuintetSystem("quintet FP4 int8-act", int8_engine),
+            QuintetSystem("quintet FP4 float32-act", exact_engine),
             *(LlamaCppSystem(f"llama.cpp {k.upper()}", p, threads, n_ctx) for k, p in ggufs.items()),
         ]
         for prompt_len in args.prompts:
@@ -268,8 +269,8 @@ def main() -> None:
                     "FP4 / Q4_0 decode": ratio(
                         "quintet FP4", "llama.cpp Q4_0", "decode tok/s", threads, prompt_len
                     ),
-                    "FP4 int8-act / Q4_0 decode": ratio(
-                        "quintet FP4 int8-act", "llama.cpp Q4_0", "decode tok/s", threads, prompt_len
+                    "FP4 float32-act / Q4_0 decode": ratio(
+                        "quintet FP4 float32-act", "llama.cpp Q4_0", "decode tok/s", threads, prompt_len
                     ),
                     "FP4 / Q4_0 prefill": ratio(
                         "quintet FP4", "llama.cpp Q4_0", "prefill tok/s", threads, prompt_len
@@ -285,7 +286,10 @@ def main() -> None:
     cols = ["system", "threads", "prompt", "prefill tok/s", "decode tok/s", "file MiB", "MB read/token"]
     cols += ["roofline tok/s", "of roofline", "same tokens as fp32"]
     print(f"model {args.model_dir or args.model}, {args.new_tokens} new tokens, median of {args.runs} rounds")
-    print(f"M0E4 kernels: {m0e4_cpu.isa()}, prefill matmuls in {m0e4_cpu.matmul_dtype()}")
+    print(
+        f"M0E4 kernels: {m0e4_cpu.isa()}, prefill matmuls in {m0e4_cpu.matmul_dtype()}; quintet FP4's decode "
+        f"activations (the default here): {fp4_engine.activations}"
+    )
     print("bandwidth: " + ", ".join(f"{t} thread(s) {b / 1e9:.1f} GB/s" for t, b in bandwidth.items()))
     print(f"load average before {load_before[0]:.2f}, after {load_after[0]:.2f}")
     print(markdown_table(rows, cols))

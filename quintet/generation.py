@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, fields
 
+import numpy as np
 import torch
 
 from quintet.models.jamba import HybridCache, JambaForCausalLM
@@ -172,7 +173,7 @@ def argmax_last(scores: torch.Tensor) -> torch.Tensor:
     takes ~30 us for one row of a 32k vocabulary, NumPy's ~4 us (a decode step is ~2 ms). Both return the
     first maximum."""
     if scores.device.type == "cpu" and scores.dtype == torch.float32 and not scores.requires_grad:
-        return torch.from_numpy(scores.numpy().argmax(-1))
+        return torch.from_numpy(np.asarray(scores.numpy().argmax(-1)))
     return scores.argmax(-1)
 
 

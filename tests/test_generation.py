@@ -100,3 +100,12 @@ def test_chunked_prefill_gives_the_same_tokens_for_a_padded_batch(model):
     one_shot = generate(model, prompts, max_new_tokens=10, stop_token_ids=(), prefill_chunk_size=4096)
     chunked = generate(model, prompts, max_new_tokens=10, stop_token_ids=(), prefill_chunk_size=6)
     assert chunked == one_shot
+
+
+def test_argmax_last_picks_the_first_maximum_as_torch_does():
+    from quintet.generation import argmax_last
+
+    torch.manual_seed(0)
+    for scores in (torch.randn(32768), torch.randn(3, 100), torch.tensor([[1.0, 7.0, 7.0, 2.0]])):
+        assert torch.equal(argmax_last(scores), scores.argmax(-1))
+    assert int(argmax_last(torch.tensor([2.0, 5.0, 5.0]))) == 1

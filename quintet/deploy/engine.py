@@ -29,7 +29,13 @@ from quintet.deploy.decode_plan import DecodePlan
 from quintet.deploy.fusions import EngineRMSNorm, FusedSwiGLU, merge_linears, use_engine_linears
 from quintet.deploy.kv_cache import SubTensorKVCache
 from quintet.deploy.qlinear import M0E4Embedding, M0E4Linear
-from quintet.kernels.m0e4_cpu import decode_activations, gemv_max_rows, matmul_dtype, matmul_path
+from quintet.kernels.m0e4_cpu import (
+    decode_activations,
+    gemv_max_rows,
+    int8_activations_available,
+    matmul_dtype,
+    matmul_path,
+)
 from quintet.models.jamba import JambaConfig, JambaForCausalLM
 from quintet.models.jamba.modeling import CausalLMOutput, JambaDecoderLayer
 from quintet.models.jamba.moe import JambaMLP, JambaSparseMoeBlock
@@ -75,11 +81,13 @@ class JambaEngine(nn.Module):
         max_cache_length: int = DEFAULT_MAX_CACHE,
         pad_multiple: int = DEFAULT_PAD,
         quantization_config: dict | None = None,
-        activations: str = "float32",
+        activations: str = "auto",
     ):
         super().__init__()
-        if activations not in ("float32", "int8"):
-            raise ValueError(f"activations = {activations!r}: must be float32 or int8")
+        if activations not in ("auto", "float32", "int8"):
+            raise ValueError(f"activations = {activations!r}: must be auto, float32 or int8")
+        if activations == "auto":
+            activations = "int8" if int8_activations_available() else "float32"
         self.activations = activations  # of the FP4 decode matmuls (see m0e4_cpu.decode_activations)
         if fuse:
             for layer in lm.model.layers:

@@ -259,9 +259,10 @@ def load_quantized(
     The weights stay in 4 bits; every quantized matmul runs from them in float32 (the M0E4 kernels, see
     `quintet.kernels.m0e4_cpu`). `dtype`: the activations between matmuls and the KV cache (float32 by
     default: exact to float32 rounding, and fastest on CPUs without native bfloat16). For a Jamba engine,
-    `activations="int8"` quantizes the decode matmuls' inputs to int8 per block of 32 and multiplies by
-    integer dot products (llama.cpp's trade for Q4_0: about 2x faster decode matmuls where the CPU has
-    AVX-512 VNNI, the rounding error of 8-bit activations); prefill is unchanged.
+    `activations` are the decode matmuls' inputs: "int8" quantizes them per block of 32 and multiplies by
+    integer dot products (llama.cpp's trade for Q4_0: about 2x faster decode matmuls, the rounding error
+    of 8-bit activations), "float32" keeps them exact; "auto" (the default) is int8 where the CPU has
+    AVX-512 VNNI, else float32. Prefill is unchanged.
     """
     model = load_quantized_model(directory, dtype)
     if isinstance(model, JambaForCausalLM):
