@@ -386,7 +386,7 @@ def quality(args: argparse.Namespace) -> None:
         f"of {args.seq_len}; "
         f"GPTQ calibration: {args.gptq_samples} x {args.seq_len} tokens; threads={args.threads}; decode "
         f"perplexity: the first {args.decode_tokens} held-out tokens, each from a one-token step (int8 "
-        f"activations run where the CPU has AVX-512 VNNI: {int8_activations_available()})"
+        f"activations run integer dot products here: {int8_activations_available()})"
     )
     print(
         markdown_table(

@@ -10,8 +10,8 @@ is quantized to M0E4 (group 64, round to nearest) and exported to GGUF F32, Q8_0
 `quintet deploy export-gguf`, so all six systems hold the same weights:
 - quintet fp32: the float model in quintet's engine (`to_engine`, float32);
 - quintet FP4: the M0E4 folder as a user loads it (`load_quantized`: 4-bit weights, quintet's M0E4
-  kernels, the default decode activations: int8 where the CPU has AVX-512 VNNI, llama.cpp's own trade for
-  Q4_0, whose matmuls quantize activations to Q8_0; float32 elsewhere; the run prints which);
+  kernels, the default decode activations: int8 where the kernels run AVX2 or AVX-512, llama.cpp's own
+  trade for Q4_0, whose matmuls quantize activations to Q8_0; float32 elsewhere; the run prints which);
 - quintet FP4 float32-act: the same with `activations="float32"` (exact to float32 rounding);
 - llama.cpp F32 / Q8_0 / Q4_0: llama-cpp-python's `Llama` on the GGUF files, `eval` of token lists and
   the last row's logits read straight from the context (no sampler, no Python per vocabulary entry).

@@ -52,9 +52,9 @@ def load_model(folder: str | os.PathLike, activations: str | None = None) -> nn.
     """The model of `folder`, ready to run (eval mode, CPU): see the module docstring for what each kind of
     folder gives. Raises `ModelFolderError` (or the format's own error, naming the file) for anything
     else. `activations`: for an FP4 Jamba folder, the inputs of its decode matmuls: "int8" (quantized per
-    block of 32 and multiplied by integer dot products, as llama.cpp's Q4_0 does; the default where the CPU
-    has AVX-512 VNNI) or "float32" (exact to float32 rounding; the default elsewhere). `docs/deploy.md` has
-    the speed and quality of each."""
+    block of 32 and multiplied by integer dot products, as llama.cpp's Q4_0 does; the default where the
+    kernels run AVX2 or AVX-512) or "float32" (exact to float32 rounding; the default elsewhere).
+    `docs/deploy.md` has the speed and quality of each."""
     folder = Path(folder)
     kind, quantized = _model_type(folder)
     if activations is not None and activations not in DECODE_ACTIVATIONS:

@@ -176,7 +176,7 @@ def int8_activation_reference(x, codes, scales, offsets, group_size):
     return xhat @ (codes.double() * s / 16).t() + xsum @ (scales.double() * (1 - offsets.double())).t()
 
 
-@pytest.mark.parametrize("isa", ["scalar", "avx512"])
+@pytest.mark.parametrize("isa", ["scalar", "avx2", "avx512"])
 def test_int8_activation_gemv_equals_its_definition(isa):
     if isa not in runnable_isas():
         pytest.skip(f"this CPU has no {isa}")
@@ -202,7 +202,7 @@ def test_int8_activations_only_when_asked():
     exact = m0e4_matmul(*args, path="gemv")
     with m0e4_cpu.decode_activations("int8"):
         approx = m0e4_matmul(*args, path="gemv")
-    if m0e4_cpu.isa() == "avx512" and m0e4_cpu._kernel.vnni:
+    if m0e4_cpu.int8_activations_available():
         assert not torch.equal(exact, approx)
     torch.testing.assert_close(approx, exact, rtol=0.05, atol=0.05 * float(exact.abs().max()))
     with pytest.raises(ValueError, match="must be one of float32, int8"), m0e4_cpu.decode_activations("int4"):

@@ -261,8 +261,8 @@ def load_quantized(
     default: exact to float32 rounding, and fastest on CPUs without native bfloat16). For a Jamba engine,
     `activations` are the decode matmuls' inputs: "int8" quantizes them per block of 32 and multiplies by
     integer dot products (llama.cpp's trade for Q4_0: about 2x faster decode matmuls, the rounding error
-    of 8-bit activations), "float32" keeps them exact; "auto" (the default) is int8 where the CPU has
-    AVX-512 VNNI, else float32. Prefill is unchanged.
+    of 8-bit activations), "float32" keeps them exact; "auto" (the default) is int8 where the kernels run
+    AVX2 or AVX-512, else float32. Prefill is unchanged.
     """
     model = load_quantized_model(directory, dtype)
     if isinstance(model, JambaForCausalLM):

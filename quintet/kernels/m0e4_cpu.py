@@ -154,9 +154,10 @@ def m0e4_kernels_available() -> bool:
 
 
 def int8_activations_available() -> bool:
-    """True when `activations="int8"` runs integer dot products here (the kernels are loaded, run AVX-512
-    and the CPU has VNNI); elsewhere the int8 setting runs the float32 GEMV."""
-    return _kernel.get() is not None and isa() == "avx512" and _kernel.vnni
+    """True when `activations="int8"` runs integer dot products here: the kernels are loaded and run AVX2
+    (vpmaddubsw) or AVX-512 (vpdpbusd where the CPU has VNNI); elsewhere the int8 setting runs the float32
+    GEMV."""
+    return _kernel.get() is not None and isa() in ("avx2", "avx512")
 
 
 def isa() -> str:
@@ -314,8 +315,8 @@ def _isa_code() -> int:
 
 
 def _gemv_op(ops: Any, code: int, activations: str, k: int) -> Any:
-    """The decode GEMV for inputs of width k: int8 activations where asked and AVX-512 VNNI can run them."""
-    if code == 2 and _kernel.vnni and activations == "int8" and k % 128 == 0:
+    """The decode GEMV for inputs of width k: int8 activations where asked and AVX2 or AVX-512 run them."""
+    if code >= 1 and activations == "int8" and k % 128 == 0:
         return ops.gemv_q8
     return ops.gemv
 

@@ -45,8 +45,8 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     p.add_argument(
         "--activations",
         choices=["float32", "int8"],
-        help="FP4 folders: decode matmul inputs, int8 (the default where the CPU has AVX-512 VNNI: integer "
-        "dot products, as llama.cpp's Q4_0) or float32 (exact; the default elsewhere); docs/deploy.md",
+        help="FP4 folders: decode matmul inputs, int8 (the default on AVX2 / AVX-512 CPUs: integer dot "
+        "products, as llama.cpp's Q4_0) or float32 (exact; the default elsewhere); docs/deploy.md",
     )
     p.add_argument(
         "--log-level",

@@ -488,8 +488,7 @@ class DecodeProgram : public torch::CustomClassHolder {
     const Linear& l = linears_[index];
     Tensor y;
     if (l.q.defined()) {
-      const bool q8 = int8_ && x.size(1) % 128 == 0 && quintet_m0e4::resolve_isa(isa_) == kAvx512 &&
-                      quintet_m0e4::cpu_has_vnni();
+      const bool q8 = int8_ && x.size(1) % 128 == 0 && quintet_m0e4::int8_runs(isa_);
       y = q8 ? quintet_m0e4::gemv_q8(x, l.q, l.s, l.o, l.gs, isa_) : quintet_m0e4::gemv(x, l.q, l.s, l.o, l.gs, isa_);
     } else {
       y = quintet_m0e4::gemv_f32(x, l.w, float_isa_);

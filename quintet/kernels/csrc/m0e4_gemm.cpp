@@ -579,6 +579,70 @@ QUINTET_VNNI void gemv_q8_vnni(const Q8Problem& p, int64_t n0, int64_t n1) {
     for (; n < n1; ++n) gemv_q8_rows_vnni<1>(p, n, m, lane_group, gpc);
   }
 }
+
+// AVX2 without VNNI: the same products by vpmaddubsw (codes u8 x xq s8, pairs summed to int16: at most
+// 2 * 15 * 127 = 3810, the low and the high nibbles' sums together 7620, inside int16) and vpmaddwd by
+// ones (fours summed to int32). A chunk of 128 codes is two halves of 32 bytes; int32 lane j of half h
+// holds bytes 32h + 4j .. 32h + 4j + 3 (codes 8(8h + j) .. 8(8h + j) + 7): the VNNI path's lane 8h + j.
+// Each half's lanes lie in one group for gs = 64 or 128, in two for gs = 32: its scales are broadcasts.
+QUINTET_AVX2 inline __m256 half_scales_avx2(const float* s, int64_t c, int h, int64_t gs) {
+  if (gs == 128) return _mm256_set1_ps(s[c]);
+  if (gs == 64) return _mm256_set1_ps(s[2 * c + h]);
+  return _mm256_set_m128(_mm_set1_ps(s[4 * c + 2 * h + 1]), _mm_set1_ps(s[4 * c + 2 * h]));  // gs = 32
+}
+
+template <int NR>
+QUINTET_AVX2 void gemv_q8_rows_avx2(const Q8Problem& p, int64_t n, int64_t m, const float* sf, const float* off) {
+  const int64_t G = p.K / p.gs, chunks = p.K / 128;
+  const __m256i low = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+  const int8_t* xq = p.xq + m * p.K;
+  const float* ldx = p.lane_dx + m * (p.K / 8);
+  __m256 acc[NR];
+  for (int r = 0; r < NR; ++r) acc[r] = _mm256_setzero_ps();
+  for (int64_t c = 0; c < chunks; ++c)
+    for (int h = 0; h < 2; ++h) {
+      const __m256i xe = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + c * 128 + 32 * h));
+      const __m256i xo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + c * 128 + 64 + 32 * h));
+      const __m256 dx = _mm256_loadu_ps(ldx + c * 16 + 8 * h);
+#pragma GCC unroll 4
+      for (int r = 0; r < NR; ++r) {
+        const __m256i v =
+            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p.qw + (n + r) * (p.K / 2) + c * 64 + 32 * h));
+        const __m256i pairs = _mm256_add_epi16(_mm256_maddubs_epi16(_mm256_and_si256(v, low), xe),
+                                               _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(v, 4), low), xo));
+        const __m256 sl = half_scales_avx2(sf + r * G, c, h, p.gs);
+        acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, ones)), _mm256_mul_ps(sl, dx), acc[r]);
+      }
+    }
+  const float* xs = p.xsum + m * G;
+  float tail[NR];
+  for (int r = 0; r < NR; ++r) {  // + sum_g S_g (1 - c_g) xsum_g
+    float t = 0.f;
+    for (int64_t g = 0; g < G; ++g) t += off[r * G + g] * xs[g];
+    tail[r] = t;
+  }
+  if constexpr (NR == 4) {
+    _mm_storeu_ps(p.y + m * p.N + n, _mm_add_ps(reduce4_avx2(acc[0], acc[1], acc[2], acc[3]), _mm_loadu_ps(tail)));
+  } else {
+    for (int r = 0; r < NR; ++r) p.y[m * p.N + n + r] = reduce4_avx2(acc[r], acc[r], acc[r], acc[r])[0] + tail[r];
+  }
+}
+
+QUINTET_AVX2 void gemv_q8_avx2(const Q8Problem& p, int64_t n0, int64_t n1) {
+  const int64_t G = p.K / p.gs;
+  std::vector<float> sf(static_cast<size_t>(4 * G)), off(static_cast<size_t>(4 * G));
+  for (int64_t n = n0; n < n1;) {
+    const int nr = n + 4 <= n1 ? 4 : 1;
+    for (int r = 0; r < nr; ++r) q8_row_params(p, n + r, sf.data() + r * G, off.data() + r * G);
+    const char* ahead = reinterpret_cast<const char*>(p.qw + (n + 4 * kQ8Ahead) * (p.K / 2));
+    for (int64_t b = 0; b < nr * (p.K / 2); b += 64) _mm_prefetch(ahead + b, _MM_HINT_T0);
+    for (int64_t m = 0; m < p.M; ++m) {
+      if (nr == 4) gemv_q8_rows_avx2<4>(p, n, m, sf.data(), off.data());
+      else gemv_q8_rows_avx2<1>(p, n, m, sf.data(), off.data());
+    }
+    n += nr;
+  }
+}
 #endif  // QUINTET_X86
 
 // ------------------------------------------------------------------------------------------ float GEMV
@@ -1072,6 +1136,8 @@ bool cpu_has_vnni() {
   return vnni;
 }
 
+bool int8_runs(int64_t isa) { return resolve_isa(isa) >= kAvx2; }
+
 // x (M, K) -> xq int8 per block of 32 (dx = max|x| / 127, xq = round-to-nearest-even(x / dx)), permuted per
 // 128 (the 64 even positions, then the 64 odd); lane_dx (M, K/8): the block's dx / 16 for each group of 8
 // codes; xsum (M, K/gs): exact sums per weight group. The loops are vectorised per instruction set.
@@ -1148,11 +1214,13 @@ at::Tensor gemv_q8(const at::Tensor& x_in, const at::Tensor& qw, const at::Tenso
   Q8Problem p{q, ld, sums, qw.data_ptr<uint8_t>(), S.data_ptr<at::Half>(), C.data_ptr<at::Half>(),
               y.data_ptr<float>(), M, N, K, gs};
   if (M == 0 || N == 0) return y;
-  const bool vnni = resolve_isa(isa) == kAvx512 && cpu_has_vnni();
+  const int64_t which = resolve_isa(isa);
+  const bool vnni = which == kAvx512 && cpu_has_vnni();
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, K * M));
   at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
 #if QUINTET_X86
     if (vnni) return gemv_q8_vnni(p, n0, n1);
+    if (which >= kAvx2) return gemv_q8_avx2(p, n0, n1);
 #endif
     gemv_q8_scalar(p, n0, n1);
   });
@@ -1200,10 +1268,10 @@ at::Tensor swiglu_gemv(const at::Tensor& x, const at::Tensor& gu_q, const at::Te
   TORCH_CHECK(gu_q.size(0) % 2 == 0 && dn_q.size(1) * 2 == inter,
               "m0e4 swiglu_gemv: gate_up must have 2 I rows and down I inputs, got ", gu_q.sizes(), " and ",
               dn_q.sizes());
-  const bool q8_up = int8 && x.size(1) % 128 == 0 && cpu_has_vnni() && resolve_isa(isa) == kAvx512;
+  const bool q8_up = int8 && x.size(1) % 128 == 0 && int8_runs(isa);
   const at::Tensor act =
       silu_mul(q8_up ? gemv_q8(x, gu_q, gu_s, gu_o, gs, isa) : gemv(x, gu_q, gu_s, gu_o, gs, isa), isa);
-  const bool q8_down = int8 && inter % 128 == 0 && cpu_has_vnni() && resolve_isa(isa) == kAvx512;
+  const bool q8_down = int8 && inter % 128 == 0 && int8_runs(isa);
   return q8_down ? gemv_q8(act, dn_q, dn_s, dn_o, gs, isa) : gemv(act, dn_q, dn_s, dn_o, gs, isa);
 }
 

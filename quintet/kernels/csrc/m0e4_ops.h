@@ -14,7 +14,8 @@ enum Isa : int64_t { kScalar = 0, kAvx2 = 1, kAvx512 = 2 };
 
 int64_t cpu_isa();                     // the best of Isa this CPU runs
 int64_t resolve_isa(int64_t isa);      // the caller's choice, checked against the CPU
-bool cpu_has_vnni();                   // AVX-512 VNNI (the int8 GEMV)
+bool cpu_has_vnni();                   // AVX-512 VNNI (the int8 GEMV's fastest path)
+bool int8_runs(int64_t isa);           // the int8-activation GEMV runs vector code (AVX2 or AVX-512)
 
 // y (M, N) float32 = x (M, K) W^T, W in M0E4 (qweight (N, K/2) uint8, scales / offsets (N, K/gs) float16)
 at::Tensor gemv(const at::Tensor& x, const at::Tensor& qw, const at::Tensor& S, const at::Tensor& C, int64_t gs,
