@@ -106,6 +106,33 @@ QD_ATTEND_RANGE(attend_scalar, )
 QD_ATTEND_RANGE(attend_avx2, QUINTET_AVX2)
 QD_ATTEND_RANGE(attend_avx512, QUINTET_AVX512)
 
+// The softmax of each head over its T scores, s laid out (key, head) with g heads (g divides 16), in place;
+// sums[h] gets head h's sum of exponentials. The exponentials run sixteen at a time (lane l of a block of
+// 16 floats is head l % g); compiled for the caller's instruction set.
+QD_INLINE void softmax_keys(float* s, int64_t T, int64_t g, float* sums) {
+  alignas(64) float mx[16];
+  for (int64_t h = 0; h < g; ++h) mx[h] = s[h];
+  for (int64_t t = 1; t < T; ++t)
+    for (int64_t h = 0; h < g; ++h) mx[h] = std::max(mx[h], s[t * g + h]);
+  for (int l = g; l < 16; ++l) mx[l] = mx[l % g];
+  const int64_t n = T * g, full = n / 16 * 16;
+  alignas(64) float acc[16] = {};
+  for (int64_t i = 0; i < full; i += 16) {
+#pragma omp simd
+    for (int l = 0; l < 16; ++l) {
+      const float e = quintet_math::fexp(s[i + l] - mx[l]);
+      s[i + l] = e;
+      acc[l] += e;
+    }
+  }
+  for (int64_t h = 0; h < g; ++h) sums[h] = 0.f;
+  for (int l = 0; l < 16; ++l) sums[l % g] += acc[l];
+  for (int64_t i = full; i < n; ++i) {
+    s[i] = quintet_math::fexp(s[i] - mx[i % g]);
+    sums[i % g] += s[i];
+  }
+}
+
 // The same on AVX-512 for head_dim = 16 NV and a multiple of 4 query heads per K/V head, with the scores
 // laid out (key, head): each key is loaded once for four heads, whose dot products are summed by one
 // transposing add tree; the exponentials run sixteen at a time; each value is loaded once for HP heads.
@@ -133,30 +160,8 @@ QUINTET_AVX512 void attend_group_avx512(const Attention& a, int64_t r, int64_t j
                                                _mm512_castps512_ps128(scale)));
     }
   }
-  // softmax per head over the keys: lane l of a 16-float block of s is head l % g (g divides 16)
-  alignas(64) float mx[16], sums[16];
-  for (int64_t h = 0; h < g; ++h) mx[h] = s[h];
-  for (int64_t t = 1; t < T; ++t)
-    for (int64_t h = 0; h < g; ++h) mx[h] = std::max(mx[h], s[t * g + h]);
-  for (int l = g; l < 16; ++l) mx[l] = mx[l % g];
-  const int64_t n = T * g, full = n / 16 * 16;
-  __m512 sum = _mm512_setzero_ps();
-  const __m512 m = _mm512_load_ps(mx);
-  for (int64_t i = 0; i < full; i += 16) {
-    alignas(64) float e[16];
-    _mm512_store_ps(e, _mm512_sub_ps(_mm512_loadu_ps(s + i), m));
-#pragma omp simd
-    for (int l = 0; l < 16; ++l) e[l] = quintet_math::fexp(e[l]);
-    const __m512 ev = _mm512_load_ps(e);
-    _mm512_storeu_ps(s + i, ev);
-    sum = _mm512_add_ps(sum, ev);
-  }
-  _mm512_store_ps(sums, sum);
-  for (int l = g; l < 16; ++l) sums[l % g] += sums[l];
-  for (int64_t i = full; i < n; ++i) {
-    s[i] = quintet_math::fexp(s[i] - mx[i % g]);
-    sums[i % g] += s[i];
-  }
+  alignas(64) float sums[16];
+  softmax_keys(s, T, g, sums);
   // weighted sum of the values, HP heads at a time
   for (int64_t h0 = 0; h0 < g; h0 += HP) {
     __m512 acc[HP][NV];
@@ -184,17 +189,79 @@ QUINTET_AVX512 void attend_range_avx512(const Attention& a, int64_t i0, int64_t 
   for (int64_t i = i0; i < i1; ++i) attend_group_avx512<NV, HP>(a, i / a.kv_heads, i % a.kv_heads, s);
 }
 
+
+// The same on AVX2: head_dim = 8 NV, four query heads per pass for the scores, HP for the values.
+template <int NV, int HP>
+QUINTET_AVX2 void attend_group_avx2(const Attention& a, int64_t r, int64_t j, float* s) {
+  const int64_t g = a.heads / a.kv_heads, d = NV * 8, T = a.pos[r] + 1;
+  const float* kbase = a.kb + r * a.k_row + j * a.k_head;
+  const float* vbase = a.vb + r * a.v_row + j * a.v_head;
+  const float* q = a.qkv + r * a.ld + j * g * d;
+  const __m128 scale = _mm_set1_ps(a.scale);
+  for (int64_t h0 = 0; h0 < g; h0 += 4) {
+    const float *q0 = q + h0 * d, *q1 = q0 + d, *q2 = q1 + d, *q3 = q2 + d;
+    for (int64_t t = 0; t < T; ++t) {
+      const float* k = kbase + t * a.k_pos;
+      __m256 c0 = _mm256_setzero_ps(), c1 = c0, c2 = c0, c3 = c0;
+#pragma GCC unroll 16
+      for (int v = 0; v < NV; ++v) {
+        const __m256 kv = _mm256_loadu_ps(k + 8 * v);
+        c0 = _mm256_fmadd_ps(_mm256_loadu_ps(q0 + 8 * v), kv, c0);
+        c1 = _mm256_fmadd_ps(_mm256_loadu_ps(q1 + 8 * v), kv, c1);
+        c2 = _mm256_fmadd_ps(_mm256_loadu_ps(q2 + 8 * v), kv, c2);
+        c3 = _mm256_fmadd_ps(_mm256_loadu_ps(q3 + 8 * v), kv, c3);
+      }
+      _mm_storeu_ps(s + t * g + h0, _mm_mul_ps(quintet_simd::reduce4_avx2(c0, c1, c2, c3), scale));
+    }
+  }
+  alignas(64) float sums[16];
+  softmax_keys(s, T, g, sums);
+  for (int64_t h0 = 0; h0 < g; h0 += HP) {
+    __m256 acc[HP][NV];
+    for (int h = 0; h < HP; ++h)
+      for (int v = 0; v < NV; ++v) acc[h][v] = _mm256_setzero_ps();
+    for (int64_t t = 0; t < T; ++t) {
+      const float* vr = vbase + t * a.v_pos;
+      for (int h = 0; h < HP; ++h) {
+        const __m256 p = _mm256_set1_ps(s[t * g + h0 + h]);
+        for (int v = 0; v < NV; ++v) acc[h][v] = _mm256_fmadd_ps(p, _mm256_loadu_ps(vr + 8 * v), acc[h][v]);
+      }
+    }
+    for (int h = 0; h < HP; ++h) {
+      const __m256 inv = _mm256_set1_ps(1.f / sums[h0 + h]);
+      float* o = a.out + r * a.heads * d + (j * g + h0 + h) * d;
+      for (int v = 0; v < NV; ++v) _mm256_storeu_ps(o + 8 * v, _mm256_mul_ps(acc[h][v], inv));
+    }
+  }
+}
+
+template <int NV, int HP>
+QUINTET_AVX2 void attend_range_avx2(const Attention& a, int64_t i0, int64_t i1, float* s) {
+  for (int64_t i = i0; i < i1; ++i) attend_group_avx2<NV, HP>(a, i / a.kv_heads, i % a.kv_heads, s);
+}
+
 using AttendRange = void (*)(const Attention&, int64_t, int64_t, float*);
 
-// The AVX-512 kernel for this shape, or nullptr (then the generic loops run).
-AttendRange attend_avx512_for(int64_t d, int64_t g) {
+// The vector kernel for this shape and instruction set, or nullptr (then the generic loops run).
+AttendRange attend_fast_for(int64_t which, int64_t d, int64_t g) {
   if (g % 4 != 0 || 16 % g != 0) return nullptr;
-  switch (d) {
-    case 32: return attend_range_avx512<2, 4>;
-    case 64: return attend_range_avx512<4, 4>;
-    case 128: return attend_range_avx512<8, 2>;
-    default: return nullptr;
+  if (which == kAvx512) {
+    switch (d) {
+      case 32: return attend_range_avx512<2, 4>;
+      case 64: return attend_range_avx512<4, 4>;
+      case 128: return attend_range_avx512<8, 2>;
+      default: return nullptr;
+    }
   }
+  if (which == kAvx2) {
+    switch (d) {
+      case 32: return attend_range_avx2<4, 2>;
+      case 64: return attend_range_avx2<8, 1>;
+      case 128: return attend_range_avx2<16, 1>;
+      default: return nullptr;
+    }
+  }
+  return nullptr;
 }
 #endif
 
@@ -244,7 +311,7 @@ Tensor attend_decode(const Tensor& qkv_in, const Tensor& keys, const Tensor& val
   const int64_t which = quintet_m0e4::resolve_isa(isa);
   const int64_t scratch = (heads / hk) * longest;
 #if QUINTET_X86
-  const AttendRange fast = which == kAvx512 ? attend_avx512_for(d, heads / hk) : nullptr;
+  const AttendRange fast = attend_fast_for(which, d, heads / hk);
 #endif
   at::parallel_for(0, rows * hk, 1, [&](int64_t i0, int64_t i1) {
     std::vector<float> s(static_cast<size_t>(scratch));
