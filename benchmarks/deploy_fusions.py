@@ -10,10 +10,11 @@
   `quintet.kernels.m0e4_cpu.GEMV_MAX_ROWS`); and, on the prefill path, L1 micro-tiles with our own kernel
   against large tiles with PyTorch's matmul, by rows, with float32 and bfloat16 products (float32:
   `MICRO_TILE_MAX_ROWS`), for jamba-small's gate/up and down shapes;
-- the whole FP4 decode step with fusions on and off, and with float32 (the default) or bfloat16 activations;
-- the whole decode step through the modules against the engine's decode plan (the same kernel calls with
-  their weights bound once, `quintet.deploy.decode_plan`), FP4 with float32 and int8 activations, and the
-  float32 engine.
+- the whole FP4 decode step with fusions on and off, and with float32 or bfloat16 activations between
+  matmuls (decode matmul inputs float32 in these rows);
+- the whole decode step through the modules against the engine's decode plan (the whole step in one
+  native call, its weights bound once: `quintet.deploy.decode_plan`), FP4 with float32 and int8
+  activations, and the float32 engine.
 Decode = 1 row, prefill = 512 rows. Times are medians of --runs; "speedup" = unfused time / fused time.
 """
 
@@ -160,13 +161,13 @@ def main() -> None:
             quantize_folder(Path(tmp) / "f", Path(tmp) / "q", group_size=64)
             q = Path(tmp) / "q"
             makers = {
-                "fused": lambda: load_quantized(q),
+                "fused": lambda: load_quantized(q, activations="float32"),
                 "int8 activations": lambda: load_quantized(q, activations="int8"),
                 "float32 engine": lambda: to_engine(load_model(Path(tmp) / "f")),
             }
             engines = {name: make() for name, make in makers.items()}
-            engines["unfused"] = load_quantized(q, fuse=False)
-            engines["bfloat16 activations"] = load_quantized(q, dtype=torch.bfloat16)
+            engines["unfused"] = load_quantized(q, fuse=False, activations="float32")
+            engines["bfloat16 activations"] = load_quantized(q, dtype=torch.bfloat16, activations="float32")
             engines["bfloat16 activations"].decode_plan = None  # compared with "fused, modules"
             for name, make in makers.items():  # the same engines with their decode plan switched off
                 engines[f"{name}, modules"] = engine = make()
