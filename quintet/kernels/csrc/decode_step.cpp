@@ -569,38 +569,45 @@ class DecodeProgram : public torch::CustomClassHolder {
     return quintet_m0e4::swiglu_f32(h, a.w, b.w, float_isa_);
   }
 
-  // JambaSparseMoeBlock's decode paths: softmax over the router's logits in float32, top-k; one row: its k
-  // experts in the order chosen, each output times its weight and summed; more rows: each expert once on the
-  // rows routed to it, added into zeros by row. With k = 2 both sum the same two products (x + y = y + x),
-  // so a row's output does not depend on the rows beside it.
+  // JambaSparseMoeBlock's decode step: softmax over the router's logits in float32 and the top k (the lower
+  // expert first among equals); each chosen expert runs once on the rows routed to it, and each row adds
+  // its experts' outputs times their weights in the experts' order, so a row's output does not depend on
+  // the rows beside it.
   Tensor moe(const Layer& l, const Tensor& h) const {
-    const Tensor probs = at::softmax(apply(l.router, h), -1, at::kFloat);
-    auto [weights, chosen] = at::topk(probs, l.top_k, -1);
-    const int64_t rows = h.size(0), k = l.top_k;
-    auto w = weights.accessor<float, 2>();
-    auto c = chosen.accessor<int64_t, 2>();
-    if (rows == 1) {
-      Tensor out;
+    const Tensor logits = apply(l.router, h).contiguous();
+    const int64_t rows = h.size(0), E = logits.size(1), k = l.top_k, H = h.size(1);
+    std::vector<float> weight(static_cast<size_t>(rows * E), 0.f);  // 0 where the expert is not chosen
+    std::vector<float> p(static_cast<size_t>(E));
+    const float* lp = logits.data_ptr<float>();
+    for (int64_t r = 0; r < rows; ++r) {
+      const float* lr = lp + r * E;
+      const float m = *std::max_element(lr, lr + E);
+      float sum = 0.f;
+      for (int64_t e = 0; e < E; ++e) sum += p[e] = std::exp(lr[e] - m);
+      for (int64_t e = 0; e < E; ++e) p[e] /= sum;
       for (int64_t j = 0; j < k; ++j) {
-        const int64_t e = c[0][j];
-        Tensor y = swiglu(l.expert_gu[e], l.expert_dn[e], h).mul_(w[0][j]);
-        out = out.defined() ? out.add_(y) : y;
+        const int64_t best = std::max_element(p.begin(), p.end()) - p.begin();
+        weight[r * E + best] = p[best];
+        p[best] = -1.f;
       }
-      return out;
     }
     Tensor out = at::zeros_like(h);
-    const int64_t experts = static_cast<int64_t>(l.expert_gu.size());
-    for (int64_t e = 0; e < experts; ++e) {
+    float* op = out.data_ptr<float>();
+    for (int64_t e = 0; e < E; ++e) {
       std::vector<int64_t> idx;
-      std::vector<float> wt;
       for (int64_t r = 0; r < rows; ++r)
-        for (int64_t j = 0; j < k; ++j)
-          if (c[r][j] == e) idx.push_back(r), wt.push_back(w[r][j]);
+        if (weight[r * E + e] > 0.f) idx.push_back(r);
       if (idx.empty()) continue;
       const int64_t n = static_cast<int64_t>(idx.size());
-      const Tensor index = at::tensor(idx, at::kLong);
-      const Tensor y = swiglu(l.expert_gu[e], l.expert_dn[e], h.index_select(0, index));
-      out.index_add_(0, index, y.mul_(at::tensor(wt, at::kFloat).view({n, 1})));
+      const Tensor y = swiglu(l.expert_gu[e], l.expert_dn[e], n == rows ? h : h.index_select(0, at::tensor(idx, at::kLong)))
+                           .contiguous();
+      const float* yp = y.data_ptr<float>();
+      for (int64_t i = 0; i < n; ++i) {
+        const float w = weight[idx[i] * E + e];
+        float* o = op + idx[i] * H;
+        const float* yr = yp + i * H;
+        for (int64_t c = 0; c < H; ++c) o[c] += w * yr[c];
+      }
     }
     return out;
   }
