@@ -676,8 +676,8 @@ void step_impl(const T* state, const Seq<T>& u2, const Seq<T>& delta2, const Seq
       for (int64_t c = 0; c < blk.cw; ++c) {
         const int64_t ch = blk.bi * dim + blk.c0 + c;
         const T* __restrict__ a = A + (blk.c0 + c) * n;
-        const T* __restrict__ h = state + ch * n;
-        T* __restrict__ out = new_state + ch * n;
+        const T* h = state + ch * n;  // state and new_state may be one buffer (an in-place decode step):
+        T* out = new_state + ch * n;   // each k is read before it is written
         const T dtc = dt[c], dtuc = dtu[c];
 #pragma omp simd
         for (int64_t k = 0; k < n; ++k) {
