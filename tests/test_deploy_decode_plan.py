@@ -35,9 +35,9 @@ def _decode(engine, use_plan: bool, steps: int = 12, rows: int = 1) -> tuple[tor
     plan = engine.decode_plan
     ran = 0
 
-    def counted(ids, cache):
+    def counted(ids, cache, activations=None):
         nonlocal ran
-        out = plan(ids, cache)
+        out = plan(ids, cache, activations)
         ran += out is not None
         return out
 
@@ -101,7 +101,7 @@ def test_a_rows_logits_do_not_depend_on_the_rows_beside_it(activations):
         out = []
         for t in range(6):
             ids = torch.tensor([[steps[r][t]] for r in rows])
-            logits = engine.decode_plan(ids, slots.rows(0, len(rows)))
+            logits = engine.decode_plan(ids, slots.rows(0, len(rows)), activations)
             assert logits is not None
             out.append(logits)
         return torch.cat(out, dim=1)

@@ -152,12 +152,13 @@ class DecodePlan:
             program = None
         self.program = program
 
-    def __call__(self, input_ids: torch.Tensor, cache) -> torch.Tensor | None:
+    def __call__(self, input_ids: torch.Tensor, cache, activations: str | None = None) -> torch.Tensor | None:
+        """`activations`: of the M0E4 decode matmuls (the engine's); None: `decode_activations`' setting."""
         rows, length = input_ids.shape
         if cache is None or length != 1 or rows > gemv_max_rows() or current_trace() is not None:
             return None
         decode_state = getattr(cache, "decode_state", None)
-        binding = decode_binding()
+        binding = decode_binding(activations)
         if decode_state is None or binding is None or scan._loader.get() is None:
             return None
         key = (id(binding[0]), *binding[1:])

@@ -132,6 +132,11 @@ class JambaEngine(nn.Module):
         input checks that read the data)."""
         b, L = input_ids.shape
         path = "gemv" if L == 1 and b <= gemv_max_rows() else "tiles"
+        plain = attention_mask is None and labels is None and not kwargs
+        if path == "gemv" and plain and self.decode_plan is not None:  # one native call, no context to set
+            logits = self.decode_plan(input_ids, cache, self.activations)
+            if logits is not None:
+                return CausalLMOutput(logits=logits, cache=cache)
         with matmul_path(path), decode_activations(self.activations):
             if attention_mask is not None or labels is not None or kwargs:
                 return self.lm(
@@ -142,11 +147,7 @@ class JambaEngine(nn.Module):
                     logits_to_keep=logits_to_keep,
                     **kwargs,
                 )
-            plan = self.decode_plan if path == "gemv" else None
-            logits = plan(input_ids, cache) if plan is not None else None
-            if logits is None:
-                logits = self.step(input_ids, cache, logits_to_keep)
-            return CausalLMOutput(logits=logits, cache=cache)
+            return CausalLMOutput(logits=self.step(input_ids, cache, logits_to_keep), cache=cache)
 
     def step(
         self, input_ids: torch.Tensor, cache: SubTensorKVCache | None, logits_to_keep: int = 0

@@ -440,67 +440,11 @@ def float_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
 
 
 # ---------------------------------------------------------------------------------------------- bound calls
-def decode_binding() -> tuple[Any, int, int, str] | None:
-    """What the bound decode calls below depend on, read now: (the ops, the M0E4 GEMV's instruction set,
-    the float GEMV's, the decode activations); None where the kernels do not run. A caller that keeps
-    bound calls rebinds when this changes (an environment variable or `decode_activations` changed)."""
+def decode_binding(activations: str | None = None) -> tuple[Any, int, int, str] | None:
+    """What a decode step's bound kernels depend on, read now: (the ops, the M0E4 GEMV's instruction set,
+    the float GEMV's, the decode activations: `activations`, or `decode_activations`' setting); None where
+    the kernels do not run. A caller that keeps bound calls rebinds when this changes."""
     ops = _kernel.get()
     if ops is None:
         return None
-    return ops, _isa_code(), _float_gemv_code(), _ACTIVATIONS.get()
-
-
-def bind_linear(module: Any, binding: tuple[Any, int, int, str]) -> Any | None:
-    """`module(x)` for one decode row x (1, K) float32 as one kernel call with its weights bound: an
-    `M0E4Linear` by the M0E4 GEMV, a float32 module with `weight` and `bias` by the float GEMV, exactly the
-    call `m0e4_matmul` / `float_linear` make on the "gemv" path; None for anything else."""
-    ops, code, float_code, activations = binding
-    bias = module.bias
-    if hasattr(module, "qweight"):
-        q, s, o, gs = module.qweight, module.scales, module.offsets, module.group_size
-        gemv = _gemv_op(ops, code, activations, q.shape[1] * 2)
-
-        def run(x: torch.Tensor) -> torch.Tensor:
-            return gemv(x, q, s, o, gs, code)
-
-    elif getattr(module, "weight", None) is not None and module.weight.dtype == torch.float32:
-        w = module.weight
-        if not w.is_contiguous():
-            return None
-
-        def run(x: torch.Tensor) -> torch.Tensor:
-            return ops.gemv_f32(x, w, float_code)
-
-    else:
-        return None
-    if bias is None:
-        return run
-    if bias.dtype != torch.float32:
-        return None
-    return lambda x: run(x) + bias
-
-
-def bind_swiglu(gate_up: Any, down: Any, binding: tuple[Any, int, int, str]) -> Any | None:
-    """`swiglu_gemv(x, gate_up, down)` for one decode row as one kernel call with its weights bound, or
-    None where `swiglu_gemv` would not run its kernel."""
-    ops, code, float_code, activations = binding
-    if gate_up.bias is not None or down.bias is not None:
-        return None
-    if hasattr(gate_up, "qweight") and hasattr(down, "qweight"):
-        if gate_up.group_size != down.group_size:
-            return None
-        args = (gate_up.qweight, gate_up.scales, gate_up.offsets, down.qweight, down.scales, down.offsets)
-        gs, int8 = down.group_size, activations == "int8"
-        return lambda x: ops.swiglu_gemv(x, *args, gs, code, int8)
-    if gate_up.weight.dtype == down.weight.dtype == torch.float32:
-        w_gu, w_dn = gate_up.weight.contiguous(), down.weight.contiguous()
-        return lambda x: ops.swiglu_f32(x, w_gu, w_dn, float_code)
-    return None
-
-
-def bind_add_rms_norm(weight: torch.Tensor, eps: float, binding: tuple[Any, int, int, str]) -> Any | None:
-    """`fused_add_rms_norm(x, h, weight, eps)` for one float32 decode row, bound; None for other weights."""
-    if weight.dtype != torch.float32:
-        return None
-    add_rms_norm = binding[0].add_rms_norm
-    return lambda x, h: add_rms_norm(x, h, weight, eps)
+    return ops, _isa_code(), _float_gemv_code(), activations or _ACTIVATIONS.get()
