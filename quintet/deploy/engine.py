@@ -27,6 +27,7 @@ from torch import nn
 
 from quintet.deploy.decode_plan import DecodePlan
 from quintet.deploy.fusions import EngineRMSNorm, FusedSwiGLU, merge_linears, use_engine_linears
+from quintet.deploy.huge_pages import move_to_huge_pages
 from quintet.deploy.kv_cache import SubTensorKVCache
 from quintet.deploy.qlinear import M0E4Embedding, M0E4Linear
 from quintet.kernels.m0e4_cpu import (
@@ -106,6 +107,8 @@ class JambaEngine(nn.Module):
         use_engine_linears(lm)  # float Linears (after the merges): decode matmuls by quintet's GEMV
         for p in lm.parameters():  # an inference engine: tools that run it with autograd on (evaluation
             p.requires_grad_(False)  # loops) then take the kernels, not the differentiable fallback
+        # the weights in 2 MiB pages: a decode step streams them all; 4 KiB pages cost the GEMVs page walks
+        self.huge_page_bytes = move_to_huge_pages(lm)
         # One-token steps as bound kernel calls (decode_plan.py); None runs them through the modules.
         self.decode_plan: DecodePlan | None = DecodePlan(lm)
         if any(isinstance(m, M0E4Linear) for m in lm.modules()):
