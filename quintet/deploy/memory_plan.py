@@ -186,20 +186,35 @@ def load_engine_for_plan(model_dir: str | os.PathLike):
 
 
 def _tensors(model: torch.nn.Module) -> dict[int, tuple[str, torch.Tensor]]:
-    """Every parameter and buffer the model holds, once per storage (merged or shared tensors count once)."""
+    """Every parameter and buffer the model holds, once per memory region (merged or shared tensors count
+    once), by the address of its first byte."""
     out: dict[int, tuple[str, torch.Tensor]] = {}
     for name, t in [
         *model.named_parameters(remove_duplicate=False),
         *model.named_buffers(remove_duplicate=False),
     ]:
         if t is not None and t.device.type != "meta":
-            out.setdefault(t.untyped_storage().data_ptr(), (name, t))
+            out.setdefault(t.data_ptr(), (name, t))
     return out
 
 
+def _held_bytes(tensors: dict[int, tuple[str, torch.Tensor]]) -> dict[int, int]:
+    """Bytes each tensor accounts for: its whole storage when it is the storage's only tensor (slack
+    included), its own bytes when several share one storage (the engine's huge-page arena)."""
+    by_storage: dict[int, list[int]] = {}
+    for ptr, (_, t) in tensors.items():
+        by_storage.setdefault(t.untyped_storage().data_ptr(), []).append(ptr)
+    held = {}
+    for ptrs in by_storage.values():
+        for ptr in ptrs:
+            t = tensors[ptr][1]
+            held[ptr] = t.untyped_storage().nbytes() if len(ptrs) == 1 else t.nbytes
+    return held
+
+
 def weight_bytes(model: torch.nn.Module) -> int:
-    """Bytes of the weights a loaded model holds in memory (parameters and buffers, each storage once)."""
-    return sum(t.untyped_storage().nbytes() for _, t in _tensors(model).values())
+    """Bytes of the weights a loaded model holds in memory (parameters and buffers, each once)."""
+    return sum(_held_bytes(_tensors(model)).values())
 
 
 def weight_bytes_per_token(model: torch.nn.Module) -> int:
@@ -207,9 +222,10 @@ def weight_bytes_per_token(model: torch.nn.Module) -> int:
     expert weights (top-k of the experts) and one row of the token embedding."""
     config = model.config
     share = config.num_experts_per_tok / max(config.num_experts, 1)
+    tensors = _tensors(model)
     total = 0.0
-    for name, t in _tensors(model).values():
-        n = t.untyped_storage().nbytes()
+    for ptr, n in _held_bytes(tensors).items():
+        name, t = tensors[ptr]
         if ".experts." in name:
             n *= share
         elif "embed_tokens" in name:
