@@ -35,6 +35,17 @@ def huge_pages_available() -> bool:
     return "[never]" not in setting
 
 
+def huge_page_bytes(nbytes: int) -> torch.Tensor:
+    """A uint8 tensor of `nbytes` starting on a huge page of an anonymous mapping marked `MADV_HUGEPAGE`
+    (the tensor and its views keep the mapping alive). Needs `huge_pages_available()`."""
+    size = -(-nbytes // HUGE_PAGE) * HUGE_PAGE + HUGE_PAGE  # one page more, to start on a page boundary
+    mapping = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    mapping.madvise(mmap.MADV_HUGEPAGE)
+    whole = torch.frombuffer(mapping, dtype=torch.uint8)
+    start = -whole.data_ptr() % HUGE_PAGE
+    return whole[start : start + nbytes]
+
+
 def move_to_huge_pages(module: nn.Module, min_bytes: int = 1 << 16) -> int:
     """Copy `module`'s contiguous CPU parameters and buffers of at least `min_bytes` into one huge-page arena
     (a tensor shared by several modules stays shared); returns the bytes moved (0 where huge pages are
@@ -51,12 +62,8 @@ def move_to_huge_pages(module: nn.Module, min_bytes: int = 1 << 16) -> int:
         unique.setdefault(ptr, t)
     if not unique:
         return 0
-    total = sum(-(-t.nbytes // ALIGN) * ALIGN for t in unique.values())
-    size = -(-total // HUGE_PAGE) * HUGE_PAGE + HUGE_PAGE  # one page more, to start on a page boundary
-    arena_map = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    arena_map.madvise(mmap.MADV_HUGEPAGE)
-    arena = torch.frombuffer(arena_map, dtype=torch.uint8)  # keeps the mapping alive as long as a view is
-    offset = -arena.data_ptr() % HUGE_PAGE
+    arena = huge_page_bytes(sum(-(-t.nbytes // ALIGN) * ALIGN for t in unique.values()))
+    offset = 0
     moved: dict[int, torch.Tensor] = {}
     for ptr, t in unique.items():
         view = arena[offset : offset + t.nbytes].view(t.dtype).view(t.shape)
