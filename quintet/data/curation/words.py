@@ -120,6 +120,15 @@ class SharedWords(WordTokenizer):
         self._remember(key, tuple(words))
         return words
 
+    def min_word_count(self, text: str) -> int:
+        """A lower bound on `len(word_tokenize(text))`, exact where that is cheap (0: no bound known)."""
+        words = self._memo.get(("words", text))
+        if words is not None:
+            return len(words)
+        if self.kind == "spans":
+            return len(self.word_tokenize(text))
+        return 0
+
     def span_tokenize(self, text: str) -> list[tuple[int, int]]:
         key = ("spans", text)
         if key in self._memo:
