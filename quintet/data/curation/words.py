@@ -37,6 +37,8 @@ from typing import Any
 
 from datatrove.utils.word_tokenizers import WordTokenizer, load_word_tokenizer, strip_strings
 
+from quintet.data.curation.vietnamese import VietnameseSegmenter
+
 SPAN_CACHED = ("en", "fi")  # spaCy language codes whose tokenizer is rule-based per whitespace run
 _RUNS = re.compile(r"\s+|\S+")
 _MEMO_SIZE = 8
@@ -53,13 +55,15 @@ class SharedWords(WordTokenizer):
         self.max_cache = max_cache
         self._reference: WordTokenizer | None = None
         self._kind: str | None = None
+        self._vietnamese: VietnameseSegmenter | None = None
         self._spans: dict[str, tuple[str, ...]] = {}
         self._memo: dict[tuple[str, str], Any] = {}
         self.calls = {"tokenized": 0, "memo_hits": 0, "span_hits": 0, "span_misses": 0}
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        state.update(_reference=None, _kind=None, _spans={}, _memo={})  # rebuilt in each worker
+        # rebuilt in each worker
+        state.update(_reference=None, _kind=None, _vietnamese=None, _spans={}, _memo={})
         return state
 
     def __hash__(self) -> int:  # datatrove's load_word_tokenizer is an lru_cache keyed by the tokenizer
@@ -127,6 +131,8 @@ class SharedWords(WordTokenizer):
             return len(words)
         if self.kind == "spans":
             return len(self.word_tokenize(text))
+        if self.kind == "pyvi":
+            return self.vietnamese.min_words(text)
         return 0
 
     def span_tokenize(self, text: str) -> list[tuple[int, int]]:
@@ -253,10 +259,24 @@ class SharedWords(WordTokenizer):
             previous_space = space
         return _align(text, surfaces, space_after=lambda i: i + 1 < len(surfaces) and surfaces[i + 1] == " ")
 
+    @property
+    def vietnamese(self) -> VietnameseSegmenter:
+        if self._vietnamese is None:
+            self._vietnamese = VietnameseSegmenter(self.reference.tokenizer.tokenizer)
+        return self._vietnamese
+
     def _pyvi_tokens(self, text: str) -> list[Token]:
-        """spaCy's Vietnamese tokens (pyvi segmentation, aligned as `get_words_and_spaces` does)."""
-        words = self.reference.tokenizer.tokenizer.pyvi_tokenize(text)
-        return _align(text, [w for w in words if not w.isspace()], space_after=None)
+        """spaCy's Vietnamese tokens: pyvi's words, and a gap token where spaCy's alignment leaves one."""
+        tokens: list[Token] = []
+        pos = 0
+        for start, end in self.vietnamese.words(text):
+            if start > pos:
+                tokens.append((pos, start))
+            tokens.append((start, end))
+            pos = end + 1 if end < len(text) and text[end] == " " else end
+        if pos < len(text):
+            tokens.append((pos, len(text)))
+        return tokens
 
     def _pyvi_sentence_tokens(self, text: str) -> list[Token]:
         """Tokens that give spaCy's Vietnamese sentences without pyvi's segmentation model, where they can.
@@ -268,8 +288,8 @@ class SharedWords(WordTokenizer):
         """
         import string
 
-        vi = self.reference.tokenizer.tokenizer
-        syllables = [s for s in vi.pyvi_sylabelize_with_ws(text) if not s.isspace()]
+        spans = self.vietnamese.syllables(text)
+        syllables = [text[a:b] for a, b in spans]
         punct_chars = self.reference.tokenizer.get_pipe("sentencizer").punct_chars
         is_punct = _is_punct_getter(self.reference.tokenizer)
         if all(s in string.punctuation for s in syllables if s in punct_chars or is_punct(s)):

@@ -1,0 +1,151 @@
+"""pyvi's Vietnamese word segmentation as spaCy uses it, with the CRF's features built faster.
+
+spaCy's Vietnamese tokenizer (`use_pyvi`, what datatrove's `vie_Latn` word tokenizer runs) cuts the text
+into syllables with a regular expression, tags them B_W / I_W with pyvi's CRF (python-crfsuite), and joins
+an I_W syllable to the word before it unless either is punctuation, starts with a digit, or it is
+capitalized after a lower-case one. pyvi builds each syllable's features as a dict in Python
+(`ViTokenizer.word2features`), which costs several times the tagging itself. Here the same features reach
+the same crfsuite tagger of the same model file as lists of strings, in the same order:
+
+- the feature templates (pyvi's `word2features`): `bias`; the syllable's `word.lower()`, `word.isupper()`,
+  `word.istitle()`, `word.isdigit()`; the previous syllable's `-1:word.lower()`, `-1:word.istitle()`,
+  `-1:word.isupper()` and whether the two lower-cased form a known two-syllable word (`-1:word.bi_gram()`);
+  whether the two before and this one form a known three-syllable word (`-2:word.tri_gram()`); the next
+  syllable's `+1:` features and bigram the same way, and `+2:word.tri_gram()`;
+- python-crfsuite turns `{name: "text"}` into the attribute `name:text` with value 1 and `{name: True}`
+  into `name` with value 1; a false flag has value 0, which adds exactly 0 to every label's score, so it
+  is left out; the others keep pyvi's order, so each label's score is the same sum in the same order;
+- a syllable's strings (and its lower case) are remembered per syllable, and the bigram and trigram tests
+  are done once per position, on the lower-cased syllables joined by spaces (lower-casing never looks past
+  a space, so that is the lower case of the joined text, as pyvi tests).
+
+The words come back as character offsets: the syllable pattern and the whitespace between syllables tile
+the text, so a word of several syllables is the text from its first syllable's start to its last one's end
+(pyvi's join of the syllables with the whitespace between them). `tests/test_data_quality_exact.py`
+checks the words against spaCy's on every Vietnamese document of the demo corpus and a held-out one.
+"""
+
+from __future__ import annotations
+
+import re
+import string
+from operator import add
+from typing import Any
+
+# spaCy's `VietnameseTokenizer.pyvi_sylabelize_with_ws` pattern (pyvi's `sylabelize` with whitespace kept)
+_SYLLABLE = re.compile(
+    r"(\s+|[A-ZĐ]+\.|Tp\.|Mr\.|Mrs\.|Ms\.|Dr\.|ThS\.|==>|->|\.\.\.|>>|\w+://[^\s]+"
+    r"|([a-zA-Z0-9_.+-]+@([a-zA-Z0-9-]+\.)+[a-zA-Z0-9-]+)|\d+([\.,_]\d+)+|[^\w\s]|\w+)"
+)
+_MAX_CACHE = 200_000
+_BIAS = "bias"
+_PREV_BIGRAM = ("-1:word.bi_gram()",)
+_PREV_TRIGRAM = ("-2:word.tri_gram()",)
+_NEXT_BIGRAM = ("+1:word.bi_gram()",)
+_NEXT_TRIGRAM = ("+2:word.tri_gram()",)
+
+
+class _Syllable:
+    """One syllable's feature strings: as the current (`own`), previous (`prev`) and next (`next`) one."""
+
+    __slots__ = ("lower", "own", "prev", "next", "title", "digit")
+
+    def __init__(self, s: str):
+        lower = self.lower = s.lower()
+        upper, title = s.isupper(), s.istitle()
+        own = [_BIAS, "word.lower():" + lower]
+        own += ["word.isupper()"] * upper + ["word.istitle()"] * title + ["word.isdigit()"] * s.isdigit()
+        self.own = tuple(own)
+        self.prev = ("-1:word.lower():" + lower,) + ("-1:word.istitle()",) * title
+        self.prev += ("-1:word.isupper()",) * upper
+        self.next = ("+1:word.lower():" + lower,) + ("+1:word.istitle()",) * title
+        self.next += ("+1:word.isupper()",) * upper
+        # pyvi's join test looks at the first character
+        self.title = s[0].istitle()
+        self.digit = s[0].isdigit()
+
+
+class VietnameseSegmenter:
+    """spaCy's pyvi segmentation of a text into words, as (start, end) offsets; `tokenizer` is spaCy's."""
+
+    def __init__(self, tokenizer: Any):
+        pyvi = tokenizer.ViTokenizer.ViTokenizer
+        self.tagger = pyvi.model.tagger_
+        self.bi_grams: set[str] = pyvi.bi_grams
+        self.tri_grams: set[str] = pyvi.tri_grams
+        self._syllables: dict[str, _Syllable] = {}
+
+    def syllables(self, text: str) -> list[tuple[int, int]]:
+        """(start, end) of each non-whitespace syllable, as spaCy's `pyvi_sylabelize_with_ws` cuts them."""
+        return [m.span() for m in _SYLLABLE.finditer(text) if not m.group().isspace()]
+
+    def _info(self, words: list[str]) -> list[_Syllable]:
+        cache = self._syllables
+        if len(cache) > _MAX_CACHE:
+            cache.clear()
+        out = []
+        for w in words:
+            info = cache.get(w)
+            if info is None:
+                info = cache[w] = _Syllable(w)
+            out.append(info)
+        return out
+
+    def features(self, words: list[str], info: list[_Syllable] | None = None) -> list[tuple[str, ...]]:
+        """Each syllable's attributes for the tagger (pyvi's `sent2features`, minus the zero-valued ones)."""
+        info = info if info is not None else self._info(words)
+        n = len(info)
+        lowers = [s.lower for s in info]
+        spaced = [low + " " for low in lowers]
+        bigram = list(map(self.bi_grams.__contains__, map(add, spaced[:-1], lowers[1:])))
+        firsts = map(add, spaced[:-2], spaced[1:-1])
+        trigram = list(map(self.tri_grams.__contains__, map(add, firsts, lowers[2:])))
+        items = []
+        for i in range(n):
+            item = info[i].own
+            if i > 0:
+                item = item + info[i - 1].prev + (_PREV_BIGRAM if bigram[i - 1] else ())
+                if i > 1 and trigram[i - 2]:
+                    item = item + _PREV_TRIGRAM
+            if i < n - 1:
+                item = item + info[i + 1].next + (_NEXT_BIGRAM if bigram[i] else ())
+                if i < n - 2 and trigram[i]:
+                    item = item + _NEXT_TRIGRAM
+            items.append(item)
+        return items
+
+    def words(self, text: str) -> list[tuple[int, int]]:
+        """(start, end) of each word: syllables joined where the CRF says I_W and pyvi's rules allow."""
+        spans = self.syllables(text)
+        if not spans:
+            return []
+        words = [text[a:b] for a, b in spans]
+        info = self._info(words)
+        labels = self.tagger.tag(self.features(words, info))
+        out = [spans[0]]
+        for i in range(1, len(spans)):
+            if labels[i] == "I_W" and not self._boundary(words, info, i):
+                out[-1] = (out[-1][0], spans[i][1])
+            else:
+                out.append(spans[i])
+        return out
+
+    def min_words(self, text: str) -> int:
+        """A lower bound on the number of words: 1 + the syllable boundaries no label can join."""
+        spans = self.syllables(text)
+        if not spans:
+            return 0
+        words = [text[a:b] for a, b in spans]
+        info = self._info(words)
+        return 1 + sum(self._boundary(words, info, i) for i in range(1, len(words)))
+
+    @staticmethod
+    def _boundary(words: list[str], info: list[_Syllable], i: int) -> bool:
+        """Whether pyvi keeps syllables i-1 and i apart whatever the label (spaCy's `pyvi_tokenize`)."""
+        return (
+            words[i] in string.punctuation
+            or words[i - 1] in string.punctuation
+            or info[i].digit
+            or info[i - 1].digit
+            or (info[i].title and not info[i - 1].title)
+        )
