@@ -29,13 +29,14 @@ from __future__ import annotations
 
 import re
 import string
+from itertools import accumulate
 from operator import add
 from typing import Any
 
 # spaCy's `VietnameseTokenizer.pyvi_sylabelize_with_ws` pattern (pyvi's `sylabelize` with whitespace kept)
 _SYLLABLE = re.compile(
-    r"(\s+|[A-ZĐ]+\.|Tp\.|Mr\.|Mrs\.|Ms\.|Dr\.|ThS\.|==>|->|\.\.\.|>>|\w+://[^\s]+"
-    r"|([a-zA-Z0-9_.+-]+@([a-zA-Z0-9-]+\.)+[a-zA-Z0-9-]+)|\d+([\.,_]\d+)+|[^\w\s]|\w+)"
+    r"\s+|[A-ZĐ]+\.|Tp\.|Mr\.|Mrs\.|Ms\.|Dr\.|ThS\.|==>|->|\.\.\.|>>|\w+://[^\s]+"
+    r"|[a-zA-Z0-9_.+-]+@(?:[a-zA-Z0-9-]+\.)+[a-zA-Z0-9-]+|\d+(?:[\.,_]\d+)+|[^\w\s]|\w+"
 )
 _MAX_CACHE = 200_000
 _BIAS = "bias"
@@ -48,7 +49,7 @@ _NEXT_TRIGRAM = ("+2:word.tri_gram()",)
 class _Syllable:
     """One syllable's feature strings: as the current (`own`), previous (`prev`) and next (`next`) one."""
 
-    __slots__ = ("lower", "own", "prev", "next", "title", "digit")
+    __slots__ = ("lower", "own", "prev", "next", "title", "hard")
 
     def __init__(self, s: str):
         lower = self.lower = s.lower()
@@ -60,9 +61,9 @@ class _Syllable:
         self.prev += ("-1:word.isupper()",) * upper
         self.next = ("+1:word.lower():" + lower,) + ("+1:word.istitle()",) * title
         self.next += ("+1:word.isupper()",) * upper
-        # pyvi's join test looks at the first character
+        # pyvi's join rules: punctuation (a substring of `string.punctuation`), first character
         self.title = s[0].istitle()
-        self.digit = s[0].isdigit()
+        self.hard = s in string.punctuation or s[0].isdigit()
 
 
 class VietnameseSegmenter:
@@ -77,7 +78,14 @@ class VietnameseSegmenter:
 
     def syllables(self, text: str) -> list[tuple[int, int]]:
         """(start, end) of each non-whitespace syllable, as spaCy's `pyvi_sylabelize_with_ws` cuts them."""
-        return [m.span() for m in _SYLLABLE.finditer(text) if not m.group().isspace()]
+        return self._cut(text)[1]
+
+    def _cut(self, text: str) -> tuple[list[str], list[tuple[int, int]]]:
+        """The syllables and their offsets (the pattern's matches tile the text, whitespace included)."""
+        pieces = _SYLLABLE.findall(text)
+        ends = list(accumulate(map(len, pieces)))
+        keep = [i for i, piece in enumerate(pieces) if not piece.isspace()]
+        return [pieces[i] for i in keep], [(ends[i] - len(pieces[i]), ends[i]) for i in keep]
 
     def _info(self, words: list[str]) -> list[_Syllable]:
         cache = self._syllables
@@ -116,36 +124,30 @@ class VietnameseSegmenter:
 
     def words(self, text: str) -> list[tuple[int, int]]:
         """(start, end) of each word: syllables joined where the CRF says I_W and pyvi's rules allow."""
-        spans = self.syllables(text)
-        if not spans:
+        words, spans = self._cut(text)
+        if not words:
             return []
-        words = [text[a:b] for a, b in spans]
         info = self._info(words)
         labels = self.tagger.tag(self.features(words, info))
-        out = [spans[0]]
-        for i in range(1, len(spans)):
-            if labels[i] == "I_W" and not self._boundary(words, info, i):
-                out[-1] = (out[-1][0], spans[i][1])
-            else:
-                out.append(spans[i])
-        return out
+        joined = {
+            i for i, tag in enumerate(labels) if tag == "I_W" and i and not _boundary(info[i - 1], info[i])
+        }
+        if not joined:
+            return spans
+        starts = [i for i in range(len(spans)) if i not in joined]
+        lasts = [*starts[1:], len(spans)]
+        return [(spans[a][0], spans[b - 1][1]) for a, b in zip(starts, lasts, strict=True)]
 
     def min_words(self, text: str) -> int:
         """A lower bound on the number of words: 1 + the syllable boundaries no label can join."""
-        spans = self.syllables(text)
-        if not spans:
+        words = self._cut(text)[0]
+        if not words:
             return 0
-        words = [text[a:b] for a, b in spans]
         info = self._info(words)
-        return 1 + sum(self._boundary(words, info, i) for i in range(1, len(words)))
+        return 1 + sum(map(_boundary, info[:-1], info[1:]))
 
-    @staticmethod
-    def _boundary(words: list[str], info: list[_Syllable], i: int) -> bool:
-        """Whether pyvi keeps syllables i-1 and i apart whatever the label (spaCy's `pyvi_tokenize`)."""
-        return (
-            words[i] in string.punctuation
-            or words[i - 1] in string.punctuation
-            or info[i].digit
-            or info[i - 1].digit
-            or (info[i].title and not info[i - 1].title)
-        )
+
+def _boundary(before: _Syllable, after: _Syllable) -> bool:
+    """Whether pyvi keeps two syllables apart whatever the label (spaCy's `pyvi_tokenize`): either is
+    punctuation or starts with a digit, or the second is capitalized and the first is not."""
+    return before.hard or after.hard or (after.title and not before.title)
