@@ -91,6 +91,7 @@ def test_words_and_sentences_equal_datatrove_tokenizers(documents):
             line = line.strip()
             expected = split_into_sentences(line, code)
             assert split_into_sentences(line, shared[lang]) == expected, (doc_id, line)
+            assert shared[lang].sentence_count(line) == len(expected), (doc_id, line)
     assert shared["en"].calls["span_hits"] > shared["en"].calls["span_misses"]  # the cache is used
 
 

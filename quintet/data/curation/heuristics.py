@@ -221,9 +221,10 @@ class C4Quality(C4QualityFilter):
                 continue
             kept.append(line)
         if self.min_num_sentences != -1 and len(kept) < self.min_num_sentences:
+            count = getattr(self.language, "sentence_count", None)
             sentences = 0
             for line in kept:
-                sentences += len(split_into_sentences(line, self.language))
+                sentences += count(line) if count else len(split_into_sentences(line, self.language))
                 if sentences >= self.min_num_sentences:
                     break
             if sentences < self.min_num_sentences:

@@ -34,10 +34,13 @@ from operator import add
 from typing import Any
 
 # spaCy's `VietnameseTokenizer.pyvi_sylabelize_with_ws` pattern (pyvi's `sylabelize` with whitespace kept)
-_SYLLABLE = re.compile(
-    r"\s+|[A-ZĐ]+\.|Tp\.|Mr\.|Mrs\.|Ms\.|Dr\.|ThS\.|==>|->|\.\.\.|>>|\w+://[^\s]+"
+_SYLLABLE_PATTERN = (
+    r"[A-ZĐ]+\.|Tp\.|Mr\.|Mrs\.|Ms\.|Dr\.|ThS\.|==>|->|\.\.\.|>>|\w+://[^\s]+"
     r"|[a-zA-Z0-9_.+-]+@(?:[a-zA-Z0-9-]+\.)+[a-zA-Z0-9-]+|\d+(?:[\.,_]\d+)+|[^\w\s]|\w+"
 )
+_PIECE = re.compile(r"\s+|" + _SYLLABLE_PATTERN)
+# No alternative but `\s+` matches at whitespace, so without it the matches are the same syllables.
+_SYLLABLE = re.compile(_SYLLABLE_PATTERN)
 _MAX_CACHE = 200_000
 _BIAS = "bias"
 _PREV_BIGRAM = ("-1:word.bi_gram()",)
@@ -78,14 +81,13 @@ class VietnameseSegmenter:
 
     def syllables(self, text: str) -> list[tuple[int, int]]:
         """(start, end) of each non-whitespace syllable, as spaCy's `pyvi_sylabelize_with_ws` cuts them."""
-        return self._cut(text)[1]
-
-    def _cut(self, text: str) -> tuple[list[str], list[tuple[int, int]]]:
-        """The syllables and their offsets (the pattern's matches tile the text, whitespace included)."""
-        pieces = _SYLLABLE.findall(text)
+        pieces = _PIECE.findall(text)
         ends = list(accumulate(map(len, pieces)))
-        keep = [i for i, piece in enumerate(pieces) if not piece.isspace()]
-        return [pieces[i] for i in keep], [(ends[i] - len(pieces[i]), ends[i]) for i in keep]
+        return [(end - len(p), end) for p, end in zip(pieces, ends, strict=True) if not p.isspace()]
+
+    def pieces(self, text: str) -> list[str]:
+        """The syllables and the whitespace runs between them, in order: they tile the text."""
+        return _PIECE.findall(text)
 
     def _info(self, words: list[str]) -> list[_Syllable]:
         cache = self._syllables
@@ -108,30 +110,61 @@ class VietnameseSegmenter:
         bigram = list(map(self.bi_grams.__contains__, map(add, spaced[:-1], lowers[1:])))
         firsts = map(add, spaced[:-2], spaced[1:-1])
         trigram = list(map(self.tri_grams.__contains__, map(add, firsts, lowers[2:])))
-        items = []
-        for i in range(n):
-            item = info[i].own
-            if i > 0:
-                item = item + info[i - 1].prev + (_PREV_BIGRAM if bigram[i - 1] else ())
-                if i > 1 and trigram[i - 2]:
-                    item = item + _PREV_TRIGRAM
-            if i < n - 1:
-                item = item + info[i + 1].next + (_NEXT_BIGRAM if bigram[i] else ())
-                if i < n - 2 and trigram[i]:
-                    item = item + _NEXT_TRIGRAM
-            items.append(item)
-        return items
+        if n < 4:
+            return [_item(info, i, bigram, trigram) for i in range(n)]
+        own = [s.own for s in info]
+        prev = [s.prev for s in info]
+        after = [s.next for s in info]
+        prev_bi = [_PREV_BIGRAM if b else () for b in bigram]
+        next_bi = [_NEXT_BIGRAM if b else () for b in bigram]
+        prev_tri = [_PREV_TRIGRAM if t else () for t in trigram]
+        next_tri = [_NEXT_TRIGRAM if t else () for t in trigram]
+        # syllables 2 .. n-3 have all four neighbours; the two at each end are built one by one
+        middle = [
+            a + b + c + d + e + f + g
+            for a, b, c, d, e, f, g in zip(
+                own[2:-2], prev[1:-3], prev_bi[1:-2], prev_tri[:-2], after[3:-1], next_bi[2:-1], next_tri[2:],
+                strict=True,
+            )
+        ]
+        ends = [_item(info, i, bigram, trigram) for i in (0, 1, n - 2, n - 1)]
+        return [*ends[:2], *middle, *ends[2:]]
+
+    def _joined(self, words: list[str], info: list[_Syllable]) -> set[int]:
+        """The syllables (by index) that pyvi joins to the word before them."""
+        labels = self.tagger.tag(self.features(words, info))
+        return {i for i, t in enumerate(labels) if t == "I_W" and i and not _boundary(info[i - 1], info[i])}
+
+    def word_strings(self, text: str) -> list[str]:
+        """pyvi's words as spaCy gives them: a joined word keeps the whitespace between its syllables."""
+        pieces = _PIECE.findall(text)
+        blank = list(map(str.isspace, pieces))
+        if not any(blank):
+            words, where = pieces, None
+        else:
+            where = [i for i, b in enumerate(blank) if not b]
+            words = [pieces[i] for i in where]
+        if not words:
+            return []
+        joined = self._joined(words, self._info(words))
+        if not joined:
+            return words
+        out: list[str] = []
+        for k, word in enumerate(words):
+            if k in joined:
+                gap = "" if where is None or where[k] - where[k - 1] == 1 else pieces[where[k] - 1]
+                out[-1] += gap + word
+            else:
+                out.append(word)
+        return out
 
     def words(self, text: str) -> list[tuple[int, int]]:
         """(start, end) of each word: syllables joined where the CRF says I_W and pyvi's rules allow."""
-        words, spans = self._cut(text)
-        if not words:
+        spans = self.syllables(text)
+        if not spans:
             return []
-        info = self._info(words)
-        labels = self.tagger.tag(self.features(words, info))
-        joined = {
-            i for i, tag in enumerate(labels) if tag == "I_W" and i and not _boundary(info[i - 1], info[i])
-        }
+        words = [text[a:b] for a, b in spans]
+        joined = self._joined(words, self._info(words))
         if not joined:
             return spans
         starts = [i for i in range(len(spans)) if i not in joined]
@@ -140,11 +173,26 @@ class VietnameseSegmenter:
 
     def min_words(self, text: str) -> int:
         """A lower bound on the number of words: 1 + the syllable boundaries no label can join."""
-        words = self._cut(text)[0]
+        words = _SYLLABLE.findall(text)
         if not words:
             return 0
         info = self._info(words)
         return 1 + sum(map(_boundary, info[:-1], info[1:]))
+
+
+def _item(info: list[_Syllable], i: int, bigram: list[bool], trigram: list[bool]) -> tuple[str, ...]:
+    """Syllable i's attributes, in pyvi's order (`word2features`)."""
+    n = len(info)
+    item = info[i].own
+    if i > 0:
+        item = item + info[i - 1].prev + (_PREV_BIGRAM if bigram[i - 1] else ())
+        if i > 1 and trigram[i - 2]:
+            item = item + _PREV_TRIGRAM
+    if i < n - 1:
+        item = item + info[i + 1].next + (_NEXT_BIGRAM if bigram[i] else ())
+        if i < n - 2 and trigram[i]:
+            item = item + _NEXT_TRIGRAM
+    return item
 
 
 def _boundary(before: _Syllable, after: _Syllable) -> bool:

@@ -33,8 +33,10 @@ Any other language is datatrove's own tokenizer, memoized.
 from __future__ import annotations
 
 import re
+from itertools import accumulate
 from typing import Any
 
+from datatrove.utils.text import split_into_sentences
 from datatrove.utils.word_tokenizers import WordTokenizer, load_word_tokenizer, strip_strings
 
 from quintet.data.curation.vietnamese import VietnameseSegmenter
@@ -56,6 +58,7 @@ class SharedWords(WordTokenizer):
         self._reference: WordTokenizer | None = None
         self._kind: str | None = None
         self._vietnamese: VietnameseSegmenter | None = None
+        self._classes_: _TokenClasses | None = None
         self._spans: dict[str, tuple[str, ...]] = {}
         self._memo: dict[tuple[str, str], Any] = {}
         self.calls = {"tokenized": 0, "memo_hits": 0, "span_hits": 0, "span_misses": 0}
@@ -63,7 +66,7 @@ class SharedWords(WordTokenizer):
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         # rebuilt in each worker
-        state.update(_reference=None, _kind=None, _vietnamese=None, _spans={}, _memo={})
+        state.update(_reference=None, _kind=None, _vietnamese=None, _classes_=None, _spans={}, _memo={})
         return state
 
     def __hash__(self) -> int:  # datatrove's load_word_tokenizer is an lru_cache keyed by the tokenizer
@@ -119,10 +122,56 @@ class SharedWords(WordTokenizer):
             self.calls["span_misses"] += len(missing)
             self.calls["span_hits"] += len(runs) - len(missing)
             words = [piece for run in runs for piece in cache[run]]
+        elif self.kind == "pyvi":  # the words themselves: pyvi's never start or end with whitespace
+            self.calls["tokenized"] += 1
+            words = self.vietnamese.word_strings(text)
         else:
             words = strip_strings([text[a:b] for a, b in self._tokens(text)])
         self._remember(key, tuple(words))
         return words
+
+    def sentence_count(self, text: str) -> int:
+        """`len(split_into_sentences(text, self))`, counted from the tokens' classes where they allow.
+
+        The Sentencizer starts a sentence at each token that is neither punctuation nor one of its
+        punctuation characters and follows one of them (with only punctuation between): with each token
+        written as P (a sentence-ending character), Q (other punctuation) or N, that is each match of
+        `P[PQ]*N`. datatrove's sentence split has one part more than there are such starts (one for an
+        empty text).
+        """
+        if self.kind == "spans":
+            classes = self._classes
+            tokens = self._span_tokens(text)
+            marks = "".join([classes[text[a:b]] for a, b in tokens])
+        elif self.kind == "pyvi":
+            marks = self._pyvi_marks(text)
+        else:
+            marks = None
+        if marks is None:
+            return len(split_into_sentences(text, self))
+        return 1 + len(_SENTENCE_START.findall(marks))
+
+    def _pyvi_marks(self, text: str) -> str | None:
+        """The classes of spaCy's Vietnamese tokens from the syllables, where joining them changes none.
+
+        pyvi never joins a syllable that is a substring of `string.punctuation`; where every punctuation
+        syllable is one (else None), a joined word is N like the syllables it joins, and a run of N
+        tokens holds at most one sentence start whether or not it is joined. A whitespace run is a token
+        (N) unless it is the single space spaCy gives the syllable before it.
+        """
+        classes = self._classes
+        marks: list[str] = []
+        after_syllable = False
+        for piece in self.vietnamese.pieces(text):
+            if piece.isspace():
+                if not (after_syllable and piece == " "):
+                    marks.append("N")
+                after_syllable = False
+            else:
+                marks.append(classes[piece])
+                after_syllable = True
+        joined = "".join(marks)
+        return None if "X" in joined else joined
 
     def min_word_count(self, text: str) -> int:
         """A lower bound on `len(word_tokenize(text))`, exact where that is cheap (0: no bound known)."""
@@ -245,19 +294,52 @@ class SharedWords(WordTokenizer):
                     self._spans[w] = tuple(p)
 
     def _sudachi_tokens(self, text: str) -> list[Token]:
-        """datatrove's JapaneseTokenizer's tokens (surfaces, merged spaces, gap tokens) as offsets."""
+        """datatrove's JapaneseTokenizer's tokens (surfaces, merged spaces, gap tokens) as offsets.
+
+        spaCy's alignment skips whitespace surfaces, gives a word the one space after it when the next
+        surface is exactly " ", and makes a gap token of any other whitespace before the next word.
+        datatrove's merging of consecutive space tokens only drops a space that follows another space,
+        so it changes neither the words nor what follows a word: no part-of-speech tags are needed.
+        Sudachi's surfaces are slices of the text in order, so where they join back into the text their
+        offsets follow from their lengths; otherwise each word is searched for, as spaCy does.
+        """
         sudachi = self.reference.tokenizer.tokenizer.tokenizer
-        surfaces: list[str] = []
-        previous_space = False
-        for m in sudachi.tokenize(text):
-            surface = m.surface()
-            if not surface:
-                continue
-            space = surface.isspace() and "-".join(p for p in m.part_of_speech()[:4] if p != "*") == "空白"
-            if not (surfaces and space and previous_space):
-                surfaces.append(surface)
-            previous_space = space
-        return _align(text, surfaces, space_after=lambda i: i + 1 < len(surfaces) and surfaces[i + 1] == " ")
+        surfaces = [m.surface() for m in sudachi.tokenize(text)]
+        if "" in surfaces:
+            surfaces = [s for s in surfaces if s]
+        if "".join(surfaces) != text:
+            return _align(text, surfaces, lambda i: i + 1 < len(surfaces) and surfaces[i + 1] == " ")
+        ends = list(accumulate(map(len, surfaces)))
+        spans = [(end - len(s), end) for s, end in zip(surfaces, ends, strict=True)]
+        blanks = [i for i, s in enumerate(surfaces) if s.isspace()]
+        if not blanks:
+            return spans
+        # each run of whitespace surfaces becomes one gap token, less the " " the word before it keeps
+        runs = [[blanks[0], blanks[0]]]
+        for i in blanks[1:]:
+            if i == runs[-1][1] + 1:
+                runs[-1][1] = i
+            else:
+                runs.append([i, i])
+        tokens: list[Token] = []
+        done = 0
+        for i, j in runs:
+            tokens += spans[done:i]
+            start = spans[i][0] + (i > 0 and surfaces[i] == " ")
+            if start < spans[j][1]:
+                tokens.append((start, spans[j][1]))
+            done = j + 1
+        tokens += spans[done:]
+        return tokens
+
+    @property
+    def _classes(self) -> _TokenClasses:
+        if self._classes_ is None:
+            nlp = self.reference.tokenizer
+            self._classes_ = _TokenClasses(
+                nlp.get_pipe("sentencizer").punct_chars, _is_punct_getter(nlp), self.kind == "pyvi"
+            )
+        return self._classes_
 
     @property
     def vietnamese(self) -> VietnameseSegmenter:
@@ -314,6 +396,31 @@ class SharedWords(WordTokenizer):
                 seen_period = True
         ends = [*starts[1:], len(tokens)]
         return [(tokens[s][0], tokens[e - 1][1]) for s, e in zip(starts, ends, strict=True)]
+
+
+_SENTENCE_START = re.compile("P[PQ]*N")
+
+
+class _TokenClasses(dict):
+    """token text -> P (one of the Sentencizer's punctuation characters), Q (other punctuation) or N.
+
+    With `pyvi`, punctuation that is not a substring of `string.punctuation` is X (pyvi may join it).
+    """
+
+    def __init__(self, punct_chars: Any, is_punct: Any, pyvi: bool):
+        super().__init__()
+        self.punct_chars, self.is_punct, self.pyvi = punct_chars, is_punct, pyvi
+
+    def __missing__(self, token: str) -> str:
+        import string
+
+        if len(self) > 200_000:
+            self.clear()
+        mark = "P" if token in self.punct_chars else "Q" if self.is_punct(token) else "N"
+        if self.pyvi and mark != "N" and token not in string.punctuation:
+            mark = "X"
+        self[token] = mark
+        return mark
 
 
 def _spacy_tokens(nlp: Any, text: str) -> Any:
