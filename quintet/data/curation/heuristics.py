@@ -27,6 +27,7 @@ from collections import Counter
 from operator import add
 from typing import Any
 
+import numpy as np
 from datatrove.data import Document
 from datatrove.pipeline.filters import (
     C4QualityFilter,
@@ -40,7 +41,11 @@ from datatrove.pipeline.filters.c4_filters import (
     END_PUNCTUATION,
     POLICY_SUBSTRINGS,
 )
-from datatrove.pipeline.filters.gopher_repetition_filter import find_duplicates
+from datatrove.pipeline.filters.gopher_repetition_filter import (
+    find_all_duplicate,
+    find_duplicates,
+    get_n_grams,
+)
 from datatrove.utils.text import PUNCTUATION_SET, split_into_sentences, split_into_words
 
 _PUNCTUATION = "".join(sorted(c for c in PUNCTUATION_SET if len(c) == 1))
@@ -68,16 +73,96 @@ class GopherRepetition(GopherRepetitionFilter):
         if self.dup_line_char_frac and chars / len(text) > self.dup_line_char_frac:
             return False, "dup_line_char_frac"
         words = split_into_words(text, self.language)
-        spaced = NGrams(words, " ")
+        spaced, spaced_hashes = NGrams(words, " "), GramHashes(words, " ")
         for n, frac in self.top_n_grams:
-            grams = spaced.of(n)
-            if grams and _top_duplicate_chars(grams) / len(text) > frac:
+            if n > len(words):
+                continue  # no n-grams
+            top = spaced_hashes.top_chars(n) if n >= 1 else None
+            if top is None:  # two different n-grams with one hash: count the strings
+                top = _top_duplicate_chars(spaced.of(n) if n >= 1 else get_n_grams(words, n))
+            if top / len(text) > frac:
                 return False, f"top_{n}_gram"
-        joined = NGrams(words, "")
+        joined, joined_hashes = NGrams(words, ""), GramHashes(words, "")
         for n, frac in self.dup_n_grams:
-            if _repeated_chars(joined.of(n), n) / len(text) > frac:
+            if n < 1:
+                repeated = find_all_duplicate(words, n)
+            elif n > len(words) or not joined_hashes.may_repeat(n):
+                repeated = 0  # no n-gram occurs twice
+            else:
+                repeated = _repeated_chars(joined.of(n), n)
+            if repeated / len(text) > frac:
                 return False, f"duplicated_{n}_n_grams"
         return True
+
+
+class GramHashes:
+    """A hash of the text of every n-gram (`sep.join(words[i:i + n])`), for any n, in numpy.
+
+    The hash of text[a:b] is sum(code[t] * INV**(t - a)) mod 2**64, from prefix sums, so equal texts
+    have equal hashes wherever they are. Distinct hashes prove n-grams distinct; equal hashes are
+    checked on the strings (or left to the exact count), so the results stay exact.
+    """
+
+    def __init__(self, words: list[str], sep: str):
+        self.text = sep.join(words)
+        self.sep = len(sep)
+        lengths = np.fromiter(map(len, words), dtype=np.int64, count=len(words)) + self.sep
+        self.starts = np.zeros(len(words) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=self.starts[1:])
+        codes = np.frombuffer(self.text.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
+        inverse, power = _hash_powers(len(self.text) + 1)
+        self.prefix = np.zeros(len(self.text) + 1, dtype=np.uint64)
+        np.cumsum(codes * inverse[: len(codes)], out=self.prefix[1:])
+        self.power = power
+
+    def of(self, n: int) -> np.ndarray:
+        """The hash of each n-gram, in order (n <= number of words)."""
+        a, b = self.starts[: len(self.starts) - n], self.starts[n:] - self.sep
+        return (self.prefix[b] - self.prefix[a]) * self.power[a]
+
+    def gram(self, i: int, n: int) -> str:
+        return self.text[self.starts[i] : self.starts[i + n] - self.sep]
+
+    def may_repeat(self, n: int) -> bool:
+        """False when no two n-grams are equal (their hashes all differ)."""
+        keys = np.sort(self.of(n))
+        return bool((keys[1:] == keys[:-1]).any())
+
+    def top_chars(self, n: int) -> int | None:
+        """datatrove's `find_top_duplicate`: characters of the most frequent n-gram (first of equals) times
+        its count; None when an n-gram of that count shares its hash with a different one."""
+        keys = self.of(n)
+        order = np.argsort(keys, kind="stable")  # within a group, n-grams stay in text order
+        ordered = keys[order]
+        starts = np.flatnonzero(np.concatenate(([True], ordered[1:] != ordered[:-1])))
+        counts = np.diff(np.append(starts, len(ordered)))
+        count = int(counts.max())
+        if count == 1:  # all distinct: the first n-gram, once
+            return len(self.gram(0, n))
+        first = None
+        for group in np.flatnonzero(counts == count):
+            members = order[starts[group] : starts[group] + count]
+            if len({self.gram(int(i), n) for i in members}) != 1:
+                return None
+            first = int(members[0]) if first is None else min(first, int(members[0]))
+        return len(self.gram(first, n)) * count
+
+
+_HASH_BASE = 0x9E3779B97F4A7C15  # odd, so invertible mod 2**64
+_hash_tables: list[np.ndarray] = []
+
+
+def _hash_powers(size: int) -> tuple[np.ndarray, np.ndarray]:
+    """(INV**k, BASE**k) mod 2**64 for k < size (at least), grown by doubling and kept."""
+    if not _hash_tables or len(_hash_tables[0]) < size:
+        size = max(size, 2 * len(_hash_tables[0]) if _hash_tables else 4096)
+        tables = []
+        for base in (pow(_HASH_BASE, -1, 2**64), _HASH_BASE):
+            steps = np.full(size, base, dtype=np.uint64)
+            steps[0] = 1
+            tables.append(np.cumprod(steps, dtype=np.uint64))
+        _hash_tables[:] = tables
+    return _hash_tables[0], _hash_tables[1]
 
 
 class NGrams:

@@ -59,6 +59,7 @@ class SharedWords(WordTokenizer):
         self._kind: str | None = None
         self._vietnamese: VietnameseSegmenter | None = None
         self._classes_: _TokenClasses | None = None
+        self._run_marks: dict[str, str] = {}
         self._spans: dict[str, tuple[str, ...]] = {}
         self._memo: dict[tuple[str, str], Any] = {}
         self.calls = {"tokenized": 0, "memo_hits": 0, "span_hits": 0, "span_misses": 0}
@@ -66,7 +67,8 @@ class SharedWords(WordTokenizer):
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         # rebuilt in each worker
-        state.update(_reference=None, _kind=None, _vietnamese=None, _classes_=None, _spans={}, _memo={})
+        state.update(_reference=None, _kind=None, _vietnamese=None, _classes_=None)
+        state.update(_run_marks={}, _spans={}, _memo={})
         return state
 
     def __hash__(self) -> int:  # datatrove's load_word_tokenizer is an lru_cache keyed by the tokenizer
@@ -115,12 +117,8 @@ class SharedWords(WordTokenizer):
         elif self.kind == "spans":  # the non-whitespace runs' tokens; whitespace runs' are stripped away
             self.calls["tokenized"] += 1
             runs = text.split()
+            self._cache_runs(runs)
             cache = self._spans
-            missing = [run for run in runs if run not in cache]
-            if missing:
-                self._tokenize_runs(list(dict.fromkeys(missing)))
-            self.calls["span_misses"] += len(missing)
-            self.calls["span_hits"] += len(runs) - len(missing)
             words = [piece for run in runs for piece in cache[run]]
         elif self.kind == "pyvi":  # the words themselves: pyvi's never start or end with whitespace
             self.calls["tokenized"] += 1
@@ -140,9 +138,7 @@ class SharedWords(WordTokenizer):
         empty text).
         """
         if self.kind == "spans":
-            classes = self._classes
-            tokens = self._span_tokens(text)
-            marks = "".join([classes[text[a:b]] for a, b in tokens])
+            marks = self._span_marks(text)
         elif self.kind == "pyvi":
             marks = self._pyvi_marks(text)
         else:
@@ -150,6 +146,34 @@ class SharedWords(WordTokenizer):
         if marks is None:
             return len(split_into_sentences(text, self))
         return 1 + len(_SENTENCE_START.findall(marks))
+
+    def _span_marks(self, text: str) -> str:
+        """The classes of spaCy's tokens of `text` (a run of N tokens written once: it holds one start).
+
+        A word run's classes come from its cached pieces; a whitespace run is N unless it is the single
+        space spaCy gives the word before it.
+        """
+        words = text.split()
+        self._cache_runs(words)
+        marks = self._run_marks
+        if " ".join(words) == text:  # single spaces only: each is the trailing space of a word
+            return "".join([marks[run] if run in marks else self._mark_run(run) for run in words])
+        out: list[str] = []
+        previous_word = False
+        for run in _RUNS.findall(text):
+            if run[0].isspace():
+                if not (previous_word and run == " "):
+                    out.append("N")
+                previous_word = False
+            else:
+                out.append(marks[run] if run in marks else self._mark_run(run))
+                previous_word = True
+        return "".join(out)
+
+    def _mark_run(self, run: str) -> str:
+        classes = self._classes
+        mark = self._run_marks[run] = "".join([classes[piece] for piece in self._spans[run]])
+        return mark
 
     def _pyvi_marks(self, text: str) -> str | None:
         """The classes of spaCy's Vietnamese tokens from the syllables, where joining them changes none.
@@ -178,8 +202,8 @@ class SharedWords(WordTokenizer):
         words = self._memo.get(("words", text))
         if words is not None:
             return len(words)
-        if self.kind == "spans":
-            return len(self.word_tokenize(text))
+        if self.kind == "spans":  # every whitespace-separated run is at least one word
+            return len(text.split())
         if self.kind == "pyvi":
             return self.vietnamese.min_words(text)
         return 0
@@ -253,12 +277,8 @@ class SharedWords(WordTokenizer):
             else:
                 previous_word = True
             runs.append((start, run))
+        self._cache_runs([run for _, run in runs])
         cache = self._spans
-        missing = [run for _, run in runs if run not in cache]
-        if missing:
-            self._tokenize_runs(list(dict.fromkeys(missing)))
-            self.calls["span_misses"] += len(missing)
-        self.calls["span_hits"] += len(runs) - len(missing)
         tokens: list[Token] = []
         for start, run in runs:
             for piece in cache[run]:
@@ -266,9 +286,20 @@ class SharedWords(WordTokenizer):
                 start += len(piece)
         return tokens
 
+    def _cache_runs(self, runs: list[str]) -> None:
+        """Make sure every run's tokens are in the cache (bounded: cleared when it would pass max_cache)."""
+        cache = self._spans
+        missing = [run for run in runs if run not in cache]
+        if missing:
+            if len(cache) + len(missing) > self.max_cache:
+                cache.clear()
+                self._run_marks.clear()
+                missing = runs
+            self._tokenize_runs(list(dict.fromkeys(missing)))
+        self.calls["span_misses"] += len(missing)
+        self.calls["span_hits"] += len(runs) - len(missing)
+
     def _tokenize_runs(self, runs: list[str]) -> None:
-        if len(self._spans) + len(runs) > self.max_cache:
-            self._spans.clear()  # bounded memory; the runs asked for are added back below
         nlp = self.reference.tokenizer
         words = [r for r in runs if not r[0].isspace()]
         with nlp.memory_zone():
