@@ -29,8 +29,11 @@ from __future__ import annotations
 
 import re
 import string
+import tempfile
+from collections.abc import Sequence
 from itertools import accumulate
 from operator import add
+from pathlib import Path
 from typing import Any
 
 # spaCy's `VietnameseTokenizer.pyvi_sylabelize_with_ws` pattern (pyvi's `sylabelize` with whitespace kept)
@@ -54,16 +57,16 @@ class _Syllable:
 
     __slots__ = ("lower", "own", "prev", "next", "title", "hard")
 
-    def __init__(self, s: str):
+    def __init__(self, s: str, known: frozenset[str] | None):
         lower = self.lower = s.lower()
         upper, title = s.isupper(), s.istitle()
         own = [_BIAS, "word.lower():" + lower]
         own += ["word.isupper()"] * upper + ["word.istitle()"] * title + ["word.isdigit()"] * s.isdigit()
-        self.own = tuple(own)
-        self.prev = ("-1:word.lower():" + lower,) + ("-1:word.istitle()",) * title
-        self.prev += ("-1:word.isupper()",) * upper
-        self.next = ("+1:word.lower():" + lower,) + ("+1:word.istitle()",) * title
-        self.next += ("+1:word.isupper()",) * upper
+        prev = ["-1:word.lower():" + lower] + ["-1:word.istitle()"] * title + ["-1:word.isupper()"] * upper
+        after = ["+1:word.lower():" + lower] + ["+1:word.istitle()"] * title + ["+1:word.isupper()"] * upper
+        if known is not None:  # attributes the model does not know add nothing to any score
+            own, prev, after = ([a for a in x if a in known] for x in (own, prev, after))
+        self.own, self.prev, self.next = tuple(own), tuple(prev), tuple(after)
         # pyvi's join rules: punctuation (a substring of `string.punctuation`), first character
         self.title = s[0].istitle()
         self.hard = s in string.punctuation or s[0].isdigit()
@@ -77,6 +80,7 @@ class VietnameseSegmenter:
         self.tagger = pyvi.model.tagger_
         self.bi_grams: set[str] = pyvi.bi_grams
         self.tri_grams: set[str] = pyvi.tri_grams
+        self.known = _model_attributes(self.tagger)
         self._syllables: dict[str, _Syllable] = {}
 
     def syllables(self, text: str) -> list[tuple[int, int]]:
@@ -97,11 +101,11 @@ class VietnameseSegmenter:
         for w in words:
             info = cache.get(w)
             if info is None:
-                info = cache[w] = _Syllable(w)
+                info = cache[w] = _Syllable(w, self.known)
             out.append(info)
         return out
 
-    def features(self, words: list[str], info: list[_Syllable] | None = None) -> list[tuple[str, ...]]:
+    def features(self, words: list[str], info: list[_Syllable] | None = None) -> list[Sequence[str]]:
         """Each syllable's attributes for the tagger (pyvi's `sent2features`, minus the zero-valued ones)."""
         info = info if info is not None else self._info(words)
         n = len(info)
@@ -121,7 +125,7 @@ class VietnameseSegmenter:
         next_tri = [_NEXT_TRIGRAM if t else () for t in trigram]
         # syllables 2 .. n-3 have all four neighbours; the two at each end are built one by one
         middle = [
-            a + b + c + d + e + f + g
+            [*a, *b, *c, *d, *e, *f, *g]
             for a, b, c, d, e, f, g in zip(
                 own[2:-2], prev[1:-3], prev_bi[1:-2], prev_tri[:-2], after[3:-1], next_bi[2:-1], next_tri[2:],
                 strict=True,
@@ -178,6 +182,30 @@ class VietnameseSegmenter:
             return 0
         info = self._info(words)
         return 1 + sum(map(_boundary, info[:-1], info[1:]))
+
+
+def _model_attributes(tagger: Any) -> frozenset[str] | None:
+    """The attribute names in the CRF model's dictionary, from crfsuite's text dump of the model.
+
+    crfsuite skips an attribute that is not in the dictionary, so leaving it out changes no score. None
+    (nothing is left out) when the dump does not list as many attributes as its header says.
+    """
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "model.txt"
+        tagger.dump(str(path))
+        lines = path.read_text(encoding="utf-8", errors="surrogateescape").split("\n")
+    header = re.search(r"num_attrs: (\d+)", "\n".join(lines[:20]))
+    start = lines.index("ATTRIBUTES = {") if "ATTRIBUTES = {" in lines else -1
+    names = []
+    for line in lines[start + 1 :] if start >= 0 else []:
+        if line == "}":
+            break
+        m = re.match(r" +\d+: (.*)$", line)
+        if m:
+            names.append(m.group(1))
+    if header is None or int(header.group(1)) != len(names):
+        return None
+    return frozenset(names)
 
 
 def _item(info: list[_Syllable], i: int, bigram: list[bool], trigram: list[bool]) -> tuple[str, ...]:
