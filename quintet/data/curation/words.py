@@ -123,6 +123,14 @@ class SharedWords(WordTokenizer):
         elif self.kind == "pyvi":  # the words themselves: pyvi's never start or end with whitespace
             self.calls["tokenized"] += 1
             words = self.vietnamese.word_strings(text)
+        elif self.kind == "sudachi":  # the surfaces: spaCy's other tokens are whitespace, stripped away
+            self.calls["tokenized"] += 1
+            sudachi = self.reference.tokenizer.tokenizer.tokenizer
+            words = [
+                word
+                for chunk in _sudachi_chunks(text)
+                for word in strip_strings([m.surface() for m in sudachi.tokenize(chunk)])
+            ]
         else:
             words = strip_strings([text[a:b] for a, b in self._tokens(text)])
         self._remember(key, tuple(words))
@@ -244,10 +252,8 @@ class SharedWords(WordTokenizer):
         if kind == "spans":
             tokens = self._span_tokens(text)
         elif kind == "sudachi":
-            from datatrove.utils.word_tokenizers import chunk_text_on_bytes
-
             tokens, offset = [], 0
-            for chunk in chunk_text_on_bytes(text, 40000) if text else []:
+            for chunk in _sudachi_chunks(text):
                 tokens += [(offset + a, offset + b) for a, b in self._sudachi_tokens(chunk)]
                 offset += len(chunk)
         elif kind == "pyvi":
@@ -430,6 +436,13 @@ class SharedWords(WordTokenizer):
 
 
 _SENTENCE_START = re.compile("P[PQ]*N")
+
+
+def _sudachi_chunks(text: str) -> list[str]:
+    """The pieces datatrove's spaCy tokenizer hands Sudachi (at most 40,000 bytes each)."""
+    from datatrove.utils.word_tokenizers import chunk_text_on_bytes
+
+    return chunk_text_on_bytes(text, 40000) if text else []
 
 
 class _TokenClasses(dict):
