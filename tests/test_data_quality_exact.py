@@ -43,7 +43,10 @@ EDGE_CASES = {
         "\n".join(["word"] * 40),
         "ab c abc a bc ab c abc a bc ab c abc a bc ab c abc. " * 6,
     ],
-    "hi": ["यह एक वाक्य है। यह दूसरा वाक्य है!  और यह तीसरा?\n\nनया अनुच्छेद है।"],
+    "hi": [
+        "यह एक वाक्य है। यह दूसरा वाक्य है!  और यह तीसरा?\n\nनया अनुच्छेद है।",
+        "1 , 2 और 3 , 4 ठीक है।\tटैब \\ बैकस्लैश [x] ^a-b 10 : 30 बजे॥\nनया 1 . 5 अनुच्छेद\u00a0है",
+    ],
     "ja": [
         "これは文です。  これも文です！\n\n新しい段落です。「引用」と言った。",
         " \u3000全角スペース。",
@@ -103,7 +106,7 @@ def test_decisions_equal_datatrove_filters(documents):
     assert not mismatches, mismatches[:5]
     for lang, (dropped, kept) in per_language.items():  # both outcomes are exercised in every language
         assert dropped > 0 and kept > 0, (lang, dropped, kept)
-    assert all(quality.words[lang].kind != "reference" for lang in ("en", "fi", "ja", "vi"))
+    assert all(quality.words[lang].kind != "reference" for lang in ("en", "fi", "hi", "ja", "vi"))
 
 
 def test_words_and_sentences_equal_datatrove_tokenizers(documents):

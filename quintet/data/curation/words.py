@@ -58,6 +58,7 @@ class SharedWords(WordTokenizer):
         self._reference: WordTokenizer | None = None
         self._kind: str | None = None
         self._vietnamese: VietnameseSegmenter | None = None
+        self._indic: IndicWords | None = None
         self._classes_: _TokenClasses | None = None
         self._run_marks: dict[str, str] = {}
         self._spans: dict[str, tuple[str, ...]] = {}
@@ -67,7 +68,7 @@ class SharedWords(WordTokenizer):
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         # rebuilt in each worker
-        state.update(_reference=None, _kind=None, _vietnamese=None, _classes_=None)
+        state.update(_reference=None, _kind=None, _vietnamese=None, _indic=None, _classes_=None)
         state.update(_run_marks={}, _spans={}, _memo={})
         return state
 
@@ -95,6 +96,8 @@ class SharedWords(WordTokenizer):
     @staticmethod
     def _choose_kind(tok: WordTokenizer) -> str:
         lang = getattr(tok, "language", None)
+        if type(tok).__name__ == "IndicNLPTokenizer" and lang != "ur":
+            return "indic"
         if type(tok).__name__ != "SpaCyTokenizer":
             return "reference"
         if lang in SPAN_CACHED:
@@ -103,6 +106,12 @@ class SharedWords(WordTokenizer):
                 return "spans"
             return "reference"
         return {"ja": "sudachi", "vi": "pyvi"}.get(lang, "reference")
+
+    @property
+    def indic(self) -> IndicWords:
+        if self._indic is None:
+            self._indic = IndicWords()
+        return self._indic
 
     # WordTokenizer API, as datatrove's filters call it
 
@@ -114,6 +123,9 @@ class SharedWords(WordTokenizer):
         if self.kind == "reference":
             self.calls["tokenized"] += 1
             words = self.reference.word_tokenize(text)
+        elif self.kind == "indic":
+            self.calls["tokenized"] += 1
+            words = self.indic.words(text)
         elif self.kind == "spans":  # the non-whitespace runs' tokens; whitespace runs' are stripped away
             self.calls["tokenized"] += 1
             runs = text.split()
@@ -212,6 +224,8 @@ class SharedWords(WordTokenizer):
             return len(words)
         if self.kind == "spans":  # every whitespace-separated run is at least one word
             return len(text.split())
+        if self.kind == "indic":  # cheap enough to count
+            return len(self.word_tokenize(text))
         if self.kind == "pyvi":
             return self.vietnamese.min_words(text)
         return 0
@@ -221,7 +235,7 @@ class SharedWords(WordTokenizer):
         if key in self._memo:
             self.calls["memo_hits"] += 1
             return list(self._memo[key])
-        if self.kind == "reference":
+        if self.kind in ("reference", "indic"):
             spans = list(self.reference.span_tokenize(text))
         elif self.kind == "sudachi":
             from datatrove.utils.word_tokenizers import chunk_text_on_bytes
@@ -436,6 +450,39 @@ class SharedWords(WordTokenizer):
 
 
 _SENTENCE_START = re.compile("P[PQ]*N")
+
+
+class IndicWords:
+    """IndicNLP's `trivial_tokenize` (Brahmi scripts) then datatrove's `strip_strings`, the same words.
+
+    IndicNLP replaces tabs by spaces, pads every character of its punctuation class with spaces (`re.sub`
+    with a `\\1` template, which expands each match in Python), squeezes runs of spaces, removes the
+    spaces inside number sequences such as `1 , 000` (all but one that starts the text: its
+    `start > prev` test), and splits on spaces. Here the padding is a split on its own pattern (which
+    keeps the punctuation) joined back with spaces: the same string; the rest is the same steps.
+    """
+
+    def __init__(self) -> None:
+        from indicnlp.tokenize.indic_tokenize import pat_num_seq, triv_tokenizer_indic_pat
+
+        self.punctuation = triv_tokenizer_indic_pat
+        self.numbers = pat_num_seq
+
+    def words(self, text: str) -> list[str]:
+        padded = " ".join(self.punctuation.split(text.replace("\t", " ")))
+        s = _SPACE_RUNS.sub(" ", padded).strip(" ")
+        pieces, prev = [], 0
+        for m in self.numbers.finditer(s):
+            start, end = m.span()
+            if start > prev:
+                pieces += [s[prev:start], s[start:end].replace(" ", "")]
+                prev = end
+        if pieces:
+            s = "".join(pieces) + s[prev:]
+        return [word for word in map(str.strip, s.split(" ")) if word]
+
+
+_SPACE_RUNS = re.compile(" +")
 
 
 def _sudachi_chunks(text: str) -> list[str]:
