@@ -4,9 +4,11 @@ Each class is datatrove's filter (same constructor, same thresholds, same rules 
 reasons, and C4's same edited text); only `filter` is rewritten. `tests/test_data_quality_exact.py` runs
 them against datatrove's own filters document by document. What changes:
 
-- Gopher repetition: n-grams are built from the (n-1)-grams by string concatenation (`map(add, ...)`)
-  instead of joining n words again for every n; the duplicated-n-gram scan (which skips past each repeat)
-  runs only when some n-gram occurs twice.
+- Gopher repetition: every n-gram's text gets a hash from prefix sums over the joined words (numpy,
+  `GramHashes`); where all hashes differ, the n-grams differ, so the top n-gram occurs once and no
+  n-gram repeats, without building the n-gram strings. Where hashes are equal, the strings are built
+  (each from the (n-1)-gram's, `NGrams`) and counted or scanned as datatrove does; the top n-gram's
+  group is checked on its strings, so a hash collision can only send a document to the exact count.
 - Gopher quality: one list comprehension per rule, and whether a word has a letter is remembered per word
   (words repeat across documents); `str.strip(punctuation)` is empty exactly when every character of the
   word is punctuation.
