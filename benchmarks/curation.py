@@ -15,9 +15,10 @@ language, quality, toxicity, pii, exact + MinHash dedup).
    tasks: seconds of one core), with the documents and bytes that entered it.
 3. Quality step against datatrove: the same documents (those that pass numbers and language) go through
    datatrove's Gopher repetition, Gopher quality, C4 and FineWeb filters as they ship (each tokenizing for
-   itself) and through quintet's quality step, interleaved document by document in one process; per
-   language: documents, ms per document (mean and median), documents/s, and whether every decision,
-   reason and edited text is equal.
+   itself) and through quintet's quality step, interleaved document by document in one process
+   (--compare-block N: N documents through one, then the same N through the other); per language:
+   documents, ms per document (mean and median), documents/s, and whether every decision, reason and
+   edited text is equal.
 
 Threads: --threads sets torch, OpenMP and lingua's (RAYON_NUM_THREADS) pools; datatrove's workers are
 processes. On a machine shared with other work, read the ratios (measured side by side) before the
@@ -122,8 +123,13 @@ def run_layout(corpus: Path, work: Path, tasks: int, workers: int) -> dict:
     }
 
 
-def compare_quality(corpus: Path) -> dict:
-    """datatrove's filters and quintet's quality step on the documents that pass numbers and language."""
+def compare_quality(corpus: Path, block: int = 1) -> dict:
+    """datatrove's filters and quintet's quality step on the documents that pass numbers and language.
+
+    block 1: each document goes through datatrove's filters, then through quintet's (interleaved
+    document by document); block N: N documents through datatrove's, then the same N through quintet's,
+    so each runs N documents in a row, as a pipeline running that step alone would.
+    """
     from datatrove.data import Document
     from loguru import logger
 
@@ -145,6 +151,21 @@ def compare_quality(corpus: Path) -> dict:
         data = step(data, rank=0, world_size=1)
     per_lang: dict[str, dict] = {}
     mismatches = []
+
+    def run_block(docs: list) -> None:
+        results: dict[str, list] = {}
+        for name, step in (("ref", reference), ("ours", ours)):
+            for doc in docs:
+                copy = Document(text=doc.text, id=doc.id, metadata=dict(doc.metadata))
+                start = time.perf_counter()
+                result = step.filter(copy)
+                per_lang[doc.metadata.get("language")][name].append(time.perf_counter() - start)
+                results.setdefault(name, []).append((result, copy.text))
+        for doc, expected, got in zip(docs, results["ref"], results["ours"], strict=True):
+            if expected != got:
+                mismatches.append({"id": doc.id, "datatrove": str(expected[0]), "quintet": str(got[0])})
+
+    pending = []
     for doc in data:
         lang = doc.metadata.get("language")
         if lang == CODE:  # code gets the same StarCoder checks in both; datatrove's filters never see it
@@ -152,15 +173,12 @@ def compare_quality(corpus: Path) -> dict:
         row = per_lang.setdefault(lang, {"docs": 0, "bytes": 0, "ref": [], "ours": []})
         row["docs"] += 1
         row["bytes"] += len(doc.text.encode("utf-8"))
-        results = []
-        for name, step in (("ref", reference), ("ours", ours)):
-            copy = Document(text=doc.text, id=doc.id, metadata=dict(doc.metadata))
-            start = time.perf_counter()
-            result = step.filter(copy)
-            row[name].append(time.perf_counter() - start)
-            results.append((result, copy.text))
-        if results[0] != results[1]:
-            mismatches.append({"id": doc.id, "datatrove": str(results[0][0]), "quintet": str(results[1][0])})
+        pending.append(doc)
+        if len(pending) >= block:
+            run_block(pending)
+            pending = []
+    if pending:
+        run_block(pending)
     rows = []
     for lang, row in sorted(per_lang.items(), key=lambda kv: str(kv[0])):
         ref_s, ours_s = sum(row["ref"]), sum(row["ours"])
@@ -200,6 +218,7 @@ def compare_quality(corpus: Path) -> dict:
         "quintet_s": ours_total,
         "docs": docs,
         "MB": mb,
+        "block": block,
         "mismatches": len(mismatches),
         "mismatch_examples": mismatches[:10],
     }
@@ -214,6 +233,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--layouts", nargs="+", default=["1x1", "2x2"], help="TASKSxWORKERS, e.g. 2x2")
     parser.add_argument("--threads", type=int, default=1, help="torch/OpenMP/lingua threads per process")
     parser.add_argument("--no-compare", action="store_true", help="skip the quality step against datatrove")
+    parser.add_argument(
+        "--compare-block",
+        type=int,
+        default=1,
+        help="documents per turn in the quality comparison (1: interleaved document by document)",
+    )
     parser.add_argument("--work", type=Path, default=Path("runs/benchmarks/curation"))
     parser.add_argument("--out", type=Path, default=Path("runs/benchmarks/curation.json"))
     args = parser.parse_args(argv)
@@ -294,8 +319,11 @@ def main(argv: list[str] | None = None) -> int:
     extra = {}
     if not args.no_compare:
         load = round(os.getloadavg()[0], 2)
-        cmp = compare_quality(corpus)
-        print(f"\nQuality step: datatrove's filters vs quintet's, same documents, one process (load {load})")
+        cmp = compare_quality(corpus, args.compare_block)
+        print(
+            f"\nQuality step: datatrove's filters vs quintet's, same documents, one process, "
+            f"{args.compare_block} document(s) per turn (load {load})"
+        )
         print(
             markdown_table(
                 cmp["rows"],

@@ -31,9 +31,35 @@ EDGE_CASES = {
         ("The same line is repeated here with words.\n" * 30),
     ],
     "fi": ['Hän sanoi: "Tule!"  Me tulimme.\n\nKello 10.30 alkoi kokous. Esim. tämä. Jne...'],
-    "hi": ["यह एक वाक्य है। यह दूसरा वाक्य है!  और यह तीसरा?\n\nनया अनुच्छेद है।"],
-    "ja": ["これは文です。  これも文です！\n\n新しい段落です。「引用」と言った。", " \u3000全角スペース。"],
-    "vi": ["Việt Nam là một quốc gia.  Hà Nội là thủ đô!\n\nTp. Hồ Chí Minh có 9.000.000 người dân."],
+    "en_paths": [  # the faster filters' own paths: sentence counts, citations, bullets, lists, repeats
+        "First one.  . Second one! Third?  Fourth.\nA second line here, ends well.",
+        "[1][2] a b.\nCitation [3] counts words before removal.\nShort [edit] one. Two. Three. Four. Five.",
+        "Hello.  .  . world. Again! \"Quoted.\" 'Single.' Done.\n\tTabbed line is here too.",
+        "\n".join(f"- item number {i} of the list." for i in range(12)),
+        "\n".join(f"• bullet {i} ..." for i in range(8)) + "\nSome ### hash ### words ### here.",
+        "Lorem ipsum dolor sit amet, this line is long enough. Another sentence.",
+        "Use JavaScript to see this. Read our privacy policy. A {curly} line. Fine line here.",
+        " ".join(["the cat sat on the mat"] * 12) + ". " + " ".join(["a b c d e"] * 20) + ".",
+        "\n".join(["word"] * 40),
+        "ab c abc a bc ab c abc a bc ab c abc a bc ab c abc. " * 6,
+    ],
+    "hi": [
+        "यह एक वाक्य है। यह दूसरा वाक्य है!  और यह तीसरा?\n\nनया अनुच्छेद है।",
+        "1 , 2 और 3 , 4 ठीक है।\tटैब \\ बैकस्लैश [x] ^a-b 10 : 30 बजे॥\nनया 1 . 5 अनुच्छेद\u00a0है",
+    ],
+    "ja": [
+        "これは文です。  これも文です！\n\n新しい段落です。「引用」と言った。",
+        " \u3000全角スペース。",
+        "\t先頭のタブ。 \n  二つの空白。\u3000\u3000全角が二つ。 English words here. 末尾の空白。  ",
+        "東京都に住んでいます。" * 30,
+    ],
+    "vi": [
+        "Việt Nam là một quốc gia.  Hà Nội là thủ đô!\n\nTp. Hồ Chí Minh có 9.000.000 người dân.",
+        "Ông Mr. Nam gửi thư tới nam@example.com... Xem https://vi.wikipedia.org/wiki/Hà_Nội … được!",
+        "Đây là câu một.  . Câu hai ==> câu ba -> hết >> tiếp. ThS. Lan và Dr. Minh.\n\tDòng có tab.",
+        "\n".join(f"Mục {i} của danh sách" for i in range(15)),
+        "Hà Nội Hà Nội Hà Nội là thủ đô của Việt Nam. " * 10,
+    ],
 }
 
 
@@ -47,7 +73,9 @@ def _corpus_documents(root, seed):
 def documents(tmp_path_factory):
     docs = _corpus_documents(tmp_path_factory.mktemp("demo"), 0)
     docs += _corpus_documents(tmp_path_factory.mktemp("heldout"), 1)
-    docs += [(f"edge-{lang}-{i}", t, lang) for lang, texts in EDGE_CASES.items() for i, t in enumerate(texts)]
+    docs += [
+        (f"edge-{lang}-{i}", t, lang[:2]) for lang, texts in EDGE_CASES.items() for i, t in enumerate(texts)
+    ]
     docs += [("edge-long", "A long document with many sentences. " * 5000, "en")]
     return [d for d in docs if d[2] in WORD_TOKENIZER]
 
@@ -78,7 +106,7 @@ def test_decisions_equal_datatrove_filters(documents):
     assert not mismatches, mismatches[:5]
     for lang, (dropped, kept) in per_language.items():  # both outcomes are exercised in every language
         assert dropped > 0 and kept > 0, (lang, dropped, kept)
-    assert all(quality.words[lang].kind != "reference" for lang in ("en", "fi", "ja", "vi"))
+    assert all(quality.words[lang].kind != "reference" for lang in ("en", "fi", "hi", "ja", "vi"))
 
 
 def test_words_and_sentences_equal_datatrove_tokenizers(documents):
@@ -91,6 +119,7 @@ def test_words_and_sentences_equal_datatrove_tokenizers(documents):
             line = line.strip()
             expected = split_into_sentences(line, code)
             assert split_into_sentences(line, shared[lang]) == expected, (doc_id, line)
+            assert shared[lang].sentence_count(line) == len(expected), (doc_id, line)
     assert shared["en"].calls["span_hits"] > shared["en"].calls["span_misses"]  # the cache is used
 
 
@@ -118,3 +147,35 @@ def test_reference_without_shared_words():
     text = "A cat sat on the mat while a dog slept nearby."
     short = Document(text=text, id="x", metadata={"language": "en"})
     assert quality.filter(short) == (False, "gopher_repetition:top_3_gram")
+
+
+def test_each_filter_equals_its_datatrove_filter(documents):
+    """Each faster filter alone against datatrove's alone (so C4 and FineWeb also see the documents that
+    Gopher would have dropped): the same result and the same edited text, on the edge cases and on 120
+    corpus documents per language."""
+    per_language: dict[str, int] = {}
+    sample = []
+    for doc_id, text, lang in documents:
+        if doc_id.startswith("edge") or per_language.get(lang, 0) < 120:
+            per_language[lang] = per_language.get(lang, 0) + 1
+            sample.append((doc_id, text, lang))
+    shared = {lang: SharedWords(code) for lang, code in WORD_TOKENIZER.items()}
+    pairs = {
+        lang: list(
+            zip(
+                datatrove_filters(lang, language_settings(lang), words=shared[lang]),
+                datatrove_filters(lang, language_settings(lang)),
+                strict=True,
+            )
+        )
+        for lang in WORD_TOKENIZER
+    }
+    outcomes = set()
+    for doc_id, text, lang in sample:
+        for (key, fast), (_, reference) in pairs[lang]:
+            got_doc, expected_doc = Document(text=text, id=doc_id), Document(text=text, id=doc_id)
+            got, expected = fast.filter(got_doc), reference.filter(expected_doc)
+            assert (got, got_doc.text) == (expected, expected_doc.text), (doc_id, key)
+            outcomes.add((key, expected if isinstance(expected, tuple) else True))
+    for key in ("gopher_repetition", "gopher_quality", "c4", "fineweb"):  # kept and dropped, by each
+        assert (key, True) in outcomes and any(k == key and o is not True for k, o in outcomes), key

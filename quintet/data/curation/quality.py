@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import copy
 import inspect
-from collections import Counter
 from typing import Any
 
 from datatrove.data import Document
@@ -33,78 +32,12 @@ from datatrove.pipeline.filters import (
     GopherRepetitionFilter,
 )
 from datatrove.pipeline.filters.base_filter import BaseFilter, get_filter_result
-from datatrove.pipeline.filters.gopher_repetition_filter import find_duplicates
 from datatrove.pipeline.writers.disk_base import DiskWriter
-from datatrove.utils.text import split_into_words
 
 from quintet.data.curation.base import CODE, CurationFilter
+from quintet.data.curation.heuristics import FASTER
 from quintet.data.curation.language import TARGET_LANGUAGES
 from quintet.data.curation.words import SharedWords
-
-
-class GopherRepetition(GopherRepetitionFilter):
-    """datatrove's Gopher repetition filter, deciding exactly as it does, with its n-gram counts done faster.
-
-    The same rules and order (paragraphs, lines, top n-grams 2-4, duplicated n-grams 5-10); n-grams are
-    built with `map(join, zip(...))`, and the duplicated-n-gram scan (which skips past each repeat) runs
-    only when some n-gram occurs twice: with none, its count is 0 without the scan.
-    """
-
-    def filter(self, doc: Document) -> bool | tuple[bool, str]:
-        text = doc.text
-        if not text:
-            return False, "empty"
-        paragraphs = self.paragraph_exp.split(text.strip())
-        duplicates, chars = find_duplicates(paragraphs)
-        if self.dup_para_frac and duplicates / len(paragraphs) > self.dup_para_frac:
-            return False, "dup_para_frac"
-        if self.dup_para_char_frac and chars / len(text) > self.dup_para_char_frac:
-            return False, "dup_para_char_frac"
-        lines = self._line_splitter.split(text)
-        duplicates, chars = find_duplicates(lines)
-        if self.dup_line_frac and duplicates / len(lines) > self.dup_line_frac:
-            return False, "dup_line_frac"
-        if self.dup_line_char_frac and chars / len(text) > self.dup_line_char_frac:
-            return False, "dup_line_char_frac"
-        words = split_into_words(text, self.language)
-        for n, frac in self.top_n_grams:
-            grams = _n_grams(words, n, " ")
-            if grams and _top_duplicate_chars(grams) / len(text) > frac:
-                return False, f"top_{n}_gram"
-        for n, frac in self.dup_n_grams:
-            if _repeated_chars(_n_grams(words, n, ""), n) / len(text) > frac:
-                return False, f"duplicated_{n}_n_grams"
-        return True
-
-
-def _n_grams(words: list[str], n: int, sep: str) -> list[str]:
-    if len(words) < n:
-        return []
-    return list(map(sep.join, zip(*(words[i:] for i in range(n)), strict=False)))
-
-
-def _top_duplicate_chars(grams: list[str]) -> int:
-    """Characters of the most frequent n-gram times its count (the first of equals, as Counter picks)."""
-    gram, count = Counter(grams).most_common(1)[0]
-    return len(gram) * count
-
-
-def _repeated_chars(grams: list[str], n: int) -> int:
-    """datatrove's `find_all_duplicate`: scan left to right; a repeat counts its characters, skips n."""
-    if len(set(grams)) == len(grams):
-        return 0
-    seen: set[str] = set()
-    repeated, i = 0, 0
-    while i < len(grams):
-        gram = grams[i]
-        if gram in seen:
-            repeated += len(gram)
-            i += n
-        else:
-            seen.add(gram)
-            i += 1
-    return repeated
-
 
 # datatrove's filters, in the order they run.
 FILTERS: dict[str, type[BaseFilter]] = {
@@ -174,7 +107,8 @@ def datatrove_filters(
     keys: tuple[str, ...] = tuple(FILTERS),
     words: SharedWords | None = None,
 ) -> list[tuple[str, BaseFilter]]:
-    """datatrove's filters for `lang` in FineWeb's order; with `words`, all of them tokenize through it.
+    """datatrove's filters for `lang` in FineWeb's order; with `words`, quintet's faster equivalents of them
+    (`heuristics.py`), all tokenizing through `words`.
 
     Without `words` each filter gets the language code and tokenizes every document itself (datatrove as
     it ships: what `words` must agree with, decision for decision).
@@ -182,8 +116,7 @@ def datatrove_filters(
     if words is None:
         code = WORD_TOKENIZER.get(lang, lang)
         return [(key, FILTERS[key](language=code, **settings[key])) for key in FILTERS if key in keys]
-    classes = {**FILTERS, "gopher_repetition": GopherRepetition}
-    return [(key, classes[key](language=words, **settings[key])) for key in FILTERS if key in keys]
+    return [(key, FASTER[FILTERS[key]](language=words, **settings[key])) for key in FILTERS if key in keys]
 
 
 def code_quality(

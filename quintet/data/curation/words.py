@@ -10,7 +10,7 @@ language code, so `SharedWords` is given to datatrove's filters as their `langua
 themselves run unchanged, and the words and sentences they see come from here.
 
 What makes it faster, and why the words stay datatrove's (tested against datatrove's tokenizer on every
-line and document of the demo corpus and a held-out one, `word_agreement` measures it per language):
+line and document of the demo corpus and a held-out one in `tests/test_data_quality_exact.py`):
 
 - A text seen again (C4's lines are tokenized once for their sentences and once more for the words of
   the edited text, when C4 left it as it was) gets its tokens from a small memo of the last texts.
@@ -19,23 +19,31 @@ line and document of the demo corpus and a held-out one, `word_agreement` measur
   special cases never contain whitespace, checked at load), so a run's tokens depend on the run alone.
   They are kept in a cache that lives across documents (bounded: cleared when it passes `max_cache`); only
   runs never seen before go through spaCy, together, in one memory zone.
-- Japanese calls Sudachi directly with datatrove's own post-processing (`JapaneseTokenizer`: empty
-  surfaces dropped, runs of space tokens merged, gaps re-inserted), without building a spaCy Doc with
-  tags, lemmas and readings; Vietnamese calls spaCy's pyvi segmentation directly. Both then align the
-  words to the text as spaCy does, with `str.index(word, start)` instead of slicing the text each time.
-- Sentences (C4's count) come from the same tokens through spaCy's `Sentencizer` rule: a sentence starts
-  at the first token after one of its punctuation characters that is neither punctuation itself nor one of
-  them.
+- Japanese calls Sudachi directly: the words are its non-empty surfaces, stripped (spaCy's other tokens
+  are whitespace); token offsets for sentences follow from the surfaces' lengths, which tile the text
+  (no spaCy Doc with tags, lemmas and readings). Vietnamese runs pyvi's CRF through
+  `vietnamese.VietnameseSegmenter` (the same model and tagger, features built faster). Hindi
+  (`IndicWords`) is IndicNLP's tokenization with the punctuation padded by one split and join.
+- C4 needs only the number of sentences of a line (`sentence_count`): spaCy's `Sentencizer` starts a
+  sentence at the first token after one of its punctuation characters that is neither punctuation itself
+  nor one of them, so the count comes from a string of token classes, one regular expression.
+- FineWeb needs only whether newlines / words passes a ratio: `min_word_count` gives a lower bound
+  (whitespace-separated runs; Vietnamese syllable boundaries no join can cross) that usually settles it.
 
-Any other language is datatrove's own tokenizer, memoized.
+Any other language is datatrove's own tokenizer, memoized. The filters that use these words are
+`heuristics.py`'s.
 """
 
 from __future__ import annotations
 
 import re
+from itertools import accumulate
 from typing import Any
 
+from datatrove.utils.text import split_into_sentences
 from datatrove.utils.word_tokenizers import WordTokenizer, load_word_tokenizer, strip_strings
+
+from quintet.data.curation.vietnamese import VietnameseSegmenter
 
 SPAN_CACHED = ("en", "fi")  # spaCy language codes whose tokenizer is rule-based per whitespace run
 _RUNS = re.compile(r"\s+|\S+")
@@ -53,13 +61,19 @@ class SharedWords(WordTokenizer):
         self.max_cache = max_cache
         self._reference: WordTokenizer | None = None
         self._kind: str | None = None
+        self._vietnamese: VietnameseSegmenter | None = None
+        self._indic: IndicWords | None = None
+        self._classes_: _TokenClasses | None = None
+        self._run_marks: dict[str, str] = {}
         self._spans: dict[str, tuple[str, ...]] = {}
         self._memo: dict[tuple[str, str], Any] = {}
         self.calls = {"tokenized": 0, "memo_hits": 0, "span_hits": 0, "span_misses": 0}
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        state.update(_reference=None, _kind=None, _spans={}, _memo={})  # rebuilt in each worker
+        # rebuilt in each worker
+        state.update(_reference=None, _kind=None, _vietnamese=None, _indic=None, _classes_=None)
+        state.update(_run_marks={}, _spans={}, _memo={})
         return state
 
     def __hash__(self) -> int:  # datatrove's load_word_tokenizer is an lru_cache keyed by the tokenizer
@@ -86,6 +100,8 @@ class SharedWords(WordTokenizer):
     @staticmethod
     def _choose_kind(tok: WordTokenizer) -> str:
         lang = getattr(tok, "language", None)
+        if type(tok).__name__ == "IndicNLPTokenizer" and lang != "ur":
+            return "indic"
         if type(tok).__name__ != "SpaCyTokenizer":
             return "reference"
         if lang in SPAN_CACHED:
@@ -94,6 +110,12 @@ class SharedWords(WordTokenizer):
                 return "spans"
             return "reference"
         return {"ja": "sudachi", "vi": "pyvi"}.get(lang, "reference")
+
+    @property
+    def indic(self) -> IndicWords:
+        if self._indic is None:
+            self._indic = IndicWords()
+        return self._indic
 
     # WordTokenizer API, as datatrove's filters call it
 
@@ -105,27 +127,119 @@ class SharedWords(WordTokenizer):
         if self.kind == "reference":
             self.calls["tokenized"] += 1
             words = self.reference.word_tokenize(text)
+        elif self.kind == "indic":
+            self.calls["tokenized"] += 1
+            words = self.indic.words(text)
         elif self.kind == "spans":  # the non-whitespace runs' tokens; whitespace runs' are stripped away
             self.calls["tokenized"] += 1
             runs = text.split()
+            self._cache_runs(runs)
             cache = self._spans
-            missing = [run for run in runs if run not in cache]
-            if missing:
-                self._tokenize_runs(list(dict.fromkeys(missing)))
-            self.calls["span_misses"] += len(missing)
-            self.calls["span_hits"] += len(runs) - len(missing)
             words = [piece for run in runs for piece in cache[run]]
+        elif self.kind == "pyvi":  # the words themselves: pyvi's never start or end with whitespace
+            self.calls["tokenized"] += 1
+            words = self.vietnamese.word_strings(text)
+        elif self.kind == "sudachi":  # the surfaces: spaCy's other tokens are whitespace, stripped away
+            self.calls["tokenized"] += 1
+            sudachi = self.reference.tokenizer.tokenizer.tokenizer
+            words = [
+                word
+                for chunk in _sudachi_chunks(text)
+                for word in strip_strings([m.surface() for m in sudachi.tokenize(chunk)])
+            ]
         else:
             words = strip_strings([text[a:b] for a, b in self._tokens(text)])
         self._remember(key, tuple(words))
         return words
+
+    def sentence_count(self, text: str) -> int:
+        """`len(split_into_sentences(text, self))`, counted from the tokens' classes where they allow.
+
+        The Sentencizer starts a sentence at each token that is neither punctuation nor one of its
+        punctuation characters and follows one of them (with only punctuation between): with each token
+        written as P (a sentence-ending character), Q (other punctuation) or N, that is each match of
+        `P[PQ]*N`. datatrove's sentence split has one part more than there are such starts (one for an
+        empty text).
+        """
+        if self.kind == "spans":
+            marks = self._span_marks(text)
+        elif self.kind == "pyvi":
+            marks = self._pyvi_marks(text)
+        else:
+            marks = None
+        if marks is None:
+            return len(split_into_sentences(text, self))
+        return 1 + len(_SENTENCE_START.findall(marks))
+
+    def _span_marks(self, text: str) -> str:
+        """The classes of spaCy's tokens of `text` (a run of N tokens written once: it holds one start).
+
+        A word run's classes come from its cached pieces; a whitespace run is N unless it is the single
+        space spaCy gives the word before it.
+        """
+        words = text.split()
+        self._cache_runs(words)
+        marks = self._run_marks
+        if " ".join(words) == text:  # single spaces only: each is the trailing space of a word
+            return "".join([marks[run] if run in marks else self._mark_run(run) for run in words])
+        out: list[str] = []
+        previous_word = False
+        for run in _RUNS.findall(text):
+            if run[0].isspace():
+                if not (previous_word and run == " "):
+                    out.append("N")
+                previous_word = False
+            else:
+                out.append(marks[run] if run in marks else self._mark_run(run))
+                previous_word = True
+        return "".join(out)
+
+    def _mark_run(self, run: str) -> str:
+        classes = self._classes
+        mark = self._run_marks[run] = "".join([classes[piece] for piece in self._spans[run]])
+        return mark
+
+    def _pyvi_marks(self, text: str) -> str | None:
+        """The classes of spaCy's Vietnamese tokens from the syllables, where joining them changes none.
+
+        pyvi never joins a syllable that is a substring of `string.punctuation`; where every punctuation
+        syllable is one (else None), a joined word is N like the syllables it joins, and a run of N
+        tokens holds at most one sentence start whether or not it is joined. A whitespace run is a token
+        (N) unless it is the single space spaCy gives the syllable before it.
+        """
+        classes = self._classes
+        marks: list[str] = []
+        after_syllable = False
+        for piece in self.vietnamese.pieces(text):
+            if piece.isspace():
+                if not (after_syllable and piece == " "):
+                    marks.append("N")
+                after_syllable = False
+            else:
+                marks.append(classes[piece])
+                after_syllable = True
+        joined = "".join(marks)
+        return None if "X" in joined else joined
+
+    def min_word_count(self, text: str) -> int:
+        """A lower bound on `len(word_tokenize(text))`, exact where that is cheap (0: no bound known)."""
+        words = self._memo.get(("words", text))
+        if words is not None:
+            return len(words)
+        if self.kind == "spans":  # every whitespace-separated run is at least one word
+            return len(text.split())
+        if self.kind == "indic":  # cheap enough to count
+            return len(self.word_tokenize(text))
+        if self.kind == "pyvi":
+            return self.vietnamese.min_words(text)
+        return 0
 
     def span_tokenize(self, text: str) -> list[tuple[int, int]]:
         key = ("spans", text)
         if key in self._memo:
             self.calls["memo_hits"] += 1
             return list(self._memo[key])
-        if self.kind == "reference":
+        if self.kind in ("reference", "indic"):
             spans = list(self.reference.span_tokenize(text))
         elif self.kind == "sudachi":
             from datatrove.utils.word_tokenizers import chunk_text_on_bytes
@@ -156,10 +270,8 @@ class SharedWords(WordTokenizer):
         if kind == "spans":
             tokens = self._span_tokens(text)
         elif kind == "sudachi":
-            from datatrove.utils.word_tokenizers import chunk_text_on_bytes
-
             tokens, offset = [], 0
-            for chunk in chunk_text_on_bytes(text, 40000) if text else []:
+            for chunk in _sudachi_chunks(text):
                 tokens += [(offset + a, offset + b) for a, b in self._sudachi_tokens(chunk)]
                 offset += len(chunk)
         elif kind == "pyvi":
@@ -189,12 +301,8 @@ class SharedWords(WordTokenizer):
             else:
                 previous_word = True
             runs.append((start, run))
+        self._cache_runs([run for _, run in runs])
         cache = self._spans
-        missing = [run for _, run in runs if run not in cache]
-        if missing:
-            self._tokenize_runs(list(dict.fromkeys(missing)))
-            self.calls["span_misses"] += len(missing)
-        self.calls["span_hits"] += len(runs) - len(missing)
         tokens: list[Token] = []
         for start, run in runs:
             for piece in cache[run]:
@@ -202,9 +310,20 @@ class SharedWords(WordTokenizer):
                 start += len(piece)
         return tokens
 
+    def _cache_runs(self, runs: list[str]) -> None:
+        """Make sure every run's tokens are in the cache (bounded: cleared when it would pass max_cache)."""
+        cache = self._spans
+        missing = [run for run in runs if run not in cache]
+        if missing:
+            if len(cache) + len(missing) > self.max_cache:
+                cache.clear()
+                self._run_marks.clear()
+                missing = runs
+            self._tokenize_runs(list(dict.fromkeys(missing)))
+        self.calls["span_misses"] += len(missing)
+        self.calls["span_hits"] += len(runs) - len(missing)
+
     def _tokenize_runs(self, runs: list[str]) -> None:
-        if len(self._spans) + len(runs) > self.max_cache:
-            self._spans.clear()  # bounded memory; the runs asked for are added back below
         nlp = self.reference.tokenizer
         words = [r for r in runs if not r[0].isspace()]
         with nlp.memory_zone():
@@ -230,24 +349,71 @@ class SharedWords(WordTokenizer):
                     self._spans[w] = tuple(p)
 
     def _sudachi_tokens(self, text: str) -> list[Token]:
-        """datatrove's JapaneseTokenizer's tokens (surfaces, merged spaces, gap tokens) as offsets."""
+        """datatrove's JapaneseTokenizer's tokens (surfaces, merged spaces, gap tokens) as offsets.
+
+        spaCy's alignment skips whitespace surfaces, gives a word the one space after it when the next
+        surface is exactly " ", and makes a gap token of any other whitespace before the next word.
+        datatrove's merging of consecutive space tokens only drops a space that follows another space,
+        so it changes neither the words nor what follows a word: no part-of-speech tags are needed.
+        Sudachi's surfaces are slices of the text in order, so where they join back into the text their
+        offsets follow from their lengths; otherwise each word is searched for, as spaCy does.
+        """
         sudachi = self.reference.tokenizer.tokenizer.tokenizer
-        surfaces: list[str] = []
-        previous_space = False
-        for m in sudachi.tokenize(text):
-            surface = m.surface()
-            if not surface:
-                continue
-            space = surface.isspace() and "-".join(p for p in m.part_of_speech()[:4] if p != "*") == "空白"
-            if not (surfaces and space and previous_space):
-                surfaces.append(surface)
-            previous_space = space
-        return _align(text, surfaces, space_after=lambda i: i + 1 < len(surfaces) and surfaces[i + 1] == " ")
+        surfaces = [m.surface() for m in sudachi.tokenize(text)]
+        if "" in surfaces:
+            surfaces = [s for s in surfaces if s]
+        if "".join(surfaces) != text:
+            return _align(text, surfaces, lambda i: i + 1 < len(surfaces) and surfaces[i + 1] == " ")
+        ends = list(accumulate(map(len, surfaces)))
+        spans = [(end - len(s), end) for s, end in zip(surfaces, ends, strict=True)]
+        blanks = [i for i, s in enumerate(surfaces) if s.isspace()]
+        if not blanks:
+            return spans
+        # each run of whitespace surfaces becomes one gap token, less the " " the word before it keeps
+        runs = [[blanks[0], blanks[0]]]
+        for i in blanks[1:]:
+            if i == runs[-1][1] + 1:
+                runs[-1][1] = i
+            else:
+                runs.append([i, i])
+        tokens: list[Token] = []
+        done = 0
+        for i, j in runs:
+            tokens += spans[done:i]
+            start = spans[i][0] + (i > 0 and surfaces[i] == " ")
+            if start < spans[j][1]:
+                tokens.append((start, spans[j][1]))
+            done = j + 1
+        tokens += spans[done:]
+        return tokens
+
+    @property
+    def _classes(self) -> _TokenClasses:
+        if self._classes_ is None:
+            nlp = self.reference.tokenizer
+            self._classes_ = _TokenClasses(
+                nlp.get_pipe("sentencizer").punct_chars, _is_punct_getter(nlp), self.kind == "pyvi"
+            )
+        return self._classes_
+
+    @property
+    def vietnamese(self) -> VietnameseSegmenter:
+        if self._vietnamese is None:
+            self._vietnamese = VietnameseSegmenter(self.reference.tokenizer.tokenizer)
+        return self._vietnamese
 
     def _pyvi_tokens(self, text: str) -> list[Token]:
-        """spaCy's Vietnamese tokens (pyvi segmentation, aligned as `get_words_and_spaces` does)."""
-        words = self.reference.tokenizer.tokenizer.pyvi_tokenize(text)
-        return _align(text, [w for w in words if not w.isspace()], space_after=None)
+        """spaCy's Vietnamese tokens: pyvi's words, and a gap token where spaCy's alignment leaves one."""
+        tokens: list[Token] = []
+        pos = 0
+        for start, end in self.vietnamese.words(text):
+            if start > pos:
+                tokens.append((pos, start))
+            tokens.append((start, end))
+            pos = end + 1 if end < len(text) and text[end] == " " else end
+        if pos < len(text):
+            tokens.append((pos, len(text)))
+        return tokens
 
     def _pyvi_sentence_tokens(self, text: str) -> list[Token]:
         """Tokens that give spaCy's Vietnamese sentences without pyvi's segmentation model, where they can.
@@ -259,8 +425,8 @@ class SharedWords(WordTokenizer):
         """
         import string
 
-        vi = self.reference.tokenizer.tokenizer
-        syllables = [s for s in vi.pyvi_sylabelize_with_ws(text) if not s.isspace()]
+        spans = self.vietnamese.syllables(text)
+        syllables = [text[a:b] for a, b in spans]
         punct_chars = self.reference.tokenizer.get_pipe("sentencizer").punct_chars
         is_punct = _is_punct_getter(self.reference.tokenizer)
         if all(s in string.punctuation for s in syllables if s in punct_chars or is_punct(s)):
@@ -285,6 +451,71 @@ class SharedWords(WordTokenizer):
                 seen_period = True
         ends = [*starts[1:], len(tokens)]
         return [(tokens[s][0], tokens[e - 1][1]) for s, e in zip(starts, ends, strict=True)]
+
+
+_SENTENCE_START = re.compile("P[PQ]*N")
+
+
+class IndicWords:
+    """IndicNLP's `trivial_tokenize` (Brahmi scripts) then datatrove's `strip_strings`, the same words.
+
+    IndicNLP replaces tabs by spaces, pads every character of its punctuation class with spaces (`re.sub`
+    with a `\\1` template, which expands each match in Python), squeezes runs of spaces, removes the
+    spaces inside number sequences such as `1 , 000` (all but one that starts the text: its
+    `start > prev` test), and splits on spaces. Here the padding is a split on its own pattern (which
+    keeps the punctuation) joined back with spaces: the same string; the rest is the same steps.
+    """
+
+    def __init__(self) -> None:
+        from indicnlp.tokenize.indic_tokenize import pat_num_seq, triv_tokenizer_indic_pat
+
+        self.punctuation = triv_tokenizer_indic_pat
+        self.numbers = pat_num_seq
+
+    def words(self, text: str) -> list[str]:
+        padded = " ".join(self.punctuation.split(text.replace("\t", " ")))
+        s = _SPACE_RUNS.sub(" ", padded).strip(" ")
+        pieces, prev = [], 0
+        for m in self.numbers.finditer(s):
+            start, end = m.span()
+            if start > prev:
+                pieces += [s[prev:start], s[start:end].replace(" ", "")]
+                prev = end
+        if pieces:
+            s = "".join(pieces) + s[prev:]
+        return [word for word in map(str.strip, s.split(" ")) if word]
+
+
+_SPACE_RUNS = re.compile(" +")
+
+
+def _sudachi_chunks(text: str) -> list[str]:
+    """The pieces datatrove's spaCy tokenizer hands Sudachi (at most 40,000 bytes each)."""
+    from datatrove.utils.word_tokenizers import chunk_text_on_bytes
+
+    return chunk_text_on_bytes(text, 40000) if text else []
+
+
+class _TokenClasses(dict):
+    """token text -> P (one of the Sentencizer's punctuation characters), Q (other punctuation) or N.
+
+    With `pyvi`, punctuation that is not a substring of `string.punctuation` is X (pyvi may join it).
+    """
+
+    def __init__(self, punct_chars: Any, is_punct: Any, pyvi: bool):
+        super().__init__()
+        self.punct_chars, self.is_punct, self.pyvi = punct_chars, is_punct, pyvi
+
+    def __missing__(self, token: str) -> str:
+        import string
+
+        if len(self) > 200_000:
+            self.clear()
+        mark = "P" if token in self.punct_chars else "Q" if self.is_punct(token) else "N"
+        if self.pyvi and mark != "N" and token not in string.punctuation:
+            mark = "X"
+        self[token] = mark
+        return mark
 
 
 def _spacy_tokens(nlp: Any, text: str) -> Any:
