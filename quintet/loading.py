@@ -45,9 +45,6 @@ def _model_type(folder: Path) -> tuple[str, bool]:
     return kind, "quantization_config" in config
 
 
-DECODE_ACTIVATIONS = ("float32", "int8")
-
-
 def load_model(folder: str | os.PathLike, activations: str | None = None) -> nn.Module:
     """The model of `folder`, ready to run (eval mode, CPU): see the module docstring for what each kind of
     folder gives. Raises `ModelFolderError` (or the format's own error, naming the file) for anything
@@ -55,17 +52,17 @@ def load_model(folder: str | os.PathLike, activations: str | None = None) -> nn.
     block of 32 and multiplied by integer dot products, as llama.cpp's Q4_0 does; the default where the
     kernels run AVX2 or AVX-512) or "float32" (exact to float32 rounding; the default elsewhere).
     `docs/deploy.md` has the speed and quality of each."""
+    from quintet.kernels.m0e4_cpu import ACTIVATIONS
+
     folder = Path(folder)
     kind, quantized = _model_type(folder)
-    if activations is not None and activations not in DECODE_ACTIVATIONS:
-        raise ValueError(f"activations = {activations!r}: must be one of {', '.join(DECODE_ACTIVATIONS)}")
+    if activations is not None and activations not in ACTIVATIONS:
+        raise ValueError(f"activations = {activations!r}: must be one of {', '.join(ACTIVATIONS)}")
     if quantized:
         from quintet.deploy.quantized_folder import load_quantized
 
-        model = load_quantized(folder)
-        if activations is not None and hasattr(model, "activations"):
-            model.activations = activations
-        elif activations not in (None, "float32"):
+        model = load_quantized(folder, **({} if activations is None else {"activations": activations}))
+        if activations not in (None, "float32") and not hasattr(model, "activations"):
             raise ValueError(f"{folder}: activations = {activations!r} applies to FP4 Jamba folders only")
         return model
     if activations not in (None, "float32"):

@@ -31,6 +31,7 @@ from quintet.deploy.huge_pages import move_to_huge_pages
 from quintet.deploy.kv_cache import SubTensorKVCache
 from quintet.deploy.qlinear import M0E4Embedding, M0E4Linear
 from quintet.kernels.m0e4_cpu import (
+    ACTIVATIONS,
     decode_activations,
     gemv_max_rows,
     int8_activations_available,
@@ -85,8 +86,8 @@ class JambaEngine(nn.Module):
         activations: str = "auto",
     ):
         super().__init__()
-        if activations not in ("auto", "float32", "int8"):
-            raise ValueError(f"activations = {activations!r}: must be auto, float32 or int8")
+        if activations != "auto" and activations not in ACTIVATIONS:
+            raise ValueError(f"activations = {activations!r}: must be auto, {' or '.join(ACTIVATIONS)}")
         if activations == "auto":
             activations = "int8" if int8_activations_available() else "float32"
         self.activations = activations  # of the FP4 decode matmuls (see m0e4_cpu.decode_activations)
@@ -141,7 +142,7 @@ class JambaEngine(nn.Module):
             if logits is not None:
                 return CausalLMOutput(logits=logits, cache=cache)
         with matmul_path(path), decode_activations(self.activations):
-            if attention_mask is not None or labels is not None or kwargs:
+            if not plain:
                 return self.lm(
                     input_ids,
                     attention_mask=attention_mask,
