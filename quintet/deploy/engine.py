@@ -33,6 +33,7 @@ from quintet.deploy.qlinear import M0E4Embedding, M0E4Linear
 from quintet.kernels.m0e4_cpu import (
     ACTIVATIONS,
     decode_activations,
+    decode_layout_runs,
     gemv_max_rows,
     int8_activations_available,
     matmul_dtype,
@@ -108,6 +109,10 @@ class JambaEngine(nn.Module):
         use_engine_linears(lm)  # float Linears (after the merges): decode matmuls by quintet's GEMV
         for p in lm.parameters():  # an inference engine: tools that run it with autograd on (evaluation
             p.requires_grad_(False)  # loops) then take the kernels, not the differentiable fallback
+        if decode_layout_runs(activations):  # the VNNI int8 GEMV's own order of the same bytes
+            for module in lm.modules():
+                if isinstance(module, M0E4Linear):
+                    module.use_decode_layout()
         # the weights in 2 MiB pages: a decode step streams them all; 4 KiB pages cost the GEMVs page walks
         self.huge_page_bytes = move_to_huge_pages(lm)
         # One-token steps as bound kernel calls (decode_plan.py); None runs them through the modules.

@@ -46,7 +46,7 @@ def huge_page_bytes(nbytes: int) -> torch.Tensor:
     return whole[start : start + nbytes]
 
 
-def move_to_huge_pages(module: nn.Module, min_bytes: int = 1 << 16) -> int:
+def move_to_huge_pages(module: nn.Module, min_bytes: int = 0) -> int:
     """Copy `module`'s contiguous CPU parameters and buffers of at least `min_bytes` into one huge-page arena
     (a tensor shared by several modules stays shared); returns the bytes moved (0 where huge pages are
     unavailable)."""

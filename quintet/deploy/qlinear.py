@@ -6,6 +6,10 @@ Stored (the state dict, what a quantized folder holds), per module:
     offsets  float16 (N, K / group)  c                  w = (fp16(0x3C00 | q << 6) - c) * S
     bias     (Linear only, when the original has one)
 
+An engine may hold a Linear's three buffers in the kernels' decode layout instead (`use_decode_layout`,
+where that layout's int8 GEMV runs; `quintet.kernels.m0e4_cpu.to_decode_layout`): the same bytes in
+another order. `row_layout()` gives them back in the stored layout.
+
 Run time: nothing else. `M0E4Linear` multiplies through `quintet.kernels.m0e4_cpu.m0e4_matmul` (a
 register-unpacking GEMV for decode-sized inputs, dequantized tiles in a reused scratch buffer for prefill),
 so a loaded FP4 model holds its weights in 4 bits and no float copy of them.
@@ -17,7 +21,7 @@ import torch
 from torch import nn
 
 from quintet.kernels.m0e4 import M0E4Tensor, code_to_fp16, dequantize, pack_codes, unpack_codes
-from quintet.kernels.m0e4_cpu import m0e4_matmul
+from quintet.kernels.m0e4_cpu import TILE_ROWS, m0e4_matmul, to_decode_layout, to_row_layout
 
 
 class _KeepsStorageTypes(nn.Module):
@@ -72,11 +76,26 @@ class M0E4Linear(_KeepsStorageTypes):
             f"group_size={self.group_size}, bias={self.bias is not None}"
         )
 
+    def row_layout(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(qweight, scales, offsets) in the stored layout, whichever this module holds."""
+        return to_row_layout(self.qweight, self.scales, self.offsets)
+
+    def use_decode_layout(self) -> bool:
+        """Hold the buffers in the kernels' decode layout (in place of the row layout: no second copy), where
+        the shape allows it (out_features a multiple of 16, in_features of 128); True if they are now."""
+        if self.qweight.dim() == 3:
+            return True
+        if self.out_features % TILE_ROWS or self.in_features % 128 or self.qweight.device.type != "cpu":
+            return False
+        self.qweight, self.scales, self.offsets = to_decode_layout(self.qweight, self.scales, self.offsets)
+        return True
+
     def codes(self) -> torch.Tensor:
-        return unpack_codes(self.qweight)
+        return unpack_codes(self.row_layout()[0])
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        return dequantize(self.codes(), self.scales, self.offsets, self.group_size, dtype)
+        _, scales, offsets = self.row_layout()
+        return dequantize(self.codes(), scales, offsets, self.group_size, dtype)
 
     @property
     def weight(self) -> torch.Tensor:

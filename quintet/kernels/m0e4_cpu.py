@@ -21,6 +21,11 @@ rows of x (`gemv_max_rows()`):
   `MICRO_TILE_MAX_ROWS` rows (a prompt chunk after a cached prefix, the tokens one expert receives) and
   large tiles past them.
 
+Where the VNNI int8 GEMV runs, an engine keeps its weights in the decode layout instead
+(`to_decode_layout`: rows in tiles of 16, interleaved by 4-byte words, so that one 64-byte load feeds 16
+rows' dot products; the kernel's comment has the details). Every op takes both layouts; `weight_rows` and
+`to_row_layout` read either.
+
 No float copy of a weight is ever kept. The instruction set is chosen at run time from what the CPU has
 (`isa()`); `QUINTET_M0E4_ISA=scalar|avx2|avx512` forces a lower one (tests run each). The extension is
 built on first use by `quintet.kernels.build` (cached per machine); if it cannot be, or
@@ -57,6 +62,10 @@ __all__ = [
     "swiglu_gemv",
     "fused_add_rms_norm",
     "measure_float_gemv",
+    "decode_layout_runs",
+    "to_decode_layout",
+    "to_row_layout",
+    "weight_rows",
 ]
 
 DISABLE_ENV = "QUINTET_DISABLE_M0E4_KERNEL"
@@ -67,6 +76,7 @@ GEMV_MAX_ROWS = 8  # more rows go through dequantized tiles (benchmarks/deploy_f
 TILE_BYTES = 1 << 19  # scratch per tile: fits the L2 cache of the CPUs we run on
 MICRO_TILE_MAX_ROWS = 96  # up to this many rows, L1 micro-tiles and our own kernel (deploy_fusions measures)
 EVERY_ROW = 1 << 40
+TILE_ROWS = 16  # rows per tile of the decode layout
 PATHS = ("auto", "gemv", "tiles")
 ACTIVATIONS = ("float32", "int8")
 _ACTIVATIONS: ContextVar[str] = ContextVar("m0e4_activations", default="float32")
@@ -113,7 +123,7 @@ def _register_fakes() -> None:
 
     @torch.library.register_fake("quintet_m0e4::gemv")
     def _(x, qweight, scales, offsets, group_size, code):
-        return x.new_empty(x.shape[0], qweight.shape[0], dtype=torch.float32)
+        return x.new_empty(x.shape[0], weight_rows(qweight), dtype=torch.float32)
 
     @torch.library.register_fake("quintet_m0e4::permute_k")
     def _(x):
@@ -121,11 +131,11 @@ def _register_fakes() -> None:
 
     @torch.library.register_fake("quintet_m0e4::gemv_q8")
     def _(x, qweight, scales, offsets, group_size, code):
-        return x.new_empty(x.shape[0], qweight.shape[0], dtype=torch.float32)
+        return x.new_empty(x.shape[0], weight_rows(qweight), dtype=torch.float32)
 
     @torch.library.register_fake("quintet_m0e4::swiglu_gemv")
     def _(x, gu_q, gu_s, gu_o, dn_q, dn_s, dn_o, group_size, code, int8):
-        return x.new_empty(x.shape[0], dn_q.shape[0], dtype=torch.float32)
+        return x.new_empty(x.shape[0], weight_rows(dn_q), dtype=torch.float32)
 
     @torch.library.register_fake("quintet_m0e4::add_rms_norm")
     def _(x, h, weight, eps):
@@ -141,11 +151,53 @@ def _register_fakes() -> None:
 
     @torch.library.register_fake("quintet_m0e4::matmul_tiles")
     def _(x, qweight, scales, offsets, group_size, code, bf16, small_rows, tile_bytes):
-        return x.new_empty(x.shape[0], qweight.shape[0], dtype=torch.float32)
+        return x.new_empty(x.shape[0], weight_rows(qweight), dtype=torch.float32)
 
     @torch.library.register_fake("quintet_m0e4::dequantize_rows")
     def _(qweight, scales, offsets, group_size, row0, out, code):
         return None
+
+
+def weight_rows(qweight: torch.Tensor) -> int:
+    """N of an M0E4 weight's codes in either layout: (N, K/2), or (N/16, K/8, 64) in the decode layout."""
+    return qweight.shape[0] * TILE_ROWS if qweight.dim() == 3 else qweight.shape[0]
+
+
+def to_decode_layout(
+    qweight: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Codes (N, K/2) -> (N/16, K/8, 64): byte 4r + b of word w of tile t is byte 4w + b of row 16t + r;
+    scales / offsets (N, G) -> (N/16, G, 16). N must be a multiple of 16 and K of 8."""
+    n, half = qweight.shape
+    g = scales.shape[1]
+    t = n // TILE_ROWS
+    return (
+        qweight.view(t, TILE_ROWS, half // 4, 4).transpose(1, 2).reshape(t, half // 4, 4 * TILE_ROWS),
+        scales.view(t, TILE_ROWS, g).transpose(1, 2).contiguous(),
+        offsets.view(t, TILE_ROWS, g).transpose(1, 2).contiguous(),
+    )
+
+
+def to_row_layout(
+    qweight: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The inverse of `to_decode_layout` (weights already in the row layout come back as they are)."""
+    if qweight.dim() == 2:
+        return qweight, scales, offsets
+    t, words, _ = qweight.shape
+    g = scales.shape[1]
+    return (
+        qweight.view(t, words, TILE_ROWS, 4).transpose(1, 2).reshape(t * TILE_ROWS, words * 4),
+        scales.transpose(1, 2).reshape(t * TILE_ROWS, g),
+        offsets.transpose(1, 2).reshape(t * TILE_ROWS, g),
+    )
+
+
+def decode_layout_runs(activations: str) -> bool:
+    """True when an engine with these decode activations should hold its weights in the decode layout:
+    the kernels run AVX-512 with VNNI and the activations are int8 (its GEMV reads that layout fastest;
+    the other paths read it through a per-tile copy)."""
+    return activations == "int8" and _kernel.get() is not None and isa() == "avx512" and _kernel.vnni
 
 
 def m0e4_kernels_available() -> bool:
@@ -246,6 +298,7 @@ def _fallback(
 ) -> torch.Tensor:
     from quintet.kernels.m0e4 import dequantize, unpack_codes
 
+    qweight, scales, offsets = to_row_layout(qweight, scales, offsets)
     n, k = qweight.shape[0], qweight.shape[1] * 2
     x = x.float()
     step = _tile_rows(n, k, torch.float32)

@@ -363,9 +363,9 @@ class DecodeProgram : public torch::CustomClassHolder {
   DecodeProgram(int64_t isa, int64_t float_isa, bool int8) : isa_(isa), float_isa_(float_isa), int8_(int8) {}
 
   int64_t add_m0e4(Tensor q, Tensor s, Tensor o, int64_t gs, std::optional<Tensor> bias) {
-    TORCH_CHECK(q.scalar_type() == at::kByte && q.dim() == 2 && q.is_contiguous(),
-                "DecodeProgram: M0E4 codes must be a contiguous (N, K/2) uint8 tensor");
-    check_bias(bias, q.size(0));
+    TORCH_CHECK(q.scalar_type() == at::kByte && (q.dim() == 2 || q.dim() == 3) && q.is_contiguous(),
+                "DecodeProgram: M0E4 codes must be a contiguous uint8 tensor, (N, K/2) or (N/16, K/8, 64)");
+    check_bias(bias, q.dim() == 3 ? q.size(0) * 16 : q.size(0));
     Linear l;
     l.q = q, l.s = s, l.o = o, l.gs = gs, l.bias = bias;
     linears_.push_back(l);

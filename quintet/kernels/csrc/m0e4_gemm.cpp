@@ -22,6 +22,14 @@
 //   has_bf16() -> bool    AVX-512 BF16 (vdpbf16ps) is there.
 //   best_isa() -> int     0 scalar, 1 AVX2 (+FMA, F16C), 2 AVX-512 (F, BW, VL): what this CPU runs.
 //
+// The decode layout (`to_decode_layout` in m0e4_cpu.py, chosen at load where the VNNI int8 GEMV runs):
+// rows in tiles of 16, interleaved by words of 4 bytes (8 codes): qweight (N/16, K/8, 64), byte 4r + b of
+// word w of tile t is byte 4w + b of row 16t + r; scales and offsets (N/16, G, 16), [t][g][r]. One 64-byte
+// load then holds 8 codes of 16 rows: `vpdpbusd` against 4 broadcast bytes of x gives each row's partial
+// dot product in its own lane (no horizontal sums, one float conversion per block of 32 codes), and a
+// tile's codes are one sequential stream. Every op takes both layouts; paths without a kernel of their own
+// for it copy each tile back to rows in a small scratch first.
+//
 // The permuted order lets a vector of unpacked low nibbles (codes 2i) meet x[2i] without any shuffle:
 // per 32 codes (16 bytes), the low nibbles pair with xp[0..15], the high nibbles with xp[16..31].
 //
@@ -88,6 +96,7 @@ struct Problem {
   const at::Half* C;     // (N, G)
   float* y;              // (M, N)
   int64_t M, N, K, gs;
+  bool tiled;            // the decode layout (qw (N/16, K/8, 64), S / C (N/16, G, 16))
 };
 
 // Per row: S and -c*S of each group, in float32.
@@ -97,6 +106,48 @@ inline void row_params(const Problem& p, int64_t n, float* s, float* ncs) {
     const float sv = static_cast<float>(p.S[n * G + g]);
     s[g] = sv;
     ncs[g] = -static_cast<float>(p.C[n * G + g]) * sv;
+  }
+}
+
+// ------------------------------------------------------------------------------------------ decode layout
+constexpr int64_t kTileRows = 16;
+
+// Tile t of a weight in the decode layout back to 16 rows of the row layout: codes (16, K/2), scales and
+// offsets (16, G).
+inline void untile(const uint8_t* qw, const at::Half* S, const at::Half* C, int64_t K, int64_t G, int64_t t,
+                   uint8_t* q, at::Half* s, at::Half* c) {
+  const int64_t words = K / 8;
+  const uint8_t* src = qw + t * words * 64;
+  for (int64_t w = 0; w < words; ++w)
+    for (int64_t r = 0; r < kTileRows; ++r) std::memcpy(q + r * (K / 2) + 4 * w, src + w * 64 + 4 * r, 4);
+  for (int64_t g = 0; g < G; ++g)
+    for (int64_t r = 0; r < kTileRows; ++r) {
+      s[r * G + g] = S[(t * G + g) * kTileRows + r];
+      c[r * G + g] = C[(t * G + g) * kTileRows + r];
+    }
+}
+
+// fn(view, a, b) over rows [n0, n1) of p as the row-layout kernels expect them: p itself, or for the decode
+// layout each tile copied back to rows in this thread's scratch, with a view whose pointers index rows
+// 16t .. 16t + 15 into that scratch (the row kernels address row n at qw + n K/2 and S + n G).
+template <typename P, typename Fn>
+void in_row_layout(const P& p, int64_t n0, int64_t n1, Fn&& fn) {
+  if (!p.tiled) return fn(p, n0, n1);
+  const int64_t G = p.K / p.gs, half = p.K / 2;
+  thread_local std::vector<uint8_t> q;
+  thread_local std::vector<at::Half> sc;
+  q.resize(static_cast<size_t>(kTileRows * half));
+  sc.resize(static_cast<size_t>(2 * kTileRows * G));
+  for (int64_t t = n0 / kTileRows; t * kTileRows < n1; ++t) {
+    untile(p.qw, p.S, p.C, p.K, G, t, q.data(), sc.data(), sc.data() + kTileRows * G);
+    P v = p;
+    v.tiled = false;
+    const int64_t first = t * kTileRows;  // addresses only: rows first .. first + 15 land in the scratch
+    v.qw = reinterpret_cast<const uint8_t*>(reinterpret_cast<uintptr_t>(q.data()) - first * half);
+    v.S = reinterpret_cast<const at::Half*>(reinterpret_cast<uintptr_t>(sc.data()) - first * G * sizeof(at::Half));
+    v.C = reinterpret_cast<const at::Half*>(reinterpret_cast<uintptr_t>(sc.data() + kTileRows * G) -
+                                            first * G * sizeof(at::Half));
+    fn(v, std::max(n0, first), std::min(n1, first + kTileRows));
   }
 }
 
@@ -471,6 +522,7 @@ struct Q8Problem {
   const at::Half* C;
   float* y;
   int64_t M, N, K, gs;
+  bool tiled;
 };
 
 void q8_row_params(const Q8Problem& p, int64_t n, float* s, float* off) {
@@ -557,6 +609,64 @@ QUINTET_VNNI void gemv_q8_rows_vnni(const Q8Problem& p, int64_t n, int64_t m, __
     _mm_storeu_ps(p.y + m * p.N + n, reduce4_avx512(acc[0], acc[1], acc[2], acc[3]));
   } else {
     for (int r = 0; r < NR; ++r) p.y[m * p.N + n + r] = _mm512_reduce_add_ps(acc[r]);
+  }
+}
+
+// The decode layout: tile t (16 rows) against rows m0 .. m0 + MR - 1 of x. Each 64-byte word holds 8 codes of
+// the 16 rows; its low nibbles (codes 8w, 8w+2, 8w+4, 8w+6) meet 4 broadcast bytes of xq's even half, its
+// high nibbles, kept in place (16 q), the odd half's: two int32 sums per row and block of 32 codes, folded
+// as 16 lo + hi and converted once; lane r of every vector is row 16t + r, so no horizontal sums.
+template <int MR>
+QUINTET_VNNI void gemv_q8_tile_vnni(const Q8Problem& p, int64_t t, int64_t m0) {
+  const int64_t K = p.K, words = K / 8, G = K / p.gs, wpg = p.gs / 8, bpg = p.gs / 32;
+  const __m512i lo = _mm512_set1_epi8(0x0F), hi = _mm512_set1_epi8(static_cast<char>(0xF0));
+  const uint8_t* base = p.qw + t * words * 64;
+  __m512 acc[MR];
+  for (int m = 0; m < MR; ++m) acc[m] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < G; ++g) {
+    const __m512 S = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p.S + (t * G + g) * 16)));
+    const __m512 C = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p.C + (t * G + g) * 16)));
+    const __m512 off = _mm512_fnmadd_ps(S, C, S);  // S (1 - c): times the group's exact sum of x
+    for (int m = 0; m < MR; ++m) acc[m] = _mm512_fmadd_ps(off, _mm512_set1_ps(p.xsum[(m0 + m) * G + g]), acc[m]);
+    for (int64_t b = 0; b < bpg; ++b) {
+      __m512i il[MR], ih[MR];
+      for (int m = 0; m < MR; ++m) il[m] = ih[m] = _mm512_setzero_si512();
+      const int64_t w0 = g * wpg + b * 4;
+#pragma GCC unroll 4
+      for (int w = 0; w < 4; ++w) {
+        const int64_t word = w0 + w;
+        const __m512i v = _mm512_loadu_si512(base + word * 64);
+        const __m512i vl = _mm512_and_si512(v, lo), vh = _mm512_and_si512(v, hi);
+        const int64_t xo = (word / 16) * 128 + 4 * (word % 16);  // the word's 4 even codes in xq's layout
+        for (int m = 0; m < MR; ++m) {
+          const int8_t* xq = p.xq + (m0 + m) * K + xo;
+          int32_t e, o;
+          std::memcpy(&e, xq, 4);
+          std::memcpy(&o, xq + 64, 4);
+          il[m] = _mm512_dpbusd_epi32(il[m], vl, _mm512_set1_epi32(e));
+          ih[m] = _mm512_dpbusd_epi32(ih[m], vh, _mm512_set1_epi32(o));
+        }
+      }
+      for (int m = 0; m < MR; ++m) {  // 16 (sum q xq) of the block, times S dx / 16 (lane_dx holds dx / 16)
+        const __m512i i = _mm512_add_epi32(_mm512_slli_epi32(il[m], 4), ih[m]);
+        const __m512 sc = _mm512_mul_ps(S, _mm512_set1_ps(p.lane_dx[(m0 + m) * words + w0] * (1.f / 16.f)));
+        acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i), sc, acc[m]);
+      }
+    }
+  }
+  for (int m = 0; m < MR; ++m) _mm512_storeu_ps(p.y + (m0 + m) * p.N + t * 16, acc[m]);
+}
+
+QUINTET_VNNI void gemv_q8_tiles_vnni(const Q8Problem& p, int64_t t0, int64_t t1) {
+  for (int64_t t = t0; t < t1; ++t) {
+    int64_t m = 0;
+    for (; m + 4 <= p.M; m += 4) gemv_q8_tile_vnni<4>(p, t, m);
+    switch (p.M - m) {
+      case 1: gemv_q8_tile_vnni<1>(p, t, m); break;
+      case 2: gemv_q8_tile_vnni<2>(p, t, m); break;
+      case 3: gemv_q8_tile_vnni<3>(p, t, m); break;
+      default: break;
+    }
   }
 }
 
@@ -868,17 +978,30 @@ QUINTET_BF16 void micro_bf16_avx512(const uint16_t* w, const uint16_t* x, int64_
 #endif  // QUINTET_X86
 
 // ------------------------------------------------------------------------------------------ ops
-void check_weights(const at::Tensor& qw, const at::Tensor& S, const at::Tensor& C, int64_t gs) {
-  TORCH_CHECK(qw.device().is_cpu() && qw.scalar_type() == at::kByte && qw.dim() == 2 && qw.is_contiguous(),
-              "m0e4: qweight must be a contiguous (N, K/2) uint8 CPU tensor");
+// (N, K, tiled) of an M0E4 weight in either layout, checked.
+struct WeightShape {
+  int64_t N, K;
+  bool tiled;
+};
+
+WeightShape check_weights(const at::Tensor& qw, const at::Tensor& S, const at::Tensor& C, int64_t gs) {
+  TORCH_CHECK(qw.device().is_cpu() && qw.scalar_type() == at::kByte && qw.is_contiguous() &&
+                  (qw.dim() == 2 || (qw.dim() == 3 && qw.size(2) == 64)),
+              "m0e4: qweight must be a contiguous uint8 CPU tensor, (N, K/2) or in the decode layout (N/16, K/8, "
+              "64), got ", qw.sizes());
   TORCH_CHECK(gs == 32 || gs == 64 || gs == 128, "m0e4: group size must be 32, 64 or 128, got ", gs);
-  const int64_t N = qw.size(0), K = qw.size(1) * 2;
+  const bool tiled = qw.dim() == 3;
+  const int64_t N = tiled ? qw.size(0) * kTileRows : qw.size(0), K = tiled ? qw.size(1) * 8 : qw.size(1) * 2;
   TORCH_CHECK(K % gs == 0, "m0e4: K = ", K, " is not a multiple of the group size ", gs);
   for (const auto* t : {&S, &C}) {
-    TORCH_CHECK(t->scalar_type() == at::kHalf && t->is_contiguous() && t->dim() == 2 && t->size(0) == N &&
-                    t->size(1) == K / gs,
-                "m0e4: scales and offsets must be contiguous (N, K / group) float16 tensors");
+    const bool ok = tiled ? t->dim() == 3 && t->size(0) == N / kTileRows && t->size(1) == K / gs &&
+                                t->size(2) == kTileRows
+                          : t->dim() == 2 && t->size(0) == N && t->size(1) == K / gs;
+    TORCH_CHECK(t->scalar_type() == at::kHalf && t->is_contiguous() && ok,
+                "m0e4: scales and offsets must be contiguous float16 tensors, (N, K / group) or in the decode "
+                "layout (N/16, K / group, 16)");
   }
+  return {N, K, tiled};
 }
 
 int64_t resolve_isa(int64_t isa) {
@@ -910,13 +1033,15 @@ at::Tensor permute_k(const at::Tensor& x_in) {
 }
 
 Problem make_problem(const at::Tensor& qw, const at::Tensor& S, const at::Tensor& C, int64_t gs) {
+  const WeightShape shape = check_weights(qw, S, C, gs);
   Problem p{};
   p.qw = qw.data_ptr<uint8_t>();
   p.S = S.data_ptr<at::Half>();
   p.C = C.data_ptr<at::Half>();
-  p.N = qw.size(0);
-  p.K = qw.size(1) * 2;
+  p.N = shape.N;
+  p.K = shape.K;
   p.gs = gs;
+  p.tiled = shape.tiled;
   return p;
 }
 
@@ -931,7 +1056,6 @@ const float* permuted(const at::Tensor& x) {
 
 at::Tensor gemv(const at::Tensor& x_in, const at::Tensor& qw, const at::Tensor& S, const at::Tensor& C, int64_t gs,
                 int64_t isa) {
-  check_weights(qw, S, C, gs);
   Problem p = make_problem(qw, S, C, gs);
   TORCH_CHECK(x_in.dim() == 2 && x_in.size(1) == p.K, "m0e4 gemv: x must be (M, ", p.K, "), got ", x_in.sizes());
   const at::Tensor x = x_in.scalar_type() == at::kFloat && x_in.is_contiguous() ? x_in : x_in.to(at::kFloat).contiguous();
@@ -942,11 +1066,13 @@ at::Tensor gemv(const at::Tensor& x_in, const at::Tensor& qw, const at::Tensor& 
   p.xp = permuted(x);
   const int64_t which = resolve_isa(isa);
   auto rows = [&](int64_t n0, int64_t n1) {
+    in_row_layout(p, n0, n1, [&](const Problem& v, int64_t a, int64_t b) {
 #if QUINTET_X86
-    if (which == kAvx512) return gemv_rows_avx512(p, n0, n1);
-    if (which == kAvx2) return gemv_rows_avx2(p, n0, n1);
+      if (which == kAvx512) return gemv_rows_avx512(v, a, b);
+      if (which == kAvx2) return gemv_rows_avx2(v, a, b);
 #endif
-    gemv_rows_scalar(p, n0, n1);
+      gemv_rows_scalar(v, a, b);
+    });
   };
   if (at::get_num_threads() == 1) {
     rows(0, p.N);
@@ -956,9 +1082,20 @@ at::Tensor gemv(const at::Tensor& x_in, const at::Tensor& qw, const at::Tensor& 
   return y;
 }
 
+// Rows row_base + r0 .. row_base + r1 of W into out's rows r0 .. r1 (K permuted), either layout.
+template <typename Out>
+void dequant_any(const Problem& p, int64_t which, int64_t r0, int64_t r1, int64_t row_base, Out* out) {
+  in_row_layout(p, row_base + r0, row_base + r1, [&](const Problem& v, int64_t a, int64_t b) {
+#if QUINTET_X86
+    if (which == kAvx512) return dequant_rows_avx512<Out>(v, a - row_base, b - row_base, row_base, out);
+    if (which == kAvx2) return dequant_rows_avx2<Out>(v, a - row_base, b - row_base, row_base, out);
+#endif
+    dequant_rows_scalar<Out>(v, a - row_base, b - row_base, row_base, out);
+  });
+}
+
 void dequantize_rows(const at::Tensor& qw, const at::Tensor& S, const at::Tensor& C, int64_t gs, int64_t row0,
                      at::Tensor out, int64_t isa) {
-  check_weights(qw, S, C, gs);
   Problem p = make_problem(qw, S, C, gs);
   TORCH_CHECK(out.dim() == 2 && out.size(1) == p.K && out.is_contiguous() &&
                   (out.scalar_type() == at::kFloat || out.scalar_type() == at::kBFloat16),
@@ -970,21 +1107,8 @@ void dequantize_rows(const at::Tensor& qw, const at::Tensor& S, const at::Tensor
   const bool f32 = out.scalar_type() == at::kFloat;
   void* base = out.data_ptr();
   at::parallel_for(0, R, std::max<int64_t>(1, 16384 / p.K), [&](int64_t r0, int64_t r1) {
-    if (f32) {
-      float* o = static_cast<float*>(base);
-#if QUINTET_X86
-      if (which == kAvx512) return dequant_rows_avx512<float>(p, r0, r1, row0, o);
-      if (which == kAvx2) return dequant_rows_avx2<float>(p, r0, r1, row0, o);
-#endif
-      dequant_rows_scalar<float>(p, r0, r1, row0, o);
-    } else {
-      at::BFloat16* o = static_cast<at::BFloat16*>(base);
-#if QUINTET_X86
-      if (which == kAvx512) return dequant_rows_avx512<at::BFloat16>(p, r0, r1, row0, o);
-      if (which == kAvx2) return dequant_rows_avx2<at::BFloat16>(p, r0, r1, row0, o);
-#endif
-      dequant_rows_scalar<at::BFloat16>(p, r0, r1, row0, o);
-    }
+    if (f32) return dequant_any<float>(p, which, r0, r1, row0, static_cast<float*>(base));
+    dequant_any<at::BFloat16>(p, which, r0, r1, row0, static_cast<at::BFloat16*>(base));
   });
 }
 
@@ -1062,18 +1186,8 @@ void micro_rows(const Problem& p, const T* x, MicroKind kind, int64_t n0, int64_
   const int mbmax = kind == kMicroAvx2 ? kMicroRowsAvx2 : kMicroRowsAvx512;
   for (int64_t n = n0; n < n1; n += kNR) {
     const int nr = static_cast<int>(std::min<int64_t>(kNR, n1 - n));
-    if constexpr (std::is_same_v<T, float>) {
-#if QUINTET_X86
-      if (kind == kMicroAvx512) dequant_rows_avx512<float>(p, 0, nr, n, tile.data());
-      else if (kind == kMicroAvx2) dequant_rows_avx2<float>(p, 0, nr, n, tile.data());
-      else
-#endif
-        dequant_rows_scalar<float>(p, 0, nr, n, tile.data());
-    } else {
-#if QUINTET_X86
-      dequant_rows_avx512<at::BFloat16>(p, 0, nr, n, tile.data());
-#endif
-    }
+    const int64_t which = kind == kMicroAvx2 ? kAvx2 : kind == kMicroScalar ? kScalar : kAvx512;
+    dequant_any<T>(p, which, 0, nr, n, tile.data());
     for (int64_t m = 0; m < p.M; m += mbmax) {
       const int mb = static_cast<int>(std::min<int64_t>(mbmax, p.M - m));
       float* y = p.y + m * p.N + n;
@@ -1098,7 +1212,6 @@ void micro_rows(const Problem& p, const T* x, MicroKind kind, int64_t n0, int64_
 // bfloat16 (the caller measured it faster here), else float32.
 at::Tensor matmul_tiles(const at::Tensor& x_in, const at::Tensor& qw, const at::Tensor& S, const at::Tensor& C,
                         int64_t gs, int64_t isa, bool bf16, int64_t small_rows, int64_t tile_bytes) {
-  check_weights(qw, S, C, gs);
   Problem p = make_problem(qw, S, C, gs);
   TORCH_CHECK(x_in.dim() == 2 && x_in.size(1) == p.K, "m0e4 matmul: x must be (M, ", p.K, "), got ", x_in.sizes());
   const at::Tensor x = x_in.to(at::kFloat).contiguous();
@@ -1215,9 +1328,9 @@ void quantize_q8(const float* xs, int8_t* q, float* ld, float* sums, int64_t M, 
 // block's dx / 16 for each group of 8 codes; xsum (M, G): exact sums per weight group.
 at::Tensor gemv_q8(const at::Tensor& x_in, const at::Tensor& qw, const at::Tensor& S, const at::Tensor& C,
                    int64_t gs, int64_t isa) {
-  check_weights(qw, S, C, gs);
+  const WeightShape shape = check_weights(qw, S, C, gs);
   const at::Tensor x = x_in.to(at::kFloat).contiguous();
-  const int64_t M = x.size(0), K = qw.size(1) * 2, N = qw.size(0), G = K / gs;
+  const int64_t M = x.size(0), K = shape.K, N = shape.N, G = K / gs;
   TORCH_CHECK(x.dim() == 2 && x.size(1) == K, "m0e4 gemv_q8: x must be (M, ", K, "), got ", x.sizes());
   TORCH_CHECK(K % 128 == 0, "m0e4 gemv_q8: K = ", K, " must be a multiple of 128");
   at::Tensor y = at::empty({M, N}, x.options());
@@ -1230,17 +1343,26 @@ at::Tensor gemv_q8(const at::Tensor& x_in, const at::Tensor& qw, const at::Tenso
   int8_t* q = reinterpret_cast<int8_t*>(sums + M * G);
   quantize_q8(x.data_ptr<float>(), q, ld, sums, M, K, gs, resolve_isa(isa));
   Q8Problem p{q, ld, sums, qw.data_ptr<uint8_t>(), S.data_ptr<at::Half>(), C.data_ptr<at::Half>(),
-              y.data_ptr<float>(), M, N, K, gs};
+              y.data_ptr<float>(), M, N, K, gs, shape.tiled};
   if (M == 0 || N == 0) return y;
   const int64_t which = resolve_isa(isa);
   const bool vnni = which == kAvx512 && cpu_has_vnni();
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, K * M));
-  at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
 #if QUINTET_X86
-    if (vnni) return gemv_q8_vnni(p, n0, n1);
-    if (which >= kAvx2) return gemv_q8_avx2(p, n0, n1);
+  if (vnni && shape.tiled) {
+    at::parallel_for(0, N / kTileRows, std::max<int64_t>(1, grain / kTileRows),
+                     [&](int64_t t0, int64_t t1) { gemv_q8_tiles_vnni(p, t0, t1); });
+    return y;
+  }
 #endif
-    gemv_q8_scalar(p, n0, n1);
+  at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
+    in_row_layout(p, n0, n1, [&](const Q8Problem& v, int64_t a, int64_t b) {
+#if QUINTET_X86
+      if (vnni) return gemv_q8_vnni(v, a, b);
+      if (which >= kAvx2) return gemv_q8_avx2(v, a, b);
+#endif
+      gemv_q8_scalar(v, a, b);
+    });
   });
   return y;
 }
@@ -1282,8 +1404,9 @@ at::Tensor silu_mul(const at::Tensor& h, int64_t isa) {
 at::Tensor swiglu_gemv(const at::Tensor& x, const at::Tensor& gu_q, const at::Tensor& gu_s, const at::Tensor& gu_o,
                        const at::Tensor& dn_q, const at::Tensor& dn_s, const at::Tensor& dn_o, int64_t gs,
                        int64_t isa, bool int8) {
-  const int64_t inter = gu_q.size(0) / 2;
-  TORCH_CHECK(gu_q.size(0) % 2 == 0 && dn_q.size(1) * 2 == inter,
+  const WeightShape up = check_weights(gu_q, gu_s, gu_o, gs), down = check_weights(dn_q, dn_s, dn_o, gs);
+  const int64_t inter = up.N / 2;
+  TORCH_CHECK(up.N % 2 == 0 && down.K == inter,
               "m0e4 swiglu_gemv: gate_up must have 2 I rows and down I inputs, got ", gu_q.sizes(), " and ",
               dn_q.sizes());
   const bool q8_up = int8 && x.size(1) % 128 == 0 && int8_runs(isa);
