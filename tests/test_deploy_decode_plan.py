@@ -167,3 +167,34 @@ def test_plan_steps_aside_without_kernels_batches_or_unfused_models(monkeypatch)
         cache = unfused.new_cache()
         unfused(torch.arange(3, 9).unsqueeze(0), cache=cache)
         assert unfused.decode_plan(torch.tensor([[5]]), cache) is None
+
+
+def test_decode_layout_engine_equals_the_row_layout_engine(monkeypatch):
+    """Where the VNNI int8 GEMV runs, an int8 engine holds its M0E4 weights in the decode layout (the same
+    bytes reordered, nothing added). Its prefill equals an engine kept in rows to the bit (the tiles copy
+    the layout back); its decode steps within the int8 activations' error (each GEMV agrees to float32
+    rounding, test_m0e4_kernels, but a last-bit change upstream can move a block's int8 rounding)."""
+    import copy
+
+    import quintet.deploy.engine as engine_module
+    from quintet.deploy.memory_plan import weight_bytes
+    from quintet.deploy.qlinear import M0E4Linear
+
+    torch.manual_seed(0)
+    model = JambaForCausalLM(JambaConfig.from_preset("jamba-tiny")).eval()
+    quantize(model, QuantConfig(group_size=32))
+    tiled = to_engine(copy.deepcopy(model), activations="int8")
+    monkeypatch.setattr(engine_module, "decode_layout_runs", lambda activations: False)
+    rows = to_engine(model, activations="int8")
+    layouts = {m.qweight.dim() for m in tiled.modules() if isinstance(m, M0E4Linear)}
+    if not m0e4_cpu.decode_layout_runs("int8"):
+        assert layouts == {2}
+        pytest.skip("no AVX-512 VNNI here: engines keep the row layout")
+    assert 3 in layouts
+    assert {m.qweight.dim() for m in rows.modules() if isinstance(m, M0E4Linear)} == {2}
+    assert weight_bytes(tiled) == weight_bytes(rows)
+    a, ran = _decode(tiled, use_plan=True)
+    b, _ = _decode(rows, use_plan=True)
+    assert ran == 12
+    assert torch.equal(a[:, 0], b[:, 0])
+    torch.testing.assert_close(a, b, rtol=0, atol=3e-2 * float(b.abs().max()))

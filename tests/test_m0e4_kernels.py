@@ -265,3 +265,74 @@ def test_moving_a_quantized_module_keeps_its_storage_types():
     lin.to(dtype=torch.bfloat16)
     assert lin.qweight.dtype == torch.uint8 and lin.scales.dtype == lin.offsets.dtype == torch.float16
     assert lin.bias.dtype == torch.bfloat16  # the float parameter does follow
+
+
+# ------------------------------------------------------------------------------------------ decode layout
+def test_decode_layout_is_a_reordering_of_the_same_bytes():
+    codes, scales, offsets = every_code_weight(48, 256, 64)
+    q = pack_codes(codes)
+    tiled = m0e4_cpu.to_decode_layout(q, scales, offsets)
+    assert [t.shape for t in tiled] == [(3, 32, 64), (3, 4, 16), (3, 4, 16)]
+    # byte 4r + b of word w of tile t is byte 4w + b of row 16t + r
+    assert tiled[0][2, 5, 4 * 7 + 3] == q[16 * 2 + 7, 4 * 5 + 3]
+    assert tiled[1][1, 3, 9] == scales[16 + 9, 3]
+    assert sorted(tiled[0].flatten().tolist()) == sorted(q.flatten().tolist())
+    back = m0e4_cpu.to_row_layout(*tiled)
+    assert all(torch.equal(a, b) for a, b in zip(back, (q, scales, offsets), strict=True))
+    assert m0e4_cpu.weight_rows(tiled[0]) == 48 and m0e4_cpu.weight_rows(q) == 48
+
+
+@pytest.mark.parametrize("isa", ["scalar", "avx2", "avx512"])
+def test_every_op_reads_the_decode_layout(isa):
+    """The int8 GEMV (VNNI: its own kernel; elsewhere through per-tile copies), the float GEMV, the
+    dequantized rows and the prefill tiles give the row layout's results from the decode layout."""
+    if isa not in runnable_isas():
+        pytest.skip(f"this CPU has no {isa}")
+    ops, code = torch.ops.quintet_m0e4, ISAS.index(isa)
+    for group_size in (32, 64, 128):
+        codes, scales, offsets = every_code_weight(48, 384, group_size, seed=group_size)
+        rows_layout = (pack_codes(codes), scales, offsets)
+        tiled = m0e4_cpu.to_decode_layout(*rows_layout)
+        w = dequantize(codes, scales, offsets, group_size)
+        for m in (1, 3, 5, 8):
+            x = torch.randn(m, 384, generator=torch.Generator().manual_seed(m))
+            y8 = ops.gemv_q8(x, *tiled, group_size, code)
+            want = int8_activation_reference(x, codes, scales, offsets, group_size)
+            bound = x.double().abs() @ w.double().abs().t()
+            assert ((y8.double() - want).abs() <= 2e-6 * bound + 1e-12).all()
+            y = ops.gemv(x, *tiled, group_size, code)
+            assert torch.equal(y, ops.gemv(x, *rows_layout, group_size, code))
+        out_rows, out_tiled = torch.empty(21, 384), torch.empty(21, 384)
+        ops.dequantize_rows(*rows_layout, group_size, 11, out_rows, code)  # a range across tiles
+        ops.dequantize_rows(*tiled, group_size, 11, out_tiled, code)
+        assert torch.equal(out_rows, out_tiled)
+        for m in (4, 200):  # micro-tiles and large tiles
+            x = torch.randn(m, 384)
+            a = ops.matmul_tiles(x, *rows_layout, group_size, code, False, 96, 1 << 19)
+            assert torch.equal(a, ops.matmul_tiles(x, *tiled, group_size, code, False, 96, 1 << 19))
+
+
+def test_decode_layout_shapes_are_checked():
+    codes, scales, offsets = every_code_weight(32, 256, 64)
+    q, s, o = m0e4_cpu.to_decode_layout(pack_codes(codes), scales, offsets)
+    with pytest.raises(RuntimeError, match="decode layout"):
+        torch.ops.quintet_m0e4.gemv(torch.randn(1, 256), q, s.transpose(1, 2).contiguous(), o, 64, 0)
+
+
+def test_a_module_in_the_decode_layout_keeps_its_weight(monkeypatch):
+    monkeypatch.setenv(m0e4_cpu.DTYPE_ENV, "float32")
+    from quintet.deploy.qlinear import M0E4Linear
+
+    lin = M0E4Linear.from_quantized(quantize_rtn(torch.randn(48, 256), 64))
+    w, x = lin.dequantized_weight(), torch.randn(3, 256)
+    with torch.inference_mode(), m0e4_cpu.matmul_path("gemv"):
+        before = lin(x)
+    assert lin.use_decode_layout() and lin.qweight.shape == (3, 32, 64)
+    assert torch.equal(lin.dequantized_weight(), w)
+    assert torch.equal(lin.row_layout()[0], pack_codes(lin.codes()))
+    for path in ("gemv", "tiles"):
+        with torch.inference_mode(), m0e4_cpu.matmul_path(path):
+            torch.testing.assert_close(lin(x), before if path == "gemv" else x @ w.t(), rtol=1e-5, atol=1e-5)
+    # shapes the layout cannot hold stay in rows
+    assert not M0E4Linear.from_quantized(quantize_rtn(torch.randn(40, 256), 64)).use_decode_layout()
+    assert not M0E4Linear.from_quantized(quantize_rtn(torch.randn(48, 192), 64)).use_decode_layout()
