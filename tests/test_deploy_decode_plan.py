@@ -170,7 +170,7 @@ def test_plan_steps_aside_without_kernels_batches_or_unfused_models(monkeypatch)
 
 
 def test_decode_layout_engine_equals_the_row_layout_engine(monkeypatch):
-    """Where the VNNI int8 GEMV runs, an int8 engine holds its M0E4 weights in the decode layout (the same
+    """Where the int8 GEMV runs vector code, an int8 engine holds its M0E4 weights in the decode layout (the same
     bytes reordered, nothing added). Its prefill equals an engine kept in rows to the bit (the tiles copy
     the layout back); its decode steps within the int8 activations' error (each GEMV agrees to float32
     rounding, test_m0e4_kernels, but a last-bit change upstream can move a block's int8 rounding)."""
@@ -189,7 +189,7 @@ def test_decode_layout_engine_equals_the_row_layout_engine(monkeypatch):
     layouts = {m.qweight.dim() for m in tiled.modules() if isinstance(m, M0E4Linear)}
     if not m0e4_cpu.decode_layout_runs("int8"):
         assert layouts == {2}
-        pytest.skip("no AVX-512 VNNI here: engines keep the row layout")
+        pytest.skip("no AVX2 or AVX-512 here: engines keep the row layout")
     assert 3 in layouts
     assert {m.qweight.dim() for m in rows.modules() if isinstance(m, M0E4Linear)} == {2}
     assert weight_bytes(tiled) == weight_bytes(rows)

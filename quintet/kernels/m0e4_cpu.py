@@ -21,7 +21,7 @@ rows of x (`gemv_max_rows()`):
   `MICRO_TILE_MAX_ROWS` rows (a prompt chunk after a cached prefix, the tokens one expert receives) and
   large tiles past them.
 
-Where the VNNI int8 GEMV runs, an engine keeps its weights in the decode layout instead
+Where the int8 GEMV runs (AVX2 or AVX-512), an engine keeps its weights in the decode layout instead
 (`to_decode_layout`: rows in tiles of 16, interleaved by 4-byte words, so that one 64-byte load feeds 16
 rows' dot products; the kernel's comment has the details). Every op takes both layouts; `weight_rows` and
 `to_row_layout` read either.
@@ -195,9 +195,9 @@ def to_row_layout(
 
 def decode_layout_runs(activations: str) -> bool:
     """True when an engine with these decode activations should hold its weights in the decode layout:
-    the kernels run AVX-512 with VNNI and the activations are int8 (its GEMV reads that layout fastest;
-    the other paths read it through a per-tile copy)."""
-    return activations == "int8" and _kernel.get() is not None and isa() == "avx512" and _kernel.vnni
+    int8 activations where they run vector code (AVX-512 VNNI or AVX2: the int8 GEMV has its own kernel for
+    that layout on both; the other paths read it through a per-tile copy)."""
+    return activations == "int8" and int8_activations_available()
 
 
 def m0e4_kernels_available() -> bool:

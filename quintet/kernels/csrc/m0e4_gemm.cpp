@@ -756,6 +756,71 @@ QUINTET_AVX2 void q8_row_params_avx2(const Q8Problem& p, int64_t n, float* s, fl
   }
 }
 
+// The decode layout on AVX2 (no VNNI): the two halves of a word (rows 8h .. 8h + 7) each one 256-bit load;
+// `vpmaddubsw` of the low nibbles with 4 broadcast bytes of xq's even half and of the high nibbles (shifted
+// down) with the odd half's gives each row two int16 pair sums, added over the block's 4 words (at most
+// 4 * 2 * (2 * 15 * 127) = 30480: inside int16), then `vpmaddwd` by ones folds each row's pair into one int32
+// lane: per block one conversion and one multiply-add per 8 rows, no horizontal sums.
+template <int MR>
+QUINTET_AVX2 void gemv_q8_tile_avx2(const Q8Problem& p, int64_t t, int64_t m0) {
+  const int64_t K = p.K, words = K / 8, G = K / p.gs, wpg = p.gs / 8, bpg = p.gs / 32;
+  const __m256i low = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+  const uint8_t* base = p.qw + t * words * 64;
+  __m256 acc[MR][2];
+  for (int m = 0; m < MR; ++m) acc[m][0] = acc[m][1] = _mm256_setzero_ps();
+  for (int64_t g = 0; g < G; ++g) {
+    __m256 S[2];
+    for (int h = 0; h < 2; ++h) {
+      const int64_t at = (t * G + g) * 16 + 8 * h;
+      S[h] = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p.S + at)));
+      const __m256 C = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p.C + at)));
+      const __m256 off = _mm256_fnmadd_ps(S[h], C, S[h]);  // S (1 - c): times the group's exact sum of x
+      for (int m = 0; m < MR; ++m)
+        acc[m][h] = _mm256_fmadd_ps(off, _mm256_set1_ps(p.xsum[(m0 + m) * G + g]), acc[m][h]);
+    }
+    for (int64_t b = 0; b < bpg; ++b) {
+      __m256i pairs[MR][2];
+      for (int m = 0; m < MR; ++m) pairs[m][0] = pairs[m][1] = _mm256_setzero_si256();
+      const int64_t w0 = g * wpg + b * 4;
+#pragma GCC unroll 4
+      for (int w = 0; w < 4; ++w) {
+        const int64_t word = w0 + w;
+        const int64_t xo = (word / 16) * 128 + 4 * (word % 16);
+        __m256i xe[MR], xd[MR];
+        for (int m = 0; m < MR; ++m) {
+          int32_t e, o;
+          std::memcpy(&e, p.xq + (m0 + m) * K + xo, 4);
+          std::memcpy(&o, p.xq + (m0 + m) * K + xo + 64, 4);
+          xe[m] = _mm256_set1_epi32(e), xd[m] = _mm256_set1_epi32(o);
+        }
+        for (int h = 0; h < 2; ++h) {
+          const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(base + word * 64 + 32 * h));
+          const __m256i lo = _mm256_and_si256(v, low), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
+          for (int m = 0; m < MR; ++m)
+            pairs[m][h] = _mm256_add_epi16(pairs[m][h], _mm256_add_epi16(_mm256_maddubs_epi16(lo, xe[m]),
+                                                                         _mm256_maddubs_epi16(hi, xd[m])));
+        }
+      }
+      for (int m = 0; m < MR; ++m) {  // sum q xq of the block, times S dx / 16 (lane_dx holds dx / 16)
+        const __m256 dx = _mm256_set1_ps(p.lane_dx[(m0 + m) * words + w0]);
+        for (int h = 0; h < 2; ++h)
+          acc[m][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(pairs[m][h], ones)),
+                                      _mm256_mul_ps(S[h], dx), acc[m][h]);
+      }
+    }
+  }
+  for (int m = 0; m < MR; ++m)
+    for (int h = 0; h < 2; ++h) _mm256_storeu_ps(p.y + (m0 + m) * p.N + t * 16 + 8 * h, acc[m][h]);
+}
+
+QUINTET_AVX2 void gemv_q8_tiles_avx2(const Q8Problem& p, int64_t t0, int64_t t1) {
+  for (int64_t t = t0; t < t1; ++t) {
+    int64_t m = 0;
+    for (; m + 2 <= p.M; m += 2) gemv_q8_tile_avx2<2>(p, t, m);
+    if (m < p.M) gemv_q8_tile_avx2<1>(p, t, m);
+  }
+}
+
 QUINTET_AVX2 void gemv_q8_avx2(const Q8Problem& p, int64_t n0, int64_t n1) {
   const int64_t G = p.K / p.gs;
   std::vector<float> sf(static_cast<size_t>(4 * G)), off(static_cast<size_t>(4 * G));
@@ -1349,9 +1414,11 @@ at::Tensor gemv_q8(const at::Tensor& x_in, const at::Tensor& qw, const at::Tenso
   const bool vnni = which == kAvx512 && cpu_has_vnni();
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, K * M));
 #if QUINTET_X86
-  if (vnni && shape.tiled) {
-    at::parallel_for(0, N / kTileRows, std::max<int64_t>(1, grain / kTileRows),
-                     [&](int64_t t0, int64_t t1) { gemv_q8_tiles_vnni(p, t0, t1); });
+  if (shape.tiled && which >= kAvx2) {
+    at::parallel_for(0, N / kTileRows, std::max<int64_t>(1, grain / kTileRows), [&](int64_t t0, int64_t t1) {
+      if (vnni) return gemv_q8_tiles_vnni(p, t0, t1);
+      gemv_q8_tiles_avx2(p, t0, t1);
+    });
     return y;
   }
 #endif
