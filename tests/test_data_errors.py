@@ -234,7 +234,7 @@ def test_killed_curation_resumes_without_duplicates(tmp_path):
         time.sleep(0.002)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    deadline = time.time() + 30  # its workers die with it, but a loaded machine may take a moment to reap them
+    deadline = time.time() + 30  # its workers die with it; a loaded machine may take a moment to reap them
     while time.time() < deadline:
         try:
             os.killpg(proc.pid, 0)

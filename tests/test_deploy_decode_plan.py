@@ -4,6 +4,8 @@ Attention is the program's own loop (the modules call SDPA), so its logits equal
 rounding, not to the bit; what must hold to the bit is that a row's result does not depend on the rows
 beside it (the server batches its slots)."""
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -112,20 +114,23 @@ def test_a_rows_logits_do_not_depend_on_the_rows_beside_it(activations):
     assert torch.equal(alone, together)
 
 
+@pytest.mark.parametrize("kv_dtype", [torch.float32, torch.float16], ids=["f32", "f16"])
 @pytest.mark.parametrize("isa", m0e4_cpu.ISAS)
 @pytest.mark.parametrize(
     "heads,kv_heads,head_dim", [(8, 2, 64), (8, 8, 64), (16, 4, 128), (6, 3, 32), (8, 2, 48)]
 )
-def test_attention_step_equals_sdpa(isa, heads, kv_heads, head_dim):
+def test_attention_step_equals_sdpa(isa, heads, kv_heads, head_dim, kv_dtype):
     """The program's attention op writes each row's new K/V at its position and attends to keys 0..position,
-    as SDPA does over those keys; every instruction set, the AVX-512 fast shapes and the generic loops."""
+    as SDPA does over those keys; every instruction set, the AVX-512 fast shapes and the generic loops;
+    K/V buffers in float32 or float16 (widened as they are read: SDPA over the float16 values in float32)."""
     code = m0e4_cpu.ISAS.index(isa)
     if code > m0e4_cpu.ISAS.index(m0e4_cpu.isa()):
         pytest.skip(f"this CPU does not run {isa}")
     torch.manual_seed(0)
     ops = m0e4_cpu._kernel.get()
     rows, cap, d = 3, 200, head_dim
-    keys, values = torch.randn(rows, kv_heads, cap, d), torch.randn(rows, kv_heads, cap, d)
+    keys = torch.randn(rows, kv_heads, cap, d).to(kv_dtype)
+    values = torch.randn(rows, kv_heads, cap, d).to(kv_dtype)
     qkv = 2 * torch.randn(rows, (heads + 2 * kv_heads) * d)
     positions = torch.tensor([5, 130, 0])
     k_out, v_out = keys.clone(), values.clone()
@@ -133,10 +138,36 @@ def test_attention_step_equals_sdpa(isa, heads, kv_heads, head_dim):
     q, k, v = qkv.split([heads * d, kv_heads * d, kv_heads * d], dim=-1)
     for r, p in enumerate(positions.tolist()):
         keys[r, :, p], values[r, :, p] = k[r].view(kv_heads, d), v[r].view(kv_heads, d)
-        k_r, v_r = keys[r : r + 1, :, : p + 1], values[r : r + 1, :, : p + 1]
+        k_r, v_r = keys[r : r + 1, :, : p + 1].float(), values[r : r + 1, :, : p + 1].float()
         ref = F.scaled_dot_product_attention(q[r].view(1, heads, 1, d), k_r, v_r, enable_gqa=True)
         torch.testing.assert_close(out[r], ref.reshape(-1), rtol=1e-5, atol=1e-5)
     assert torch.equal(k_out, keys) and torch.equal(v_out, values)
+
+
+def test_attention_step_refuses_mixed_kv_buffers():
+    ops = m0e4_cpu._kernel.get()
+    keys, values = torch.zeros(1, 2, 8, 32), torch.zeros(1, 2, 8, 32, dtype=torch.float16)
+    with pytest.raises(RuntimeError, match="both float32 or both float16"):
+        ops.attend_decode(torch.zeros(1, 8 * 32), keys, values, torch.tensor([0]), 4, 2, 32, 1.0, 0)
+
+
+def test_int8_fp4_engines_keep_a_float16_kv_cache():
+    """llama.cpp's pairing: an FP4 engine with int8 decode activations keeps K/V in float16 (its decode
+    plan runs on them); float32 activations and float models keep float32 K/V."""
+    assert _engine(False).new_cache().dtype == torch.float32
+    torch.manual_seed(0)
+    model = JambaForCausalLM(JambaConfig.from_preset("jamba-tiny")).eval()
+    quantize(model, QuantConfig(group_size=32))
+    exact = to_engine(copy.deepcopy(model), activations="float32")
+    assert exact.new_cache().dtype == torch.float32
+    fast = to_engine(model, activations="int8")
+    assert fast.new_cache().dtype == torch.float16
+    _, ran = _decode(fast, use_plan=True)
+    assert ran == 12
+    cache = fast.new_cache()
+    with torch.inference_mode():
+        fast(torch.arange(3, 20).unsqueeze(0), cache=cache)
+    assert all(k.dtype == torch.float16 for k in cache.keys if k is not None)
 
 
 def test_plan_rebinds_when_the_instruction_set_changes(monkeypatch):
@@ -170,11 +201,11 @@ def test_plan_steps_aside_without_kernels_batches_or_unfused_models(monkeypatch)
 
 
 def test_decode_layout_engine_equals_the_row_layout_engine(monkeypatch):
-    """Where the int8 GEMV runs vector code, an int8 engine holds its M0E4 weights in the decode layout (the same
-    bytes reordered, nothing added). Its prefill equals an engine kept in rows to the bit (the tiles copy
+    """Where the int8 GEMV runs vector code, an int8 engine holds its M0E4 weights in the decode layout (the
+    same bytes reordered, nothing added). Its prefill equals an engine kept in rows to the bit (the tiles copy
     the layout back); its decode steps within the int8 activations' error (each GEMV agrees to float32
     rounding, test_m0e4_kernels, but a last-bit change upstream can move a block's int8 rounding)."""
-    import copy
+
 
     import quintet.deploy.engine as engine_module
     from quintet.deploy.memory_plan import weight_bytes

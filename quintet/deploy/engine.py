@@ -92,6 +92,12 @@ class JambaEngine(nn.Module):
         if activations == "auto":
             activations = "int8" if int8_activations_available() else "float32"
         self.activations = activations  # of the FP4 decode matmuls (see m0e4_cpu.decode_activations)
+        # an FP4 model with int8 decode activations keeps a float16 K/V cache, llama.cpp's pairing for its
+        # quantized models (half of attention's reads; products and sums stay float32); float models and
+        # float32 activations keep `dtype`, exact to its rounding
+        quantized = any(isinstance(m, M0E4Linear) for m in lm.modules())
+        half_kv = quantized and activations == "int8" and dtype == torch.float32
+        self.kv_dtype = torch.float16 if half_kv else dtype
         if fuse:
             for layer in lm.model.layers:
                 fuse_layer(layer)
@@ -177,7 +183,7 @@ class JambaEngine(nn.Module):
             self.config,
             self.max_cache_length,
             self.pad_multiple,
-            dtype=self.compute_dtype,
+            dtype=self.kv_dtype,
             device=self.device,
         )
 

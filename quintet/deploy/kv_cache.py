@@ -24,6 +24,14 @@ from quintet.models.jamba.cache import HybridCache
 from quintet.models.jamba.configuration import JambaConfig
 
 
+def decode_dtypes(states: list[torch.Tensor], kv: list[torch.Tensor]) -> bool:
+    """Whether a native decode step can update these buffers: float32 Mamba states, and K/V buffers all
+    float32 or all float16."""
+    kinds = {t.dtype for t in kv}
+    floats = all(t.dtype == torch.float32 for t in states)
+    return floats and len(kinds) <= 1 and kinds <= {torch.float32, torch.float16}
+
+
 def round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
@@ -93,8 +101,10 @@ class SubTensorKVCache(HybridCache):
         keys = [self.keys[i] for i in attention_layers]
         values = [self.values[i] for i in attention_layers]
         for t in conv + ssm + keys + values:
-            if t is None or t.dtype != torch.float32 or t.shape[0] != rows or not t.is_contiguous():
+            if t is None or t.shape[0] != rows or not t.is_contiguous():
                 return None
+        if not decode_dtypes(conv + ssm, keys + values):
+            return None
         if any(k.shape[2] <= self.seq_length for k in keys):
             return None
         return conv, ssm, keys, values, torch.full((rows,), self.seq_length, dtype=torch.long)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from quintet.deploy.kv_cache import SubTensorKVCache, round_up
+from quintet.deploy.kv_cache import SubTensorKVCache, decode_dtypes, round_up
 
 
 class SlotCache:
@@ -128,7 +128,7 @@ class RowsView:
             values = [slots.values[i][s:e] for i in attention_layers]
         except KeyError:  # a layer's buffers are made by the first sequence loaded
             return None
-        if any(t.dtype != torch.float32 for t in conv + ssm + keys + values):
+        if not decode_dtypes(conv + ssm, keys + values):
             return None
         return conv, ssm, keys, values, self.positions
 

@@ -46,11 +46,14 @@ using quintet_m0e4::kAvx512;
 #define QD_INLINE inline __attribute__((always_inline))
 
 // ------------------------------------------------------------------------------------------ attention
+// E: the K/V buffers' element type, float or at::Half (float16 halves attention's reads; values are
+// widened to float32 as they are loaded, and products and sums stay float32).
+template <typename E>
 struct Attention {
   const float* qkv;  // (rows, (H + 2 hk) d): [q | k | v] of the new token
   int64_t ld;
-  const float* kb;  // K/V buffers, strides in elements (the innermost is 1)
-  const float* vb;
+  const E* kb;  // K/V buffers, strides in elements (the innermost is 1)
+  const E* vb;
   int64_t k_row, k_head, k_pos, v_row, v_head, v_pos;
   const int64_t* pos;  // (rows,) the new token's slot
   float* out;          // (rows, H d)
@@ -59,18 +62,19 @@ struct Attention {
 };
 
 // Row r, K/V head j: its g query heads against keys 0 .. pos[r]. s: scratch of g * (pos[r] + 1) floats.
-QD_INLINE void attend_group(const Attention& a, int64_t r, int64_t j, float* s) {
+template <typename E>
+QD_INLINE void attend_group(const Attention<E>& a, int64_t r, int64_t j, float* s) {
   const int64_t g = a.heads / a.kv_heads, d = a.d, T = a.pos[r] + 1;
-  const float* kbase = a.kb + r * a.k_row + j * a.k_head;
-  const float* vbase = a.vb + r * a.v_row + j * a.v_head;
+  const E* kbase = a.kb + r * a.k_row + j * a.k_head;
+  const E* vbase = a.vb + r * a.v_row + j * a.v_head;
   for (int64_t h = 0; h < g; ++h) {
     const float* q = a.qkv + r * a.ld + (j * g + h) * d;
     float* sh = s + h * T;
     for (int64_t t = 0; t < T; ++t) {
-      const float* k = kbase + t * a.k_pos;
+      const E* k = kbase + t * a.k_pos;
       float acc = 0.f;
 #pragma omp simd reduction(+ : acc)
-      for (int64_t i = 0; i < d; ++i) acc += q[i] * k[i];
+      for (int64_t i = 0; i < d; ++i) acc += q[i] * static_cast<float>(k[i]);
       sh[t] = acc * a.scale;
     }
     float m = sh[0];
@@ -87,9 +91,9 @@ QD_INLINE void attend_group(const Attention& a, int64_t r, int64_t j, float* s) 
     for (int64_t i = 0; i < d; ++i) o[i] = 0.f;
     for (int64_t t = 0; t < T; ++t) {
       const float p = sh[t];
-      const float* v = vbase + t * a.v_pos;
+      const E* v = vbase + t * a.v_pos;
 #pragma omp simd
-      for (int64_t i = 0; i < d; ++i) o[i] += p * v[i];
+      for (int64_t i = 0; i < d; ++i) o[i] += p * static_cast<float>(v[i]);
     }
     const float inv = 1.f / sum;
 #pragma omp simd
@@ -98,7 +102,8 @@ QD_INLINE void attend_group(const Attention& a, int64_t r, int64_t j, float* s) 
 }
 
 #define QD_ATTEND_RANGE(NAME, ATTR)                                                      \
-  ATTR void NAME(const Attention& a, int64_t i0, int64_t i1, float* s) {                 \
+  template <typename E>                                                                  \
+  ATTR void NAME(const Attention<E>& a, int64_t i0, int64_t i1, float* s) {              \
     for (int64_t i = i0; i < i1; ++i) attend_group(a, i / a.kv_heads, i % a.kv_heads, s); \
   }
 QD_ATTEND_RANGE(attend_scalar, )
@@ -136,21 +141,30 @@ QD_INLINE void softmax_keys(float* s, int64_t T, int64_t g, float* sums) {
 // The same on AVX-512 for head_dim = 16 NV and a multiple of 4 query heads per K/V head, with the scores
 // laid out (key, head): each key is loaded once for four heads, whose dot products are summed by one
 // transposing add tree; the exponentials run sixteen at a time; each value is loaded once for HP heads.
-template <int NV, int HP>
-QUINTET_AVX512 void attend_group_avx512(const Attention& a, int64_t r, int64_t j, float* s) {
+QUINTET_AVX512 inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+QUINTET_AVX512 inline __m512 load16(const at::Half* p) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+QUINTET_AVX2 inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+QUINTET_AVX2 inline __m256 load8(const at::Half* p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+
+template <typename E, int NV, int HP>
+QUINTET_AVX512 void attend_group_avx512(const Attention<E>& a, int64_t r, int64_t j, float* s) {
   const int64_t g = a.heads / a.kv_heads, d = NV * 16, T = a.pos[r] + 1;
-  const float* kbase = a.kb + r * a.k_row + j * a.k_head;
-  const float* vbase = a.vb + r * a.v_row + j * a.v_head;
+  const E* kbase = a.kb + r * a.k_row + j * a.k_head;
+  const E* vbase = a.vb + r * a.v_row + j * a.v_head;
   const float* q = a.qkv + r * a.ld + j * g * d;
   const __m512 scale = _mm512_set1_ps(a.scale);
   for (int64_t h0 = 0; h0 < g; h0 += 4) {
     const float *q0 = q + h0 * d, *q1 = q0 + d, *q2 = q1 + d, *q3 = q2 + d;
     for (int64_t t = 0; t < T; ++t) {
-      const float* k = kbase + t * a.k_pos;
+      const E* k = kbase + t * a.k_pos;
       __m512 c0 = _mm512_setzero_ps(), c1 = c0, c2 = c0, c3 = c0;
 #pragma GCC unroll 8
       for (int v = 0; v < NV; ++v) {
-        const __m512 kv = _mm512_loadu_ps(k + 16 * v);
+        const __m512 kv = load16(k + 16 * v);
         c0 = _mm512_fmadd_ps(_mm512_loadu_ps(q0 + 16 * v), kv, c0);
         c1 = _mm512_fmadd_ps(_mm512_loadu_ps(q1 + 16 * v), kv, c1);
         c2 = _mm512_fmadd_ps(_mm512_loadu_ps(q2 + 16 * v), kv, c2);
@@ -168,9 +182,9 @@ QUINTET_AVX512 void attend_group_avx512(const Attention& a, int64_t r, int64_t j
     for (int h = 0; h < HP; ++h)
       for (int v = 0; v < NV; ++v) acc[h][v] = _mm512_setzero_ps();
     for (int64_t t = 0; t < T; ++t) {
-      const float* vr = vbase + t * a.v_pos;
+      const E* vr = vbase + t * a.v_pos;
       __m512 vv[NV];
-      for (int v = 0; v < NV; ++v) vv[v] = _mm512_loadu_ps(vr + 16 * v);
+      for (int v = 0; v < NV; ++v) vv[v] = load16(vr + 16 * v);
       for (int h = 0; h < HP; ++h) {
         const __m512 p = _mm512_set1_ps(s[t * g + h0 + h]);
         for (int v = 0; v < NV; ++v) acc[h][v] = _mm512_fmadd_ps(p, vv[v], acc[h][v]);
@@ -184,28 +198,28 @@ QUINTET_AVX512 void attend_group_avx512(const Attention& a, int64_t r, int64_t j
   }
 }
 
-template <int NV, int HP>
-QUINTET_AVX512 void attend_range_avx512(const Attention& a, int64_t i0, int64_t i1, float* s) {
-  for (int64_t i = i0; i < i1; ++i) attend_group_avx512<NV, HP>(a, i / a.kv_heads, i % a.kv_heads, s);
+template <typename E, int NV, int HP>
+QUINTET_AVX512 void attend_range_avx512(const Attention<E>& a, int64_t i0, int64_t i1, float* s) {
+  for (int64_t i = i0; i < i1; ++i) attend_group_avx512<E, NV, HP>(a, i / a.kv_heads, i % a.kv_heads, s);
 }
 
 
 // The same on AVX2: head_dim = 8 NV, four query heads per pass for the scores, HP for the values.
-template <int NV, int HP>
-QUINTET_AVX2 void attend_group_avx2(const Attention& a, int64_t r, int64_t j, float* s) {
+template <typename E, int NV, int HP>
+QUINTET_AVX2 void attend_group_avx2(const Attention<E>& a, int64_t r, int64_t j, float* s) {
   const int64_t g = a.heads / a.kv_heads, d = NV * 8, T = a.pos[r] + 1;
-  const float* kbase = a.kb + r * a.k_row + j * a.k_head;
-  const float* vbase = a.vb + r * a.v_row + j * a.v_head;
+  const E* kbase = a.kb + r * a.k_row + j * a.k_head;
+  const E* vbase = a.vb + r * a.v_row + j * a.v_head;
   const float* q = a.qkv + r * a.ld + j * g * d;
   const __m128 scale = _mm_set1_ps(a.scale);
   for (int64_t h0 = 0; h0 < g; h0 += 4) {
     const float *q0 = q + h0 * d, *q1 = q0 + d, *q2 = q1 + d, *q3 = q2 + d;
     for (int64_t t = 0; t < T; ++t) {
-      const float* k = kbase + t * a.k_pos;
+      const E* k = kbase + t * a.k_pos;
       __m256 c0 = _mm256_setzero_ps(), c1 = c0, c2 = c0, c3 = c0;
 #pragma GCC unroll 16
       for (int v = 0; v < NV; ++v) {
-        const __m256 kv = _mm256_loadu_ps(k + 8 * v);
+        const __m256 kv = load8(k + 8 * v);
         c0 = _mm256_fmadd_ps(_mm256_loadu_ps(q0 + 8 * v), kv, c0);
         c1 = _mm256_fmadd_ps(_mm256_loadu_ps(q1 + 8 * v), kv, c1);
         c2 = _mm256_fmadd_ps(_mm256_loadu_ps(q2 + 8 * v), kv, c2);
@@ -221,10 +235,10 @@ QUINTET_AVX2 void attend_group_avx2(const Attention& a, int64_t r, int64_t j, fl
     for (int h = 0; h < HP; ++h)
       for (int v = 0; v < NV; ++v) acc[h][v] = _mm256_setzero_ps();
     for (int64_t t = 0; t < T; ++t) {
-      const float* vr = vbase + t * a.v_pos;
+      const E* vr = vbase + t * a.v_pos;
       for (int h = 0; h < HP; ++h) {
         const __m256 p = _mm256_set1_ps(s[t * g + h0 + h]);
-        for (int v = 0; v < NV; ++v) acc[h][v] = _mm256_fmadd_ps(p, _mm256_loadu_ps(vr + 8 * v), acc[h][v]);
+        for (int v = 0; v < NV; ++v) acc[h][v] = _mm256_fmadd_ps(p, load8(vr + 8 * v), acc[h][v]);
       }
     }
     for (int h = 0; h < HP; ++h) {
@@ -235,29 +249,31 @@ QUINTET_AVX2 void attend_group_avx2(const Attention& a, int64_t r, int64_t j, fl
   }
 }
 
-template <int NV, int HP>
-QUINTET_AVX2 void attend_range_avx2(const Attention& a, int64_t i0, int64_t i1, float* s) {
-  for (int64_t i = i0; i < i1; ++i) attend_group_avx2<NV, HP>(a, i / a.kv_heads, i % a.kv_heads, s);
+template <typename E, int NV, int HP>
+QUINTET_AVX2 void attend_range_avx2(const Attention<E>& a, int64_t i0, int64_t i1, float* s) {
+  for (int64_t i = i0; i < i1; ++i) attend_group_avx2<E, NV, HP>(a, i / a.kv_heads, i % a.kv_heads, s);
 }
 
-using AttendRange = void (*)(const Attention&, int64_t, int64_t, float*);
+template <typename E>
+using AttendRange = void (*)(const Attention<E>&, int64_t, int64_t, float*);
 
 // The vector kernel for this shape and instruction set, or nullptr (then the generic loops run).
-AttendRange attend_fast_for(int64_t which, int64_t d, int64_t g) {
+template <typename E>
+AttendRange<E> attend_fast_for(int64_t which, int64_t d, int64_t g) {
   if (g % 4 != 0 || 16 % g != 0) return nullptr;
   if (which == kAvx512) {
     switch (d) {
-      case 32: return attend_range_avx512<2, 4>;
-      case 64: return attend_range_avx512<4, 4>;
-      case 128: return attend_range_avx512<8, 2>;
+      case 32: return attend_range_avx512<E, 2, 4>;
+      case 64: return attend_range_avx512<E, 4, 4>;
+      case 128: return attend_range_avx512<E, 8, 2>;
       default: return nullptr;
     }
   }
   if (which == kAvx2) {
     switch (d) {
-      case 32: return attend_range_avx2<4, 2>;
-      case 64: return attend_range_avx2<8, 1>;
-      case 128: return attend_range_avx2<16, 1>;
+      case 32: return attend_range_avx2<E, 4, 2>;
+      case 64: return attend_range_avx2<E, 8, 1>;
+      case 128: return attend_range_avx2<E, 16, 1>;
       default: return nullptr;
     }
   }
@@ -265,7 +281,40 @@ AttendRange attend_fast_for(int64_t which, int64_t d, int64_t g) {
 }
 #endif
 
-// qkv (rows, (H + 2 hk) d); keys / values (rows, hk, capacity, d) float32, written in place at positions.
+// Writes row r's new K/V at its position (converted to the buffers' type) and attends; E as Attention's.
+template <typename E>
+void attend_rows(const Tensor& keys, const Tensor& values, const float* src, int64_t ld, const int64_t* pp,
+                 int64_t rows, int64_t heads, int64_t hk, int64_t d, int64_t longest, double scale, int64_t which,
+                 float* out) {
+  E* kb = static_cast<E*>(keys.data_ptr());
+  E* vb = static_cast<E*>(values.data_ptr());
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t j = 0; j < hk; ++j) {
+      E* kd = kb + r * keys.stride(0) + j * keys.stride(1) + pp[r] * keys.stride(2);
+      E* vd = vb + r * values.stride(0) + j * values.stride(1) + pp[r] * values.stride(2);
+      const float* ks = src + r * ld + (heads + j) * d;
+      const float* vs = src + r * ld + (heads + hk + j) * d;
+      for (int64_t i = 0; i < d; ++i) kd[i] = static_cast<E>(ks[i]), vd[i] = static_cast<E>(vs[i]);
+    }
+  const Attention<E> a{src, ld, kb, vb, keys.stride(0), keys.stride(1), keys.stride(2), values.stride(0),
+                       values.stride(1), values.stride(2), pp, out, heads, hk, d, static_cast<float>(scale)};
+  const int64_t scratch = (heads / hk) * longest;
+#if QUINTET_X86
+  const AttendRange<E> fast = attend_fast_for<E>(which, d, heads / hk);
+#endif
+  at::parallel_for(0, rows * hk, 1, [&](int64_t i0, int64_t i1) {
+    std::vector<float> s(static_cast<size_t>(scratch));
+#if QUINTET_X86
+    if (fast) return fast(a, i0, i1, s.data());
+    if (which == kAvx512) return attend_avx512(a, i0, i1, s.data());
+    if (which == kAvx2) return attend_avx2(a, i0, i1, s.data());
+#endif
+    attend_scalar(a, i0, i1, s.data());
+  });
+}
+
+// qkv (rows, (H + 2 hk) d) float32; keys / values (rows, hk, capacity, d), float32 or float16 (both the
+// same), written in place at positions.
 Tensor attend_decode(const Tensor& qkv_in, const Tensor& keys, const Tensor& values, const Tensor& positions,
                      int64_t heads, int64_t kv_heads, int64_t head_dim, double scale, int64_t isa) {
   const Tensor qkv = qkv_in.contiguous();
@@ -274,11 +323,12 @@ Tensor attend_decode(const Tensor& qkv_in, const Tensor& keys, const Tensor& val
   const int64_t rows = qkv.size(0), d = head_dim, hk = kv_heads;
   TORCH_CHECK(qkv.scalar_type() == at::kFloat && qkv.dim() == 2 && qkv.size(1) == (heads + 2 * hk) * d,
               "attend_decode: qkv must be float32 (rows, ", (heads + 2 * hk) * d, "), got ", qkv.sizes());
+  const auto kv_type = keys.scalar_type();
   for (const Tensor* t : {&keys, &values})
-    TORCH_CHECK(t->scalar_type() == at::kFloat && t->dim() == 4 && t->size(0) == rows && t->size(1) == hk &&
-                    t->size(3) == d && t->stride(3) == 1,
-                "attend_decode: the K/V buffers must be float32 (", rows, ", ", hk, ", capacity, ", d,
-                ") with contiguous rows of head_dim, got ", t->sizes());
+    TORCH_CHECK((kv_type == at::kFloat || kv_type == at::kHalf) && t->scalar_type() == kv_type && t->dim() == 4 &&
+                    t->size(0) == rows && t->size(1) == hk && t->size(3) == d && t->stride(3) == 1,
+                "attend_decode: the K/V buffers must be both float32 or both float16 (", rows, ", ", hk,
+                ", capacity, ", d, ") with contiguous rows of head_dim, got ", t->scalar_type(), " ", t->sizes());
   TORCH_CHECK(keys.size(2) == values.size(2), "attend_decode: K and V buffers of different capacities");
   const Tensor pos = positions.contiguous();
   TORCH_CHECK(pos.scalar_type() == at::kLong && pos.dim() == 1 && pos.size(0) == rows,
@@ -291,37 +341,16 @@ Tensor attend_decode(const Tensor& qkv_in, const Tensor& keys, const Tensor& val
                 " is outside the cache's ", cap, " slots");
     longest = std::max(longest, pp[r] + 1);
   }
-  float* kb = keys.data_ptr<float>();
-  float* vb = values.data_ptr<float>();
-  const float* src = qkv.data_ptr<float>();
-  const int64_t ld = qkv.size(1);
-  for (int64_t r = 0; r < rows; ++r)
-    for (int64_t j = 0; j < hk; ++j) {
-      float* kd = kb + r * keys.stride(0) + j * keys.stride(1) + pp[r] * keys.stride(2);
-      float* vd = vb + r * values.stride(0) + j * values.stride(1) + pp[r] * values.stride(2);
-      const float* ks = src + r * ld + (heads + j) * d;
-      const float* vs = src + r * ld + (heads + hk + j) * d;
-      std::copy(ks, ks + d, kd);
-      std::copy(vs, vs + d, vd);
-    }
   Tensor out = at::empty({rows, heads * d}, qkv.options());
-  const Attention a{src, ld, kb, vb, keys.stride(0), keys.stride(1), keys.stride(2), values.stride(0),
-                    values.stride(1), values.stride(2), pp, out.data_ptr<float>(), heads, hk, d,
-                    static_cast<float>(scale)};
   const int64_t which = quintet_m0e4::resolve_isa(isa);
-  const int64_t scratch = (heads / hk) * longest;
-#if QUINTET_X86
-  const AttendRange fast = attend_fast_for(which, d, heads / hk);
-#endif
-  at::parallel_for(0, rows * hk, 1, [&](int64_t i0, int64_t i1) {
-    std::vector<float> s(static_cast<size_t>(scratch));
-#if QUINTET_X86
-    if (fast) return fast(a, i0, i1, s.data());
-    if (which == kAvx512) return attend_avx512(a, i0, i1, s.data());
-    if (which == kAvx2) return attend_avx2(a, i0, i1, s.data());
-#endif
-    attend_scalar(a, i0, i1, s.data());
-  });
+  const float* src = qkv.data_ptr<float>();
+  if (kv_type == at::kHalf) {
+    attend_rows<at::Half>(keys, values, src, qkv.size(1), pp, rows, heads, hk, d, longest, scale, which,
+                          out.data_ptr<float>());
+  } else {
+    attend_rows<float>(keys, values, src, qkv.size(1), pp, rows, heads, hk, d, longest, scale, which,
+                       out.data_ptr<float>());
+  }
   return out;
 }
 

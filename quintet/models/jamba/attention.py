@@ -59,6 +59,8 @@ class JambaAttention(nn.Module):
         past = cache.get_seq_length() if cache is not None else 0
         if cache is not None:
             k, v = cache.update_kv(self.layer_idx, k, v)
+            if k.dtype != q.dtype:  # a cache kept in another dtype (an engine's float16 K/V)
+                k, v = k.to(q.dtype), v.to(q.dtype)
         padded = getattr(cache, "pad_multiple", 1) > 1
         row_mask = getattr(cache, "row_attention_mask", None)
         if row_mask is not None:  # rows of different lengths in one batch (a server's slot cache)
