@@ -239,3 +239,31 @@ def test_decode_layout_engine_equals_the_row_layout_engine(monkeypatch):
     assert ran == 12 and torch.equal(a[:, 0], b[:, 0])  # the prompt: float32 tiles, to the bit
     err_tiled, err_rows = (a - want).abs().mean(), (b - want).abs().mean()
     assert err_tiled <= 1.5 * err_rows and err_rows <= 1.5 * err_tiled, (err_tiled, err_rows)
+
+
+def test_steps_on_a_bound_cache_equal_the_full_path():
+    """After a step, the next steps on the same cache run with its buffers bound in the program (no Python
+    around the kernel call); they give the full path's logits, and any change (a reset and a new prompt in
+    the same cache, another cache) goes back through the full path first."""
+    engine = _engine(True, "int8")
+    plan = engine.decode_plan
+
+    def generate(cache, prompt, steps, bound):
+        out = [engine(prompt, cache=cache, logits_to_keep=1).logits]
+        for t in range(steps):
+            if not bound:
+                plan._fast = None  # forget the binding: every step takes the full path
+            out.append(engine(torch.tensor([[40 + 7 * t]]), cache=cache).logits)
+        return torch.cat(out, dim=1)
+
+    with torch.inference_mode():
+        prompt = torch.arange(3, 20).unsqueeze(0)
+        want = generate(engine.new_cache(), prompt, 8, bound=False)
+        cache = engine.new_cache()
+        got = generate(cache, prompt, 8, bound=True)
+        assert plan._fast is not None and plan._fast[0] is cache
+        assert torch.equal(got, want)
+        cache.reset()  # the same cache, a new sequence: its states are replaced, the binding dropped
+        assert torch.equal(generate(cache, prompt, 8, bound=True), want)
+        other = engine.new_cache()
+        assert torch.equal(generate(other, prompt, 3, bound=True), want[:, :4])

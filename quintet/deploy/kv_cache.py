@@ -57,6 +57,18 @@ class SubTensorKVCache(HybridCache):
         self.dtype = dtype
         self.device = torch.device(device)
         self.reallocations = 0
+        # decode_state's lists, kept while no buffer is replaced: a decode step runs right after the
+        # previous one has streamed every weight through the caches, so rebuilding and checking them in
+        # Python each step cost several times its warm time (about 40 us of a 1.4 ms jamba-small step)
+        self._decode_lists: tuple | None = None
+
+    def buffers_changed(self) -> None:
+        """Forget what `decode_state` kept: call after replacing a buffer or state by assignment."""
+        self._decode_lists = None
+
+    def set_mamba_state(self, layer: int, conv_state: torch.Tensor, ssm_state: torch.Tensor) -> None:
+        super().set_mamba_state(layer, conv_state, ssm_state)
+        self._decode_lists = None
 
     def attended_length(self, length: int) -> int:
         """The key length attention sees when `length` tokens are real: rounded up to `pad_multiple`."""
@@ -76,6 +88,7 @@ class SubTensorKVCache(HybridCache):
             new_k[:, :, : self.seq_length].copy_(old_k[:, :, : self.seq_length])
             new_v[:, :, : self.seq_length].copy_(old_v[:, :, : self.seq_length])
         self.keys[layer], self.values[layer] = new_k, new_v
+        self._decode_lists = None
 
     def update_kv(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write this step's k, v (b, kv_heads, L, head_dim) in place; return views of the buffer over the
@@ -96,6 +109,17 @@ class SubTensorKVCache(HybridCache):
         """What a native decode step (`quintet.deploy.decode_plan`) updates in place for one new token per
         row: (conv states, SSM states, K buffers, V buffers, positions); None where it cannot (no prompt
         yet, another dtype or batch, a K/V buffer that must grow first: the modules run that step)."""
+        kept = self._decode_lists
+        if kept is None or kept[0] is not mamba_layers or kept[1] is not attention_layers or kept[2] != rows:
+            buffers = self._decode_buffers(mamba_layers, attention_layers, rows)
+            kept = self._decode_lists = (mamba_layers, attention_layers, rows, buffers)
+        lists = kept[3]
+        if lists is None or lists[4] <= self.seq_length:
+            return None
+        return lists[0], lists[1], lists[2], lists[3], torch.full((rows,), self.seq_length, dtype=torch.long)
+
+    def _decode_buffers(self, mamba_layers: list[int], attention_layers: list[int], rows: int):
+        """decode_state's lists and the K/V buffers' capacity, or None where the buffers do not fit."""
         conv = [self.conv_states[i] for i in mamba_layers]
         ssm = [self.ssm_states[i] for i in mamba_layers]
         keys = [self.keys[i] for i in attention_layers]
@@ -105,12 +129,11 @@ class SubTensorKVCache(HybridCache):
                 return None
         if not decode_dtypes(conv + ssm, keys + values):
             return None
-        if any(k.shape[2] <= self.seq_length for k in keys):
-            return None
-        return conv, ssm, keys, values, torch.full((rows,), self.seq_length, dtype=torch.long)
+        return conv, ssm, keys, values, min((k.shape[2] for k in keys), default=1 << 62)
 
     def reset(self) -> None:
         """Start a new sequence in the same buffers (no reallocation)."""
         self.seq_length = 0
         self.conv_states = [None] * len(self.conv_states)
         self.ssm_states = [None] * len(self.ssm_states)
+        self._decode_lists = None

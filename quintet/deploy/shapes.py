@@ -242,6 +242,7 @@ def _fill_cache(engine: JambaEngine, cache, b, P) -> None:
             cache.conv_states[i] = torch.zeros(b, cfg.mamba_d_inner, cfg.mamba_d_conv - 1, dtype=engine.dtype)
             cache.ssm_states[i] = torch.zeros(b, cfg.mamba_d_inner, cfg.mamba_d_state, dtype=torch.float32)
     cache.seq_length = P
+    cache.buffers_changed()
 
 
 def _step_outputs(logits: torch.Tensor, cache) -> list[torch.Tensor]:

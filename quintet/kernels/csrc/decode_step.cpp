@@ -523,7 +523,29 @@ class DecodeProgram : public torch::CustomClassHolder {
     return apply(head_, hf);
   }
 
+  // The step for a cache whose buffers do not change between steps (the engine's): bind them once, then
+  // each step passes only the new tokens ids (rows, 1) and their common position; logits (rows, 1, vocab).
+  void bind_state(std::vector<Tensor> conv, std::vector<Tensor> ssm, std::vector<Tensor> keys,
+                  std::vector<Tensor> values) {
+    bound_conv_ = std::move(conv), bound_ssm_ = std::move(ssm);
+    bound_keys_ = std::move(keys), bound_values_ = std::move(values);
+  }
+
+  Tensor step_bound(const Tensor& ids, int64_t position) {
+    TORCH_CHECK(ids.scalar_type() == at::kLong && ids.dim() == 2 && ids.size(1) == 1,
+                "DecodeProgram.step_bound: ids must be int64 (rows, 1)");
+    const int64_t rows = ids.size(0);
+    if (!bound_positions_.defined() || bound_positions_.size(0) != rows)
+      bound_positions_ = at::empty({rows}, ids.options());
+    bound_positions_.fill_(position);
+    return step(ids.reshape({rows}), bound_conv_, bound_ssm_, bound_keys_, bound_values_, bound_positions_)
+        .unsqueeze(1);
+  }
+
  private:
+  std::vector<Tensor> bound_conv_, bound_ssm_, bound_keys_, bound_values_;
+  Tensor bound_positions_;
+
   // The rows of the embedding table for ids, float32 (M0E4: w = (h - c) * S, as the module computes it).
   Tensor embed(const Tensor& ids_in) const {
     const Tensor ids = ids_in.contiguous();
@@ -670,7 +692,9 @@ TORCH_LIBRARY_FRAGMENT(quintet_m0e4, m) {
       .def("set_moe", &DecodeProgram::set_moe)
       .def("set_embedding", &DecodeProgram::set_embedding)
       .def("set_final", &DecodeProgram::set_final)
-      .def("step", &DecodeProgram::step);
+      .def("step", &DecodeProgram::step)
+      .def("bind_state", &DecodeProgram::bind_state)
+      .def("step_bound", &DecodeProgram::step_bound);
   m.def(
       "attend_decode(Tensor qkv, Tensor(a!) keys, Tensor(b!) values, Tensor positions, int heads, int kv_heads, "
       "int head_dim, float scale, int isa) -> Tensor",
