@@ -694,32 +694,8 @@ void step_impl(const T* state, const Seq<T>& u2, const Seq<T>& delta2, const Seq
       }
       const T* __restrict__ b = B + blk.bi * n;
       const T* __restrict__ cc = C + blk.bi * n;
-#if defined(__AVX512F__)
-      if constexpr (N == kLanes && std::is_same_v<T, float>) {
-        if (blk.cw == kLanes) {  // a full block: its sixteen sums over n folded by one transposing add tree
-          alignas(64) float rows[kLanes * kLanes];
-          for (int64_t c = 0; c < kLanes; ++c) {
-            const int64_t ch = blk.bi * dim + blk.c0 + c;
-            const float* __restrict__ a = A + (blk.c0 + c) * n;
-            const float* h = state + ch * n;  // in place allowed, as below
-            float* out = new_state + ch * n;
-            float* __restrict__ pr = rows + c * kLanes;
-            const float dtc = dt[c], dtuc = dtu[c];
-#pragma omp simd
-            for (int64_t k = 0; k < kLanes; ++k) {
-              const float hk = fexp(dtc * a[k]) * h[k] + dtuc * b[k];
-              out[k] = hk;
-              pr[k] = cc[k] * hk;
-            }
-          }
-          const __m512 sums = sum_rows16(rows);
-          float* yo = y + blk.bi * dim + blk.c0;
-          _mm512_storeu_ps(yo, _mm512_mul_ps(_mm512_add_ps(sums, _mm512_loadu_ps(skip)), _mm512_loadu_ps(gate)));
-          continue;
-        }
-      }
-#endif
-      for (int64_t c = 0; c < blk.cw; ++c) {
+      // channel c of the block: its new state row, and C times it into pr (n products)
+      auto update = [&](int64_t c, T* __restrict__ pr) {
         const int64_t ch = blk.bi * dim + blk.c0 + c;
         const T* __restrict__ a = A + (blk.c0 + c) * n;
         const T* h = state + ch * n;  // state and new_state may be one buffer (an in-place decode step):
@@ -729,8 +705,24 @@ void step_impl(const T* state, const Seq<T>& u2, const Seq<T>& delta2, const Seq
         for (int64_t k = 0; k < n; ++k) {
           const T hk = fexp(dtc * a[k]) * h[k] + dtuc * b[k];
           out[k] = hk;
-          prod[k] = cc[k] * hk;
+          pr[k] = cc[k] * hk;
         }
+      };
+#if defined(__AVX512F__)
+      if constexpr (N == kLanes && std::is_same_v<T, float>) {
+        if (blk.cw == kLanes) {  // a full block: its sixteen sums over n folded by one transposing add tree
+          alignas(64) float rows[kLanes * kLanes];
+          for (int64_t c = 0; c < kLanes; ++c) update(c, rows + c * kLanes);
+          const __m512 sums = sum_rows16(rows);
+          float* yo = y + blk.bi * dim + blk.c0;
+          _mm512_storeu_ps(yo, _mm512_mul_ps(_mm512_add_ps(sums, _mm512_loadu_ps(skip)), _mm512_loadu_ps(gate)));
+          continue;
+        }
+      }
+#endif
+      for (int64_t c = 0; c < blk.cw; ++c) {
+        const int64_t ch = blk.bi * dim + blk.c0 + c;
+        update(c, prod);
         T acc;
         if constexpr (N == kLanes) {
           acc = lane_sum(prod);
