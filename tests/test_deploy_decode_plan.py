@@ -267,3 +267,33 @@ def test_steps_on_a_bound_cache_equal_the_full_path():
         assert torch.equal(generate(cache, prompt, 8, bound=True), want)
         other = engine.new_cache()
         assert torch.equal(generate(other, prompt, 3, bound=True), want[:, :4])
+
+
+def test_bound_steps_from_two_threads_on_two_caches():
+    """The program binds one cache's buffers at a time: generations on two caches from two threads give
+    what each gives alone."""
+    import threading
+
+    engine = _engine(True, "int8")
+    prompts = [torch.arange(3, 20).unsqueeze(0), torch.arange(30, 41).unsqueeze(0)]
+
+    def generate(prompt, out):
+        with torch.inference_mode():
+            cache = engine.new_cache()
+            logits = [engine(prompt, cache=cache, logits_to_keep=1).logits]
+            for t in range(12):
+                logits.append(engine(torch.tensor([[40 + 7 * t]]), cache=cache).logits)
+            out.append(torch.cat(logits, dim=1))
+
+    alone = []
+    for p in prompts:
+        generate(p, alone)
+    together = [[], []]
+    threads = [threading.Thread(target=generate, args=(p, o)) for p, o in zip(prompts, together, strict=True)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not any(t.is_alive() for t in threads)
+    for want, got in zip(alone, together, strict=True):
+        assert torch.equal(got[0], want)

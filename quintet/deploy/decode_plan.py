@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 from typing import Any
 
 import torch
@@ -143,6 +144,7 @@ class DecodePlan:
         self.program: Any = None
         # (cache, its decode lists, activations, ISA setting, ids shape, K/V capacity) of the last step
         self._fast: tuple | None = None
+        self._bound_lock = threading.Lock()
         layers = lm.model.layers
         self.mamba_layers = [i for i, layer in enumerate(layers) if not layer.is_attention]
         self.attention_layers = [i for i, layer in enumerate(layers) if layer.is_attention]
@@ -158,21 +160,23 @@ class DecodePlan:
 
     def __call__(self, input_ids: torch.Tensor, cache, activations: str | None = None) -> torch.Tensor | None:
         """`activations`: of the M0E4 decode matmuls (the engine's); None: `decode_activations`' setting."""
-        fast = self._fast
-        if (
-            fast is not None
-            and cache is fast[0]
-            and cache._decode_lists is fast[1]
-            and activations == fast[2]
-            and os.environ.get(ISA_ENV) == fast[3]
-            and input_ids.shape == fast[4]
-            and cache.seq_length < fast[5]
-        ):
-            # the same cache, buffers and binding as the step before: its buffers are bound in the program
-            logits = self.program.step_bound(input_ids, cache.seq_length)
-            cache.seq_length += 1
-            return logits
-        self._fast = None
+        # the program holds one cache's buffers: one thread at a time binds them or steps with them
+        with self._bound_lock:
+            fast = self._fast
+            if (
+                fast is not None
+                and cache is fast[0]
+                and cache._decode_lists is fast[1]
+                and activations == fast[2]
+                and os.environ.get(ISA_ENV) == fast[3]
+                and input_ids.shape == fast[4]
+                and cache.seq_length < fast[5]
+            ):
+                # the same cache, buffers and binding as the step before: its buffers are bound in the program
+                logits = self.program.step_bound(input_ids, cache.seq_length)
+                cache.seq_length += 1
+                return logits
+            self._fast = None
         rows, length = input_ids.shape
         if cache is None or length != 1 or rows > gemv_max_rows() or current_trace() is not None:
             return None
@@ -196,7 +200,8 @@ class DecodePlan:
         if activations is not None and kept is not None and kept[3] is not None and plain:
             # the Python around a step runs right after the kernels streamed every weight through the
             # caches, cold: on this cache, while nothing changes, the next steps skip it (its buffers bound)
-            self.program.bind_state(*state[:4])
             env = os.environ.get(ISA_ENV)
-            self._fast = (cache, kept, activations, env, tuple(input_ids.shape), kept[3][4])
+            with self._bound_lock:
+                self.program.bind_state(*state[:4])
+                self._fast = (cache, kept, activations, env, tuple(input_ids.shape), kept[3][4])
         return logits.unsqueeze(1)
