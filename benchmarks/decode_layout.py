@@ -9,9 +9,11 @@ loaded as a user loads it (`load_quantized`, int8 decode activations), once in t
 the engine chooses wherever the int8 GEMV runs vector code) and once kept in the row layout (the engine's
 choice turned off for that load). Each round runs, for each engine, a prompt into an empty cache then
 --new-tokens greedy steps (NumPy argmax), the two engines alternating; the decode time is the median over
---runs rounds after one warm-up round. --isa forces the kernels' instruction set (`QUINTET_M0E4_ISA`) for
-both, to measure the AVX2 kernels on an AVX-512 machine. Prints tok/s of each, the ratio and the load
-average before and after.
+--runs rounds after one warm-up round. Also the int8 GEMV alone on one weight of --kernel-rows x 512 (group
+64, 2.3 MB at 8192 rows: it stays in the caches, so this is the kernel's arithmetic rate), the two layouts
+alternating call by call. --isa forces the kernels' instruction set (`QUINTET_M0E4_ISA`) for both, to
+measure the AVX2 kernels on an AVX-512 machine. Prints tok/s of each, GB/s of the kernel, the ratios and
+the load average before and after.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--runs", type=int, default=8)
     ap.add_argument("--isa", choices=["avx512", "avx2"], help="force the kernels' instruction set")
+    ap.add_argument("--kernel-rows", type=int, default=8192)
     ap.add_argument("--work", type=Path, help="keep the model folders here")
     ap.add_argument("--out", default="runs/benchmarks/decode_layout.json")
     args = ap.parse_args()
@@ -106,17 +109,39 @@ def main() -> None:
                 "ratio": tok_s["decode layout"] / tok_s["row layout"],
             }
         )
+    ops, code = m0e4_cpu._kernel.get(), m0e4_cpu.ISAS.index(m0e4_cpu.isa())
+    q = torch.randint(0, 256, (args.kernel_rows, 256), dtype=torch.uint8, generator=gen)
+    scales = (torch.rand(args.kernel_rows, 8, generator=gen) * 0.01).half()
+    offsets = (torch.rand(args.kernel_rows, 8, generator=gen) + 1).half()
+    tiled = m0e4_cpu.to_decode_layout(q, scales, offsets)
+    weights = {"row layout": (q, scales, offsets), "decode layout": tiled}
+    x = torch.randn(1, 512, generator=gen)
+    calls: dict[str, list[float]] = {name: [] for name in weights}
+    for i in range(2000):
+        for name, w in weights.items():
+            start = time.perf_counter()
+            ops.gemv_q8(x, *w, 64, code)
+            if i >= 100:
+                calls[name].append(time.perf_counter() - start)
+    nbytes = q.numel() + 4 * scales.numel()
+    gbs = {name: nbytes / statistics.median(t) / 1e9 for name, t in calls.items()}
     load_after = os.getloadavg()
     print(f"model {args.model}, {args.threads} thread(s), kernels {m0e4_cpu.isa()}, int8 decode activations,")
     print(f"{args.new_tokens} greedy tokens, median of {args.runs} interleaved rounds")
     print(f"load average before {load_before[0]:.2f}, after {load_after[0]:.2f}")
     print(markdown_table(rows, ["prompt", "decode layout tok/s", "row layout tok/s", "ratio"]))
+    print(
+        f"int8 GEMV alone, {args.kernel_rows} x 512 weight from the caches (one call of Python around each): "
+        f"decode layout {gbs['decode layout']:.1f} GB/s, row layout {gbs['row layout']:.1f} GB/s, "
+        f"{gbs['decode layout'] / gbs['row layout']:.2f}x"
+    )
     write_results(
         args.out,
         "decode_layout",
         rows,
         model=args.model,
         isa=m0e4_cpu.isa(),
+        kernel_gb_s=gbs,
         load_before=load_before[0],
         load_after=load_after[0],
     )

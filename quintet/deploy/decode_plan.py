@@ -32,7 +32,6 @@ from quintet.deploy.qlinear import M0E4Embedding
 from quintet.kernels import selective_scan_cpu as scan
 from quintet.kernels.m0e4_cpu import ISA_ENV, decode_binding, gemv_max_rows
 from quintet.models.jamba import JambaForCausalLM
-from quintet.models.jamba.cache import HybridCache
 from quintet.models.jamba.moe import JambaSparseMoeBlock
 from quintet.models.jamba.tracing import current_trace
 
@@ -174,7 +173,7 @@ class DecodePlan:
             ):
                 # the same cache, buffers and binding as the step before: its buffers are bound in the program
                 logits = self.program.step_bound(input_ids, cache.seq_length)
-                cache.seq_length += 1
+                cache.advance(1)
                 return logits
             self._fast = None
         rows, length = input_ids.shape
@@ -196,8 +195,7 @@ class DecodePlan:
         logits = self.program.step(input_ids[:, 0], *state)
         cache.advance(1)
         kept = getattr(cache, "_decode_lists", None)
-        plain = type(cache).advance is HybridCache.advance
-        if activations is not None and kept is not None and kept[3] is not None and plain:
+        if activations is not None and kept is not None and kept[3] is not None:
             # the Python around a step runs right after the kernels streamed every weight through the
             # caches, cold: on this cache, while nothing changes, the next steps skip it (its buffers bound)
             env = os.environ.get(ISA_ENV)

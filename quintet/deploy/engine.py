@@ -115,7 +115,7 @@ class JambaEngine(nn.Module):
         use_engine_linears(lm)  # float Linears (after the merges): decode matmuls by quintet's GEMV
         for p in lm.parameters():  # an inference engine: tools that run it with autograd on (evaluation
             p.requires_grad_(False)  # loops) then take the kernels, not the differentiable fallback
-        if decode_layout_runs(activations):  # the VNNI int8 GEMV's own order of the same bytes
+        if quantized and decode_layout_runs(activations):  # the int8 GEMV's own order of the same bytes
             for module in lm.modules():
                 if isinstance(module, M0E4Linear):
                     module.use_decode_layout()
@@ -123,7 +123,7 @@ class JambaEngine(nn.Module):
         self.huge_page_bytes = move_to_huge_pages(lm)
         # One-token steps as bound kernel calls (decode_plan.py); None runs them through the modules.
         self.decode_plan: DecodePlan | None = DecodePlan(lm)
-        if any(isinstance(m, M0E4Linear) for m in lm.modules()):
+        if quantized:
             matmul_dtype()  # measured here, at load, once per process
         self.lm = lm.eval()
         self.config: JambaConfig = lm.config

@@ -59,7 +59,7 @@ class SubTensorKVCache(HybridCache):
         self.reallocations = 0
         # decode_state's lists, kept while no buffer is replaced: a decode step runs right after the
         # previous one has streamed every weight through the caches, so rebuilding and checking them in
-        # Python each step cost several times its warm time (about 40 us of a 1.4 ms jamba-small step)
+        # Python each step costs several times its warm time (benchmarks/decode_call.py)
         self._decode_lists: tuple | None = None
 
     def buffers_changed(self) -> None:

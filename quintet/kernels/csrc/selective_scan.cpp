@@ -802,9 +802,8 @@ inline T dot(const T* __restrict__ a, const T* __restrict__ b, int64_t len) {
 }
 
 // out[j] = dot(w + j * len, x, len) for j < rows, one row after the other: the weight is read as one
-// sequential stream (what the hardware prefetcher follows best; four rows at a time, four streams, was
-// 1-2% slower per decode step of jamba-small), each row's sum kept in 32 lanes so that no multiply-add
-// waits on the one before.
+// sequential stream (what the hardware prefetcher follows best; four rows at a time made four streams),
+// each row's sum kept in 32 lanes so that no multiply-add waits on the one before.
 template <typename T>
 inline void dots_in_order(const T* __restrict__ w, const T* __restrict__ x, int64_t len, int64_t rows,
                           T* __restrict__ out) {
